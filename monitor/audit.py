@@ -1,0 +1,140 @@
+"""Audit and critical-failure logs: append-only JSONL, each line whole or not at all.
+
+A line is encoded in full, then written with one `write` on an O_APPEND descriptor. If the
+write fails or comes up short (a full disk), the file is truncated back to where the line
+began, so no torn line stays behind, and the event is kept in memory and written again
+before the next one: order is kept and nothing is lost while the process lives. Values
+from Redis are passed through `keys.text`, and JSON escapes newlines and quotes, so a hostile
+holder string cannot break a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from monitor import __version__
+from monitor.errors import AuditWriteError
+
+SCHEMA_VERSION = 1
+# Events waiting for a failing disk; beyond this the oldest are dropped (and counted).
+MAX_PENDING = 10_000
+
+
+def utc_iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def monitor_identity() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+
+
+class JsonlFile:
+    """One append-only JSONL file. Thread-safe; `write` raises AuditWriteError on failure."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pending: deque[bytes] = deque()
+        self.dropped = 0
+        self.failures = 0
+
+    def open(self) -> None:
+        """Create the file (and its directory) now, so a bad path fails at start-up."""
+        with self._lock:
+            self._ensure_open()
+
+    def write(self, record: Mapping[str, Any], *, sync: bool = False) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append(line)
+            try:
+                fd = self._ensure_open()
+                while self._pending:
+                    _append_whole(fd, self._pending[0])
+                    self._pending.popleft()
+                if sync:
+                    os.fsync(fd)
+            except OSError as exc:
+                self.failures += 1
+                self._close()
+                raise AuditWriteError(f"{self.path}: {exc.strerror or exc}") from exc
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _ensure_open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                _end_with_newline(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:  # closing a descriptor on a failed disk may fail too; nothing to keep
+                pass
+
+
+def _append_whole(fd: int, line: bytes) -> None:
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = os.write(fd, line)
+    except OSError:
+        _truncate(fd, start)
+        raise
+    if written != len(line):
+        _truncate(fd, start)
+        raise OSError(28, "short write (disk full?)")
+
+
+def _truncate(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError:  # the line stays torn on disk; readers skip a line that is not JSON
+        pass
+
+
+def _end_with_newline(fd: int) -> None:
+    """A file left torn by a crash of another writer gets its last line closed first."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+
+
+class AuditLog:
+    """Builds audit events (schema v1, DESIGN.md section 7) and writes them."""
+
+    def __init__(self, file: JsonlFile, *, dry_run: bool = False) -> None:
+        self.file = file
+        self.dry_run = dry_run
+        self.identity = monitor_identity()
+
+    def event(self, name: str, *, sync: bool = False, now: float, **fields: Any) -> dict[str, Any]:
+        record = {"v": SCHEMA_VERSION, "ts": utc_iso(now), "event": name, **fields, "monitor": self.identity}
+        self.file.write(record, sync=sync)
+        return record

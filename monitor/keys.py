@@ -1,0 +1,38 @@
+"""The lock protocol's key and channel names (DESIGN.md section 2), as bytes.
+
+Keys and values are handled as bytes end to end: Redis holds arbitrary bytes, and a
+lock value that is not UTF-8 must still be compared and released exactly.
+"""
+
+LOCK_VALUE_PREFIX = b"locked_by_"
+HEARTBEAT_SUFFIX = b":heartbeat"
+# Existing waiters subscribe to "gpu_lock:" + the lock key, so the prefix appears twice.
+RELEASE_CHANNEL_PREFIX = b"gpu_lock:"
+# Everything the monitor itself remembers lives under this prefix.
+MONITOR_PREFIX = b"gpulock_monitor:"
+HOLDINGS_HASH = MONITOR_PREFIX + b"holdings"
+
+
+def heartbeat_key(lock_key: bytes) -> bytes:
+    return lock_key + HEARTBEAT_SUFFIX
+
+
+def release_channel(lock_key: bytes) -> bytes:
+    return RELEASE_CHANNEL_PREFIX + lock_key
+
+
+def is_lock_candidate(key: bytes) -> bool:
+    """False for keys that match the pattern but are not locks by name."""
+    return not key.endswith(HEARTBEAT_SUFFIX) and not key.startswith(MONITOR_PREFIX)
+
+
+def task_name(value: bytes) -> bytes:
+    """The task name inside a lock value; the value itself when it lacks the prefix."""
+    if value.startswith(LOCK_VALUE_PREFIX):
+        return value[len(LOCK_VALUE_PREFIX) :]
+    return value
+
+
+def text(data: bytes) -> str:
+    """Redis bytes as printable text: invalid UTF-8 becomes backslash escapes, never an error."""
+    return data.decode("utf-8", "backslashreplace")

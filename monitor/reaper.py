@@ -1,0 +1,103 @@
+"""The atomic release (DESIGN.md section 4): one Lua script re-checks and deletes.
+
+The script is the whole owner check. Python never GETs and then DELs: between a pass's
+read and this script, the lock may have been released and re-acquired (possibly by the same
+task name) or its heartbeat refreshed, and only a check inside Redis sees that.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+import redis
+
+from monitor import keys
+from monitor.errors import ReleaseError
+
+# KEYS[1] lock, KEYS[2] heartbeat.
+# ARGV[1] holder that must still hold the lock.
+# ARGV[2] heartbeat check: "any" (do not check), "absent" (must not exist), "equal" (must equal ARGV[3]).
+# ARGV[4] channel, ARGV[5] notice to publish on it.
+RELEASE_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then return {'gone', false} end
+if value ~= ARGV[1] then return {'holder_changed', value} end
+local hb = redis.pcall('GET', KEYS[2])
+if type(hb) == 'table' then hb = false end
+if (ARGV[2] == 'absent' and hb) or (ARGV[2] == 'equal' and hb ~= ARGV[3]) then
+  return {'heartbeat_revived', value}
+end
+redis.call('DEL', KEYS[1])
+if hb then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return {'released', value}
+"""
+
+
+class Outcome(str, Enum):
+    RELEASED = "released"
+    HOLDER_CHANGED = "holder_changed"
+    HEARTBEAT_REVIVED = "heartbeat_revived"
+    GONE = "gone"
+
+
+class HeartbeatCheck(str, Enum):
+    ANY = "any"
+    ABSENT = "absent"
+    EQUAL = "equal"
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    outcome: Outcome
+    current: bytes | None  # the value the script found (the new holder on holder_changed)
+
+
+def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> bytes:
+    """The release notice in the workers' format (DESIGN.md section 2)."""
+    return json.dumps(
+        {
+            "event_type": "lock_released",
+            "lock_key": keys.text(lock_key),
+            "task_name": keys.text(keys.task_name(holder)),
+            "release_reason": reason,
+            "timestamp": timestamp,
+        }
+    ).encode()
+
+
+class Reaper:
+    """Runs the release script through redis-py's Script (EVALSHA, reloaded on NOSCRIPT)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(RELEASE_SCRIPT)
+
+    def release(
+        self,
+        lock_key: bytes,
+        holder: bytes,
+        *,
+        heartbeat: HeartbeatCheck = HeartbeatCheck.ANY,
+        hb_value: bytes | None = None,
+        reason: str = "forced_by_monitor",
+    ) -> ReleaseResult:
+        """Release `lock_key` if `holder` still holds it and the heartbeat check passes.
+
+        Connection errors propagate as redis.ConnectionError / TimeoutError (the caller
+        retries); an error raised by Redis for the script becomes ReleaseError.
+        """
+        args = [
+            holder,
+            heartbeat.value,
+            hb_value or b"",
+            keys.release_channel(lock_key),
+            notice(lock_key, holder, reason, time.time()),
+        ]
+        try:
+            code, current = self._script(keys=[lock_key, keys.heartbeat_key(lock_key)], args=args)
+        except redis.ResponseError as exc:
+            raise ReleaseError(f"release script failed: {exc}") from exc
+        return ReleaseResult(Outcome(code.decode()), current or None)
