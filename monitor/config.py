@@ -233,7 +233,7 @@ def _bool(value: Any, path: str) -> bool:
 
 
 def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise ConfigError(f"{path}: expected a non-empty string, got {value!r}")
     return value
 

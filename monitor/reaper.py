@@ -21,18 +21,29 @@ from monitor.errors import ReleaseError
 # ARGV[1] holder that must still hold the lock.
 # ARGV[2] heartbeat check: "any" (do not check), "absent" (must not exist), "equal" (must equal ARGV[3]).
 # ARGV[4] channel, ARGV[5] notice to publish on it.
+# ARGV[6] the PTTL observed with the holder, or "" to skip: a TTL only ever falls, so a
+#         higher one (or one that appeared) means the same value acquired the lock again.
 RELEASE_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
 if not value then return {'gone', false} end
 if value ~= ARGV[1] then return {'holder_changed', value} end
+local seen_pttl = tonumber(ARGV[6])
+if seen_pttl then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if (seen_pttl < 0 and pttl >= 0) or (seen_pttl >= 0 and pttl > seen_pttl) then
+    return {'holder_changed', value}
+  end
+end
 local hb = redis.pcall('GET', KEYS[2])
 if type(hb) == 'table' then hb = false end
 if (ARGV[2] == 'absent' and hb) or (ARGV[2] == 'equal' and hb ~= ARGV[3]) then
   return {'heartbeat_revived', value}
 end
+-- PUBLISH first: nobody can observe the order inside a script, and if it is refused
+-- (ACL) the script stops before deleting anything, so a failure never half-releases.
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 redis.call('DEL', KEYS[1])
 if hb then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {'released', value}
 """
 
@@ -82,9 +93,11 @@ class Reaper:
         *,
         heartbeat: HeartbeatCheck = HeartbeatCheck.ANY,
         hb_value: bytes | None = None,
+        seen_pttl_ms: int | None = None,
         reason: str = "forced_by_monitor",
     ) -> ReleaseResult:
-        """Release `lock_key` if `holder` still holds it and the heartbeat check passes.
+        """Release `lock_key` if `holder` still holds it (in the holding seen with
+        `seen_pttl_ms`, when given) and the heartbeat check passes.
 
         Connection errors propagate as redis.ConnectionError / TimeoutError (the caller
         retries); an error raised by Redis for the script becomes ReleaseError.
@@ -95,6 +108,7 @@ class Reaper:
             hb_value or b"",
             keys.release_channel(lock_key),
             notice(lock_key, holder, reason, time.time()),
+            b"" if seen_pttl_ms is None else str(seen_pttl_ms).encode(),
         ]
         try:
             code, current = self._script(keys=[lock_key, keys.heartbeat_key(lock_key)], args=args)

@@ -229,7 +229,9 @@ class Monitor:
             check = HeartbeatCheck.EQUAL
         fields = lock_fields(verdict, dry_run=False)
         try:
-            result = self.reaper.release(h.key, h.holder, heartbeat=check, hb_value=h.hb_value)
+            result = self.reaper.release(
+                h.key, h.holder, heartbeat=check, hb_value=h.hb_value, seen_pttl_ms=h.pttl_ms
+            )
         except (ReleaseError, redis.RedisError) as exc:
             self._release_failed(fid, fields, exc)
             if isinstance(exc, REDIS_DOWN):

@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: settings, monitors, audit reading, awaiting, lock writing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from monitor.audit import AuditLog, JsonlFile
+from monitor.config import Settings
+from monitor.service import Monitor
+
+# Fast tiers for tests: a lock's age is set through its PTTL (lock_timeout - age), so no
+# test has to wait for time to pass unless it is about the daemon's timing itself.
+LOCK_TIMEOUT_S = 600
+
+
+def make_settings(url: str, tmp: Path, **sections: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "redis": {"url": url},
+        "gpu_lock": {"lock_timeout": LOCK_TIMEOUT_S},
+        "gpu_lock_monitor": {
+            "monitor_interval": 0.2,
+            "timeout_levels": {"warning": 300, "soft_timeout": 400, "hard_timeout": 500},
+            "heartbeat": {"interval": 60, "timeout": 200},
+            "cleanup": {"max_retry": 2, "retry_delay": 0.05},
+        },
+        "audit": {"path": str(tmp / "audit.jsonl"), "critical_path": str(tmp / "critical.jsonl")},
+        "metrics": {"enabled": False},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return Settings.from_mapping(raw, env={})
+
+
+def build(settings: Settings, client: redis.Redis | None = None, *, dry_run: bool = False, **kw: Any) -> Monitor:
+    audit_file = JsonlFile(settings.audit_path)
+    critical = JsonlFile(settings.critical_path)
+    client = client or redis.Redis.from_url(settings.redis_url, protocol=2)
+    return Monitor(settings, client, AuditLog(audit_file, dry_run=dry_run), critical, **kw)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_bytes().splitlines() if line.strip()]
+
+
+def events(path: str | Path, name: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in read_jsonl(path) if name is None or e["event"] == name]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.02) -> Any:
+    """Poll until `predicate` returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def hold(client: redis.Redis, gpu: int | str, task: str = "tts", *, age_s: float = 0.0, ttl: bool = True) -> bytes:
+    """Set a lock as an existing worker would, `age_s` seconds into its TTL."""
+    key = f"gpu_lock:{gpu}".encode()
+    value = f"locked_by_{task}".encode()
+    if ttl:
+        client.set(key, value, px=int((LOCK_TIMEOUT_S - age_s) * 1000))
+    else:
+        client.set(key, value)
+    return key
+
+
+def beat(client: redis.Redis, key: bytes, *, age_s: float = 0.0, interval_s: float = 60, value: str | None = None) -> None:
+    """Write a heartbeat as a worker would, `age_s` seconds after its last refresh."""
+    client.set(key + b":heartbeat", value if value is not None else str(time.time()), px=int((2 * interval_s - age_s) * 1000))

@@ -1,0 +1,330 @@
+"""Monitor passes against a real Redis: decisions become audited actions, once each."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from helpers import beat, build, events, hold, make_settings, read_jsonl
+
+from monitor import keys
+from monitor.reaper import Reaper
+from monitor.scanner import READ_BATCH
+
+
+def released_keys(settings) -> list[str]:
+    return [e["lock_key"] for e in events(settings.audit_path, "lock_released")]
+
+
+def test_fresh_lock_is_kept_and_not_audited(r, settings):
+    hold(r, 0)
+    report = build(settings).run_pass()
+    assert report.error is None
+    assert [v.decision.action.value for v in report.verdicts] == ["keep"]
+    assert events(settings.audit_path) == []
+    assert r.exists(b"gpu_lock:0")
+
+
+def test_dead_heartbeat_released_with_full_audit_event(r, settings):
+    key = hold(r, 0, "tts_synthesize", age_s=10)
+    beat(r, key)
+    monitor = build(settings)
+    monitor.run_pass()
+    r.delete(key + b":heartbeat")  # the worker died; its heartbeat key expired
+    report = monitor.run_pass()
+    assert report.released == 1
+    assert not r.exists(key)
+    (event,) = events(settings.audit_path, "lock_released")
+    assert event["v"] == 1
+    assert event["ts"].endswith("+00:00")
+    assert event["lock_key"] == "gpu_lock:0"
+    assert event["holder"] == "locked_by_tts_synthesize"
+    assert event["heartbeat"] == "dead"
+    assert event["reason"] == "heartbeat_dead"
+    assert event["tier"] == "ok"
+    assert event["dry_run"] is False
+    assert event["outcome"] == "released"
+    assert 10 <= event["held_s"] < 30
+    assert event["heartbeat_age_s"] is not None
+    assert set(event["monitor"]) == {"host", "pid", "version"}
+
+
+def test_legacy_lock_released_at_soft_timeout(r, settings):
+    hold(r, 0, age_s=399)
+    hold(r, 1, age_s=401)
+    build(settings).run_pass()
+    assert released_keys(settings) == ["gpu_lock:1"]
+    assert r.exists(b"gpu_lock:0")
+
+
+def test_alive_long_task_protected_once_then_released_at_hard(r, settings):
+    key = hold(r, 0, age_s=450)
+    beat(r, key)
+    monitor = build(settings)
+    for _ in range(3):
+        beat(r, key)
+        monitor.run_pass()
+    assert r.exists(key)
+    assert len(events(settings.audit_path, "long_task_protected")) == 1
+    r.pexpire(key, (600 - 501) * 1000)  # the same holding, now past the hard cap
+    beat(r, key)
+    monitor.run_pass()
+    assert not r.exists(key)
+    (event,) = events(settings.audit_path, "lock_released")
+    assert (event["reason"], event["heartbeat"], event["tier"]) == ("hard_timeout", "alive", "hard")
+
+
+def test_warning_once_per_holding_even_across_restarts(r, settings):
+    hold(r, 0, age_s=305)
+    build(settings).run_pass()
+    build(settings).run_pass()  # a restarted monitor remembers, through Redis, that it warned
+    assert len(events(settings.audit_path, "lock_warning")) == 1
+    hold(r, 0, age_s=301)  # the same task name acquires again: a new holding
+    build(settings).run_pass()
+    assert len(events(settings.audit_path, "lock_warning")) == 2
+
+
+def test_hard_timeout_null_never_caps_alive_holder(r, redis_server, tmp_path):
+    s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"timeout_levels": {"warning": 300, "soft_timeout": 400, "hard_timeout": None}})
+    key = hold(r, 0, age_s=599)
+    beat(r, key)
+    build(s).run_pass()
+    assert r.exists(key)
+
+
+def test_heartbeat_from_skewed_clock_is_alive(r, settings):
+    key = hold(r, 0, age_s=450)
+    monitor = build(settings)
+    for offset in (-600, 600, -600):
+        beat(r, key, value=str(time.time() + offset))
+        report = monitor.run_pass()
+    assert report.verdicts[0].holding.heartbeat.value == "alive"
+    assert r.exists(key)
+    assert events(settings.audit_path, "lock_released") == []
+
+
+def test_lock_without_ttl_released_after_soft_timeout_of_observation(r, redis_server, tmp_path):
+    s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"timeout_levels": {"warning": 0.1, "soft_timeout": 0.3, "hard_timeout": 5}})
+    key = hold(r, 0, ttl=False)
+    monitor = build(s)
+    monitor.run_pass()
+    assert r.exists(key)
+    time.sleep(0.35)  # held time of a TTL-less lock is counted from first sight, on Redis's clock
+    build(s).run_pass()  # a restarted monitor continues that count
+    assert not r.exists(key)
+    assert [e["event"] for e in events(s.audit_path)] == ["lock_released"]
+
+
+def test_dry_run_decides_and_records_but_releases_nothing(r, settings):
+    hold(r, 0, age_s=450)
+    monitor = build(settings, dry_run=True)
+    monitor.run_pass()
+    monitor.run_pass()
+    assert r.exists(b"gpu_lock:0")
+    (event,) = events(settings.audit_path, "lock_released")
+    assert event["dry_run"] is True and event["outcome"] == "dry_run"
+
+
+def test_auto_recovery_false_is_a_dry_run(r, redis_server, tmp_path):
+    s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"auto_recovery": False})
+    hold(r, 0, age_s=450)
+    build(s).run_pass()
+    assert r.exists(b"gpu_lock:0")
+    assert events(s.audit_path, "lock_released")[0]["dry_run"] is True
+
+
+def test_malformed_data_is_skipped_and_audited(r, settings):
+    r.hset(b"gpu_lock:hash", "a", "b")
+    r.rpush(b"gpu_lock:list", "x")
+    r.set(b"gpu_lock:bin", b"locked_by_\xff\n\"}{", px=100_000)  # 500 s old, binary, newline, quotes
+    r.set(b"gpu_lock:0:heartbeat", b"garbage")  # a heartbeat key is not a lock
+    r.set(b"gpu_lock:1", b"locked_by_x", px=100_000)
+    r.hset(b"gpu_lock:1:heartbeat", "not", "a string")
+    monitor = build(settings)
+    report = monitor.run_pass()
+    monitor.run_pass()
+    assert report.invalid == 2
+    invalid = events(settings.audit_path, "invalid_lock")
+    assert sorted(e["lock_key"] for e in invalid) == ["gpu_lock:hash", "gpu_lock:list"]
+    released = {e["lock_key"]: e for e in events(settings.audit_path, "lock_released")}
+    assert set(released) == {"gpu_lock:bin", "gpu_lock:1"}
+    assert released["gpu_lock:bin"]["holder"] == 'locked_by_\\xff\n"}{'
+    assert released["gpu_lock:1"]["heartbeat"] == "none"
+    for line in open(settings.audit_path, "rb").read().splitlines():
+        json.loads(line)
+    assert r.type(b"gpu_lock:hash") == b"hash"
+
+
+def test_records_are_forgotten_when_locks_go(r, settings):
+    hold(r, 0)
+    hold(r, 1)
+    monitor = build(settings)
+    monitor.run_pass()
+    assert set(r.hkeys(keys.HOLDINGS_HASH)) == {b"gpu_lock:0", b"gpu_lock:1"}
+    r.delete(b"gpu_lock:0")
+    monitor.run_pass()
+    assert r.hkeys(keys.HOLDINGS_HASH) == [b"gpu_lock:1"]
+
+
+class CountingConnection(redis.Connection):
+    sends = 0
+
+    def send_packed_command(self, command, check_health=True):
+        CountingConnection.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_pass_over_1000_locks_takes_bounded_round_trips(r, redis_server, settings):
+    pipe = r.pipeline(transaction=False)
+    for i in range(1000):
+        pipe.set(f"gpu_lock:{i}", f"locked_by_task{i}", ex=600)
+        pipe.set(f"gpu_lock:{i}:heartbeat", str(time.time()), ex=120)
+    for i in range(3000):
+        pipe.set(f"celery-task-meta-{i}", "x")  # the unrelated keys a lock DB also holds
+    pipe.execute()
+    pool = redis.ConnectionPool(connection_class=CountingConnection, host="127.0.0.1", port=redis_server.port, protocol=2)
+    client = redis.Redis(connection_pool=pool)
+    monitor = build(settings, client)
+    client.ping()  # connection set-up is not part of the pass
+    r.config_resetstat()
+    CountingConnection.sends = 0
+    report = monitor.run_pass()
+    assert report.error is None and len(report.verdicts) == 1000
+    scans = -(-5000 // 1000) + 1
+    reads = -(-1000 // READ_BATCH)
+    assert CountingConnection.sends <= scans + reads + 2, CountingConnection.sends
+    stats = r.info("commandstats")
+    assert "cmdstat_keys" not in stats
+    assert stats["cmdstat_get"]["calls"] == 2000
+    # A second pass with nothing changed writes nothing back.
+    CountingConnection.sends = 0
+    monitor.run_pass()
+    assert CountingConnection.sends <= scans + reads + 1
+
+
+class RacingReaper(Reaper):
+    """Runs `interleave` between the pass's observation and the release script."""
+
+    def __init__(self, client, interleave):
+        super().__init__(client)
+        self.interleave = interleave
+
+    def release(self, *args, **kwargs):
+        self.interleave()
+        return super().release(*args, **kwargs)
+
+
+def test_race_holder_changes_before_release(r, settings):
+    key = hold(r, 0, "old", age_s=450)
+    monitor = build(settings, reaper=RacingReaper(r, lambda: hold(r, 0, "new") and beat(r, key)))
+    monitor.run_pass()
+    assert r.get(key) == b"locked_by_new"
+    assert r.exists(key + b":heartbeat")
+    (event,) = events(settings.audit_path, "release_skipped")
+    assert (event["outcome"], event["holder"], event["current_holder"]) == ("holder_changed", "locked_by_old", "locked_by_new")
+    assert events(settings.audit_path, "lock_released") == []
+
+
+def test_race_same_task_name_reacquires_before_release(r, settings):
+    key = hold(r, 0, "tts", age_s=450)
+    monitor = build(settings, reaper=RacingReaper(r, lambda: r.delete(key) and hold(r, 0, "tts")))
+    monitor.run_pass()
+    assert r.exists(key)
+    assert events(settings.audit_path, "release_skipped")[0]["outcome"] == "holder_changed"
+
+
+def test_race_heartbeat_refreshed_before_release(r, settings):
+    key = hold(r, 0, age_s=10)
+    beat(r, key, value="1")
+    monitor = build(settings)
+    monitor.run_pass()
+    r.delete(key + b":heartbeat")
+    monitor.reaper = RacingReaper(r, lambda: beat(r, key, value="2"))
+    monitor.run_pass()
+    assert r.exists(key)
+    assert events(settings.audit_path, "release_skipped")[0]["outcome"] == "heartbeat_revived"
+
+
+def test_race_lock_released_by_owner_before_release(r, settings):
+    key = hold(r, 0, age_s=450)
+    monitor = build(settings, reaper=RacingReaper(r, lambda: r.delete(key)))
+    monitor.run_pass()
+    assert events(settings.audit_path, "release_skipped")[0]["outcome"] == "gone"
+    assert r.hkeys(keys.HOLDINGS_HASH) == []
+
+
+def test_release_refused_retries_then_writes_critical_record(r, redis_server, tmp_path):
+    s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"cleanup": {"max_retry": 2, "retry_delay": 0.01}})
+    # A user that may not PUBLISH: the script fails at its first write, before any DEL.
+    r.acl_setuser("nopub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-publish"])
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nopub", password="pw", protocol=2)
+    key = hold(r, 0, "stuck", age_s=450)
+    clock = [0.0]
+    monitor = build(s, limited, reaper=Reaper(limited), mono=lambda: clock[0])
+    try:
+        monitor.run_pass()
+        monitor.run_pass()  # retry_delay not yet passed: no attempt
+        clock[0] = 1.0
+        monitor.run_pass()
+        clock[0] = 2.0
+        monitor.run_pass()  # attempts continue, the critical record is not repeated
+    finally:
+        r.acl_deluser("nopub")
+    assert r.get(key) == b"locked_by_stuck"
+    failed = events(s.audit_path, "release_failed")
+    assert [e["attempt"] for e in failed] == [1, 2, 3]
+    assert [e["retries_spent"] for e in failed] == [False, True, True]
+    (critical,) = read_jsonl(s.critical_path)
+    assert critical["lock_key"] == "gpu_lock:0"
+    assert critical["holder"] == "locked_by_stuck"
+    assert critical["attempts"] == 2
+    assert critical["error_type"] == "ReleaseError"
+    assert "Traceback" in critical["traceback"]
+    assert critical["hostname"] and critical["timestamp"] > 0
+
+
+def test_redis_lost_during_release_aborts_pass(r, settings):
+    from monitor.redis_server import RedisServer
+
+    with RedisServer() as own:
+        client = redis.Redis.from_url(own.url, protocol=2)
+        s = make_settings(own.url, settings.audit_path and __import__("pathlib").Path(settings.audit_path).parent)
+        hold(client, 0, age_s=450)
+        hold(client, 1, age_s=450)
+        monitor = build(s, client, reaper=RacingReaper(client, own.stop))
+        report = monitor.run_pass()
+        assert report.error.startswith("redis unavailable")
+        assert report.released == 0
+        assert [e["event"] for e in events(s.audit_path)] == ["release_failed", "redis_unavailable"]
+        own.start()
+        monitor.reaper = Reaper(client)
+        wait_for_pass = [monitor.run_pass() for _ in range(3)]
+        assert any(p is not None and p.error is None for p in wait_for_pass)
+        assert "redis_recovered" in [e["event"] for e in events(s.audit_path)]
+
+
+def test_unwritable_audit_keeps_daemon_running_and_events_pending(r, settings, tmp_path):
+    hold(r, 0, age_s=450)
+    monitor = build(settings)
+    (tmp_path / "plain-file").write_text("")
+    monitor.audit.file.path = tmp_path / "plain-file" / "audit.jsonl"  # its parent is not a directory
+    report = monitor.run_pass()
+    assert report.error is None and report.released == 1
+    assert monitor.audit.file.pending == 1
+    monitor.audit.file.path = tmp_path / "audit-later.jsonl"
+    hold(r, 1, age_s=450)
+    monitor.run_pass()
+    assert [e["lock_key"] for e in events(tmp_path / "audit-later.jsonl")] == ["gpu_lock:0", "gpu_lock:1"]
+
+
+@pytest.mark.parametrize("n", [READ_BATCH + 1])
+def test_batches_cover_every_lock(r, settings, n):
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.set(f"gpu_lock:{i}", "locked_by_x", px=100_000)
+    pipe.execute()
+    report = build(settings).run_pass()
+    assert report.released == n
+    assert r.dbsize() == 0
