@@ -39,8 +39,10 @@ def monitor_identity() -> dict[str, Any]:
 class JsonlFile:
     """One append-only JSONL file. Thread-safe; `write` raises AuditWriteError on failure."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int | None = None, backups: int = 0) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pending: deque[bytes] = deque()
@@ -62,6 +64,9 @@ class JsonlFile:
             try:
                 fd = self._ensure_open()
                 while self._pending:
+                    if self._full(fd, len(self._pending[0])):
+                        self._rotate()
+                        fd = self._ensure_open()
                     _append_whole(fd, self._pending[0])
                     self._pending.popleft()
                 if sync:
@@ -78,6 +83,25 @@ class JsonlFile:
     def close(self) -> None:
         with self._lock:
             self._close()
+
+    def _full(self, fd: int, adding: int) -> bool:
+        if self.max_bytes is None:
+            return False
+        size = os.fstat(fd).st_size
+        return size > 0 and size + adding > self.max_bytes
+
+    def _rotate(self) -> None:
+        """path -> path.1 -> ... -> path.<backups>; the oldest is dropped."""
+        self._close()
+        name = self.path.name
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{name}.1"))
+        else:
+            os.unlink(self.path)
 
     def _ensure_open(self) -> int:
         if self._fd is None:

@@ -24,7 +24,7 @@ def open_logs(settings: Settings, *, dry_run: bool) -> tuple[AuditLog, JsonlFile
     """Open the audit and critical-failure files now, so a bad path stops the start."""
     files = []
     for option, path in (("audit.path", settings.audit_path), ("audit.critical_path", settings.critical_path)):
-        file = JsonlFile(path)
+        file = JsonlFile(path, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups)
         try:
             file.open()
         except OSError as exc:

@@ -81,3 +81,13 @@ def hold(client: redis.Redis, gpu: int | str, task: str = "tts", *, age_s: float
 def beat(client: redis.Redis, key: bytes, *, age_s: float = 0.0, interval_s: float = 60, value: str | None = None) -> None:
     """Write a heartbeat as a worker would, `age_s` seconds after its last refresh."""
     client.set(key + b":heartbeat", value if value is not None else str(time.time()), px=int((2 * interval_s - age_s) * 1000))
+
+
+def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:
+    """The next published message (subscribe confirmations skipped), or None at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None:
+            return dict(message)
+    return None

@@ -9,7 +9,7 @@ import redis
 
 from monitor.errors import ReleaseError
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper
-from helpers import beat, hold
+from helpers import beat, hold, next_message
 
 
 @pytest.fixture
@@ -20,14 +20,14 @@ def reaper(r):
 def test_release_deletes_lock_and_heartbeat_and_publishes_notice(r, reaper):
     key = hold(r, 0, "tts_synthesize")
     beat(r, key, value="1.5")
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub = r.pubsub()
     pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    pubsub.get_message(timeout=1)
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the server has it before we go on
     result = reaper.release(key, b"locked_by_tts_synthesize", heartbeat=HeartbeatCheck.EQUAL, hb_value=b"1.5")
     assert result.outcome is Outcome.RELEASED
     assert result.current == b"locked_by_tts_synthesize"
     assert r.exists(key, key + b":heartbeat") == 0
-    message = pubsub.get_message(timeout=5)
+    message = next_message(pubsub, 5)
     assert message["channel"] == b"gpu_lock:gpu_lock:0"
     notice = json.loads(message["data"])
     assert notice["event_type"] == "lock_released"

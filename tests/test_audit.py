@@ -1,0 +1,134 @@
+"""The JSONL writer: whole lines or none, even on a full disk; rotation; hostile data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from monitor.audit import MAX_PENDING, AuditLog, JsonlFile
+from monitor.errors import AuditWriteError
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_event_schema(tmp_path):
+    log = AuditLog(JsonlFile(tmp_path / "a.jsonl"))
+    log.event("monitor_started", now=0.0, dry_run=False)
+    (event,) = lines(tmp_path / "a.jsonl")
+    assert event["v"] == 1
+    assert event["ts"] == "1970-01-01T00:00:00.000+00:00"
+    assert event["event"] == "monitor_started"
+    assert event["monitor"]["pid"] == os.getpid()
+
+
+def test_hostile_values_stay_on_one_line(tmp_path):
+    f = JsonlFile(tmp_path / "a.jsonl")
+    nasty = 'a\nb\r\n"},{"event":"forged"\u2028\x00\udcff'.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+    f.write({"holder": nasty})
+    f.write({"holder": "next"})
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    assert raw.count(b"\n") == 2
+    assert [e["holder"] for e in lines(tmp_path / "a.jsonl")] == [nasty, "next"]
+
+
+def test_creates_directory_and_closes_torn_last_line(tmp_path):
+    path = tmp_path / "sub" / "dir" / "a.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"event": "ok"}\n{"event": "to')  # another writer crashed mid-line
+    f = JsonlFile(path)
+    f.write({"event": "after"})
+    assert path.read_bytes().splitlines()[-1] == b'{"event": "after"}'
+
+
+def test_open_fails_on_bad_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        JsonlFile(tmp_path / "file" / "a.jsonl").open()
+
+
+def test_write_error_keeps_event_pending_until_disk_works(tmp_path):
+    (tmp_path / "file").write_text("")
+    f = JsonlFile(tmp_path / "file" / "a.jsonl")
+    with pytest.raises(AuditWriteError):
+        f.write({"n": 1})
+    assert f.pending == 1 and f.failures == 1
+    f.path = tmp_path / "a.jsonl"
+    f.write({"n": 2}, sync=True)
+    assert [e["n"] for e in lines(f.path)] == [1, 2]
+    assert f.pending == 0
+
+
+def test_pending_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr("monitor.audit.MAX_PENDING", 3)
+    (tmp_path / "file").write_text("")
+    f = JsonlFile(tmp_path / "file" / "a.jsonl")
+    for n in range(5):
+        with pytest.raises(AuditWriteError):
+            f.write({"n": n})
+    assert f.pending == 3 and f.dropped == 2
+    assert MAX_PENDING > 1000
+
+
+def test_dev_full_raises_and_nothing_is_lost(tmp_path):
+    f = JsonlFile("/dev/full")
+    with pytest.raises(AuditWriteError, match="No space left"):
+        f.write({"n": 1})
+    assert f.pending == 1
+
+
+def test_full_disk_never_leaves_a_torn_line(tmp_path):
+    # RLIMIT_FSIZE makes the kernel cut a write short exactly as a full disk does.
+    path = tmp_path / "a.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import json, resource, signal
+        from monitor.audit import JsonlFile
+        from monitor.errors import AuditWriteError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        f = JsonlFile({str(path)!r})
+        f.write({{"n": 0, "pad": "x" * 50}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+        try:
+            f.write({{"n": 1, "pad": "y" * 200}})
+        except AuditWriteError as exc:
+            print("failed:", exc)
+        torn = open({str(path)!r}, "rb").read()
+        print("size-after-failure", len(torn))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        f.write({{"n": 2}})
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "failed:" in out
+    size = int(out.split("size-after-failure ")[1].split()[0])
+    assert size == len(json.dumps({"n": 0, "pad": "x" * 50}, ensure_ascii=False)) + 1
+    assert [e["n"] for e in lines(path)] == [0, 1, 2]
+
+
+def test_rotation_keeps_every_event_once_in_order(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path, max_bytes=1024, backups=3)
+    for n in range(60):
+        f.write({"n": n, "pad": "x" * 40})
+    files = [path.with_name("a.jsonl.3"), path.with_name("a.jsonl.2"), path.with_name("a.jsonl.1"), path]
+    assert all(p.exists() for p in files)
+    assert not path.with_name("a.jsonl.4").exists()
+    numbers = [e["n"] for p in files for e in lines(p)]
+    assert numbers == list(range(numbers[0], 60))
+    assert all(p.stat().st_size <= 1024 for p in files)
+
+
+def test_rotation_without_backups_starts_afresh(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path, max_bytes=1024, backups=0)
+    for n in range(40):
+        f.write({"n": n, "pad": "x" * 40})
+    assert lines(path)[-1]["n"] == 39
+    assert list(tmp_path.iterdir()) == [path]
