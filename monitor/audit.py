@@ -10,6 +10,7 @@ holder string cannot break a line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -118,10 +119,8 @@ class JsonlFile:
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            try:
+            with contextlib.suppress(OSError):  # closing on a failed disk may fail too; nothing to keep
                 os.close(fd)
-            except OSError:  # closing a descriptor on a failed disk may fail too; nothing to keep
-                pass
 
 
 def _append_whole(fd: int, line: bytes) -> None:
@@ -137,10 +136,8 @@ def _append_whole(fd: int, line: bytes) -> None:
 
 
 def _truncate(fd: int, size: int) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the line stays torn on disk; readers skip non-JSON lines
         os.ftruncate(fd, size)
-    except OSError:  # the line stays torn on disk; readers skip a line that is not JSON
-        pass
 
 
 def _end_with_newline(fd: int) -> None:

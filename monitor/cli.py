@@ -21,8 +21,11 @@ from monitor.errors import MonitorError
 F = TypeVar("F", bound=Callable[..., Any])
 
 config_option = click.option(
-    "-c", "--config", "config_path", metavar="FILE", help="Config file (default: $GPULOCK_MONITOR_CONFIG, "
-    "./monitor.yml, /etc/gpulock-monitor/monitor.yml)."
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Config file (default: $GPULOCK_MONITOR_CONFIG, ./monitor.yml, /etc/gpulock-monitor/monitor.yml).",
 )
 
 
@@ -94,6 +97,6 @@ def config_show(config_path: str | None) -> None:
 @_one_line_errors
 def demo() -> None:
     """A self-contained tour on a throwaway local Redis with simulated workers."""
-    from monitor import demo as tour  # keeps the demo off the daemon's import path
+    from monitor import demo as tour  # noqa: PLC0415 - keeps the demo off the daemon's import path
 
     sys.exit(tour.run())

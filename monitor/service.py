@@ -146,7 +146,7 @@ class Monitor:
         except REDIS_DOWN as exc:
             report.error = f"redis unavailable: {exc}"
             self._redis_lost(exc)
-        except Exception as exc:  # noqa: BLE001 - the daemon outlives any one pass's bug
+        except Exception as exc:
             report.error = f"{exc.__class__.__name__}: {exc}"
             log.exception("pass_failed", error=report.error)
         report.duration_s = self.mono() - t0
@@ -173,8 +173,9 @@ class Monitor:
                 record = self._act(verdict, report)
                 if record is not None:
                     keep.add(verdict.holding.key)
-                    if record.dumps() != stored.get(verdict.holding.key):
-                        writes[verdict.holding.key] = record.dumps()
+                    data = record.dumps()
+                    if data != stored.get(verdict.holding.key):
+                        writes[verdict.holding.key] = data
         finally:
             # Keep what was learned even if a release lost Redis part-way.
             self._remember(writes, keep)
@@ -229,9 +230,7 @@ class Monitor:
             check = HeartbeatCheck.EQUAL
         fields = lock_fields(verdict, dry_run=False)
         try:
-            result = self.reaper.release(
-                h.key, h.holder, heartbeat=check, hb_value=h.hb_value, seen_pttl_ms=h.pttl_ms
-            )
+            result = self.reaper.release(h.key, h.holder, heartbeat=check, hb_value=h.hb_value, seen_pttl_ms=h.pttl_ms)
         except (ReleaseError, redis.RedisError) as exc:
             self._release_failed(fid, fields, exc)
             if isinstance(exc, REDIS_DOWN):
@@ -242,8 +241,9 @@ class Monitor:
             report.released += 1
             self._audit("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
             return None
-        extra = {"current_holder": keys.text(result.current)} if result.current is not None else {}
-        self._audit("release_skipped", "info", outcome=result.outcome.value, **fields, **extra)
+        if result.current is not None:
+            fields["current_holder"] = keys.text(result.current)
+        self._audit("release_skipped", "info", outcome=result.outcome.value, **fields)
         return None if result.outcome is Outcome.GONE else h.record
 
     def _release_failed(self, fid: tuple[bytes, bytes, int], fields: dict[str, Any], exc: Exception) -> None:

@@ -78,9 +78,13 @@ def hold(client: redis.Redis, gpu: int | str, task: str = "tts", *, age_s: float
     return key
 
 
-def beat(client: redis.Redis, key: bytes, *, age_s: float = 0.0, interval_s: float = 60, value: str | None = None) -> None:
+def beat(
+    client: redis.Redis, key: bytes, *, age_s: float = 0.0, interval_s: float = 60, value: str | None = None
+) -> None:
     """Write a heartbeat as a worker would, `age_s` seconds after its last refresh."""
-    client.set(key + b":heartbeat", value if value is not None else str(time.time()), px=int((2 * interval_s - age_s) * 1000))
+    client.set(
+        key + b":heartbeat", value if value is not None else str(time.time()), px=int((2 * interval_s - age_s) * 1000)
+    )
 
 
 def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:

@@ -30,7 +30,9 @@ def test_event_schema(tmp_path):
 
 def test_hostile_values_stay_on_one_line(tmp_path):
     f = JsonlFile(tmp_path / "a.jsonl")
-    nasty = 'a\nb\r\n"},{"event":"forged"\u2028\x00\udcff'.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+    nasty = 'a\nb\r\n"},{"event":"forged"\u2028\x00\udcff'.encode("utf-8", "surrogatepass").decode(
+        "utf-8", "backslashreplace"
+    )
     f.write({"holder": nasty})
     f.write({"holder": "next"})
     raw = (tmp_path / "a.jsonl").read_bytes()
@@ -49,7 +51,7 @@ def test_creates_directory_and_closes_torn_last_line(tmp_path):
 
 def test_open_fails_on_bad_path(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"File exists|Not a directory"):
         JsonlFile(tmp_path / "file" / "a.jsonl").open()
 
 
@@ -58,7 +60,8 @@ def test_write_error_keeps_event_pending_until_disk_works(tmp_path):
     f = JsonlFile(tmp_path / "file" / "a.jsonl")
     with pytest.raises(AuditWriteError):
         f.write({"n": 1})
-    assert f.pending == 1 and f.failures == 1
+    assert f.pending == 1
+    assert f.failures == 1
     f.path = tmp_path / "a.jsonl"
     f.write({"n": 2}, sync=True)
     assert [e["n"] for e in lines(f.path)] == [1, 2]
@@ -72,7 +75,8 @@ def test_pending_is_bounded(tmp_path, monkeypatch):
     for n in range(5):
         with pytest.raises(AuditWriteError):
             f.write({"n": n})
-    assert f.pending == 3 and f.dropped == 2
+    assert f.pending == 3
+    assert f.dropped == 2
     assert MAX_PENDING > 1000
 
 

@@ -54,9 +54,18 @@ def test_fleet_sections_and_fractional_seconds():
         ({"gpu_lock": {"lock_timeout": float("nan")}}, "gpu_lock.lock_timeout: must be a positive"),
         ({"gpu_lock_monitor": {"monitor_interval": -1}}, "gpu_lock_monitor.monitor_interval: must be a positive"),
         ({"gpu_lock_monitor": {"timeout_levels": {"warn": 1}}}, "gpu_lock_monitor.timeout_levels.warn: unknown key"),
-        ({"gpu_lock_monitor": {"timeout_levels": {"warning": 700}}}, "timeout_levels.warning: must be less than soft_timeout"),
-        ({"gpu_lock_monitor": {"timeout_levels": {"soft_timeout": 900}}}, "timeout_levels.soft_timeout: must be less than hard_timeout"),
-        ({"gpu_lock_monitor": {"heartbeat": {"timeout": 60}}}, "heartbeat.timeout: must be greater than heartbeat.interval"),
+        (
+            {"gpu_lock_monitor": {"timeout_levels": {"warning": 700}}},
+            "timeout_levels.warning: must be less than soft_timeout",
+        ),
+        (
+            {"gpu_lock_monitor": {"timeout_levels": {"soft_timeout": 900}}},
+            "timeout_levels.soft_timeout: must be less than hard_timeout",
+        ),
+        (
+            {"gpu_lock_monitor": {"heartbeat": {"timeout": 60}}},
+            "heartbeat.timeout: must be greater than heartbeat.interval",
+        ),
         ({"gpu_lock_monitor": {"cleanup": {"max_retry": 0}}}, "cleanup.max_retry: expected an integer >= 1"),
         ({"gpu_lock_monitor": {"cleanup": {"max_retry": 1.5}}}, "cleanup.max_retry: expected an integer"),
         ({"gpu_lock_monitor": {"enabled": "yes"}}, "gpu_lock_monitor.enabled: expected true or false"),
@@ -109,7 +118,13 @@ def test_search_order(tmp_path, monkeypatch):
     assert find_config("flag.yml", env={CONFIG_ENV: "env.yml"}) == Path("flag.yml")
 
 
-@pytest.mark.parametrize(("flag", "env", "message"), [("nope.yml", {}, "--config: config file nope.yml does not exist"), (None, {CONFIG_ENV: "gone.yml"}, f"{CONFIG_ENV}: config file gone.yml")])
+@pytest.mark.parametrize(
+    ("flag", "env", "message"),
+    [
+        ("nope.yml", {}, "--config: config file nope.yml does not exist"),
+        (None, {CONFIG_ENV: "gone.yml"}, f"{CONFIG_ENV}: config file gone.yml"),
+    ],
+)
 def test_named_file_must_exist(tmp_path, monkeypatch, flag, env, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
@@ -126,7 +141,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_semantic_error_names_file(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("gpu_lock:\n  lock_timeout: -5\n")
-    with pytest.raises(ConfigError, match=r"bad.yml: gpu_lock.lock_timeout"):
+    with pytest.raises(ConfigError, match=r"bad\.yml: gpu_lock\.lock_timeout"):
         load_settings(str(bad), env={})
 
 
@@ -147,7 +162,7 @@ def test_password_file_with_credentials_directory(tmp_path):
     (tmp_path / "redis-password").write_text("s3cret\n")
     s = Settings.from_mapping({"redis": {"password_file": "${CREDENTIALS_DIRECTORY}/redis-password"}}, env={})
     assert read_password(s, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
-    with pytest.raises(ConfigError, match="redis.password_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"redis\.password_file: cannot read"):
         read_password(s, env={"CREDENTIALS_DIRECTORY": str(tmp_path / "missing")})
     assert read_password(Settings(), env={}) is None
 
@@ -157,9 +172,20 @@ def test_redaction():
     assert redact_url("redis://:pw@host/0") == "redis://:***@host/0"
     assert redact_url("redis://host/0") == "redis://host/0"
     shown = Settings.from_mapping(
-        {"redis": {"url": "redis://:pw@h/0"}, "alerts": {"channels": [{"type": "dingtalk", "secret": "abc", "url": "https://x", "min_severity": "critical"}]}},
+        {
+            "redis": {"url": "redis://:pw@h/0"},
+            "alerts": {
+                "channels": [{"type": "dingtalk", "secret": "abc", "url": "https://x", "min_severity": "critical"}]
+            },
+        },
         env={},
     ).redacted()
     assert shown["redis"]["url"] == "redis://:***@h/0"
-    assert shown["alerts"]["channels"][0] == {"type": "dingtalk", "secret": "***", "url": "***", "min_severity": "critical"}
-    assert "pw" not in repr(shown) and "abc" not in repr(shown)
+    assert shown["alerts"]["channels"][0] == {
+        "type": "dingtalk",
+        "secret": "***",
+        "url": "***",
+        "min_severity": "critical",
+    }
+    assert "pw" not in repr(shown)
+    assert "abc" not in repr(shown)

@@ -140,8 +140,13 @@ def test_once_releases_zombie_and_exits_zero(r, redis_server, tmp_path):
     hold(r, 1, age_s=10)
     result = cli("run", "--once", "-c", str(write_config(tmp_path, redis_server.url)))
     assert result.returncode == 0, result.stderr
-    assert not r.exists(b"gpu_lock:0") and r.exists(b"gpu_lock:1")
-    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == ["monitor_started", "lock_released", "monitor_stopped"]
+    assert not r.exists(b"gpu_lock:0")
+    assert r.exists(b"gpu_lock:1")
+    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == [
+        "monitor_started",
+        "lock_released",
+        "monitor_stopped",
+    ]
 
 
 def test_once_dry_run_releases_nothing(r, redis_server, tmp_path):
@@ -159,7 +164,11 @@ def test_once_without_redis_fails_with_one_line(tmp_path):
     result = cli("run", "--once", "-c", str(write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0")))
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
-    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == ["monitor_started", "redis_unavailable", "monitor_stopped"]
+    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == [
+        "monitor_started",
+        "redis_unavailable",
+        "monitor_stopped",
+    ]
 
 
 def test_disabled_monitor_exits_zero_doing_nothing(r, redis_server, tmp_path):
@@ -173,7 +182,10 @@ def test_disabled_monitor_exits_zero_doing_nothing(r, redis_server, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("gpu_lock_monitor:\n  monitor_interval: soon\n", "gpu_lock_monitor.monitor_interval: expected a number of seconds"),
+        (
+            "gpu_lock_monitor:\n  monitor_interval: soon\n",
+            "gpu_lock_monitor.monitor_interval: expected a number of seconds",
+        ),
         ("gpu_lock:\n  bogus: 1\n", "gpu_lock.bogus: unknown key"),
         ("redis: [\n", "line 2"),
     ],
@@ -185,7 +197,8 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path, content, message):
     assert result.returncode == 1
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert message in line and line.startswith("gpulock-monitor: ")
+    assert message in line
+    assert line.startswith("gpulock-monitor: ")
 
 
 def test_missing_config_is_one_line(tmp_path):

@@ -27,9 +27,7 @@ def chain(*observations: Observation):
     """Feed each observation the record the previous one produced, as successive passes do."""
     holding = None
     for o in observations:
-        if holding is not None:
-            o = replace(o, record=holding.record.dumps())
-        holding = run(o)
+        holding = run(o if holding is None else replace(o, record=holding.record.dumps()))
     return holding
 
 
@@ -79,7 +77,14 @@ def test_ttl_jitter_within_slack_is_the_same_holding():
 
 def test_other_holder_is_a_new_holding():
     old = run(obs(pttl=-1))
-    other = run(obs(now=NOW + 50_000, pttl=-1, value=b"locked_by_asr", record=replace(old.record, notified=frozenset({"lock_warning"}))))
+    other = run(
+        obs(
+            now=NOW + 50_000,
+            pttl=-1,
+            value=b"locked_by_asr",
+            record=replace(old.record, notified=frozenset({"lock_warning"})),
+        )
+    )
     assert other.new
     assert other.held_ms == 0
     assert other.record.notified == frozenset()
@@ -121,7 +126,9 @@ def test_heartbeat_key_that_stays_unchanged_goes_stale():
     assert first.heartbeat is Heartbeat.ALIVE
     still = run(obs(now=NOW + HB_TIMEOUT_MS, pttl=LOCK_MS - HB_TIMEOUT_MS, hb=b"1.0", hb_pttl=-1, record=first.record))
     assert still.heartbeat is Heartbeat.ALIVE
-    stale = run(obs(now=NOW + HB_TIMEOUT_MS + 1, pttl=LOCK_MS - HB_TIMEOUT_MS - 1, hb=b"1.0", hb_pttl=-1, record=first.record))
+    stale = run(
+        obs(now=NOW + HB_TIMEOUT_MS + 1, pttl=LOCK_MS - HB_TIMEOUT_MS - 1, hb=b"1.0", hb_pttl=-1, record=first.record)
+    )
     assert stale.heartbeat is Heartbeat.DEAD
 
 
@@ -141,11 +148,21 @@ def test_heartbeat_of_previous_holding_does_not_count_for_new_one():
 def test_unreadable_record_starts_afresh(raw):
     h = track(
         Observation(b"gpu_lock:0", NOW, b"v", -1, None, -2, raw),
-        lock_timeout_ms=LOCK_MS, hb_ttl_ms=HB_TTL_MS, hb_timeout_ms=HB_TIMEOUT_MS,
+        lock_timeout_ms=LOCK_MS,
+        hb_ttl_ms=HB_TTL_MS,
+        hb_timeout_ms=HB_TIMEOUT_MS,
     )
-    assert h.new and h.held_ms == 0
+    assert h.new
+    assert h.held_ms == 0
 
 
 def test_record_round_trips_any_bytes():
-    rec = Record(holder=bytes(range(256)), since_ms=5, hb_seen=True, hb_value=b"\n\"\xff", hb_refreshed_ms=7, notified=frozenset({"a"}))
+    rec = Record(
+        holder=bytes(range(256)),
+        since_ms=5,
+        hb_seen=True,
+        hb_value=b'\n"\xff',
+        hb_refreshed_ms=7,
+        notified=frozenset({"a"}),
+    )
     assert Record.loads(rec.dumps()) == rec

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import redis
+from helpers import beat, hold, next_message
 
 from monitor.errors import ReleaseError
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper
-from helpers import beat, hold, next_message
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_non_string_heartbeat_counts_as_absent_and_is_left_alone(r, reaper):
 
 def test_binary_holder_released_exactly(r, reaper):
     key = b"gpu_lock:\xff\n"
-    value = b"locked_by_\x00\xfe\"\n"
+    value = b'locked_by_\x00\xfe"\n'
     r.set(key, value)
     assert reaper.release(key, value).outcome is Outcome.RELEASED
     assert not r.exists(key)
