@@ -43,6 +43,9 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
     if not settings.enabled:
         log.warning("monitor_disabled", reason="gpu_lock_monitor.enabled is false; nothing to do")
         return 0
+    stop = stop or threading.Event()
+    # Before monitor_started: a SIGTERM that arrives once the start is visible must stop cleanly.
+    _on_signals(stop)
     monitor = build_monitor(settings, dry_run=dry_run)
     _lifecycle(monitor, "monitor_started")
     if once:
@@ -53,8 +56,6 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
             return 1
         return 0
 
-    stop = stop or threading.Event()
-    _on_signals(stop)
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(
         lambda: _summarise(monitor.run_pass()),
@@ -91,6 +92,9 @@ def _lifecycle(monitor: Monitor, event: str) -> None:
         )
     except AuditWriteError as exc:
         log.error("audit_write_failed", error=str(exc), audit_event=event)
+    if event == "monitor_stopped":
+        monitor.audit.file.close()
+        monitor.critical.close()
 
 
 def _summarise(report: PassReport | None) -> None:

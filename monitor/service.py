@@ -313,10 +313,6 @@ class Monitor:
             self._down_since = None
             self._audit("redis_recovered", "warning", down_s=down_s)
 
-    @property
-    def redis_down(self) -> bool:
-        return self._down_since is not None
-
     # --- audit ----------------------------------------------------------------------------------
 
     def _audit(self, event: str, level: str, *, sync: bool = False, **fields: Any) -> None:

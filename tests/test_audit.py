@@ -136,3 +136,21 @@ def test_rotation_without_backups_starts_afresh(tmp_path):
         f.write({"n": n, "pad": "x" * 40})
     assert lines(path)[-1]["n"] == 39
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_open_on_unseekable_file_fails_without_leaking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Illegal seek"):
+        JsonlFile(fifo).open()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_close_then_write_reopens(tmp_path):
+    f = JsonlFile(tmp_path / "a.jsonl")
+    f.write({"n": 1})
+    f.close()
+    f.close()
+    f.write({"n": 2})
+    assert [e["n"] for e in lines(tmp_path / "a.jsonl")] == [1, 2]

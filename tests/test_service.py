@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import redis
 from helpers import beat, build, events, hold, make_settings, read_jsonl
 
-from monitor import keys
+from monitor import keys, logs
 from monitor.reaper import Reaper
 from monitor.scanner import READ_BATCH, SCAN_COUNT
 
@@ -348,3 +349,42 @@ def test_batches_cover_every_lock(r, settings, n):
     report = build(settings).run_pass()
     assert report.released == n
     assert r.dbsize() == 0
+
+
+def test_stale_heartbeat_released_only_if_still_unchanged(r, redis_server, tmp_path):
+    s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"heartbeat": {"interval": 0.1, "timeout": 0.3}})
+    key = hold(r, 0, age_s=5)
+    r.set(key + b":heartbeat", b"1.0")  # set once, no expiry, never refreshed
+    monitor = build(s)
+    assert monitor.run_pass().verdicts[0].holding.heartbeat.value == "alive"
+    time.sleep(0.35)  # Redis's clock must pass heartbeat.timeout
+    report = monitor.run_pass()
+    assert report.released == 1
+    (event,) = events(s.audit_path, "lock_released")
+    assert (event["heartbeat"], event["reason"]) == ("dead", "heartbeat_dead")
+    assert event["heartbeat_age_s"] >= 0.3
+
+
+def test_critical_record_that_cannot_be_written_is_logged_and_kept(r, redis_server, tmp_path, capsys):
+    (tmp_path / "plain-file").write_text("")
+    s = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"cleanup": {"max_retry": 1, "retry_delay": 0.01}},
+        audit={"critical_path": str(tmp_path / "plain-file" / "critical.jsonl")},
+    )
+    r.acl_setuser("nopub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-publish"])
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nopub", password="pw", protocol=2)
+    hold(r, 0, "stuck", age_s=450)
+    logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
+    try:
+        monitor = build(s, limited)
+        report = monitor.run_pass()
+    finally:
+        r.acl_deluser("nopub")
+    assert report.error is None
+    assert monitor.critical.pending == 1
+    out = capsys.readouterr().out
+    assert "critical_write_failed" in out
+    assert "locked_by_stuck" in out
+    assert events(s.audit_path, "release_failed")[0]["retries_spent"] is True
