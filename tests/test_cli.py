@@ -52,11 +52,11 @@ def test_config_check_invalid(tmp_path):
 
 def test_config_show_redacts_and_round_trips(tmp_path):
     cfg = tmp_path / "m.yml"
-    cfg.write_text("redis:\n  url: redis://:hunter2@db:6379/2\ngpu_lock_monitor:\n  monitor_interval: 5\n")
+    cfg.write_text("redis:\n  url: redis://:hunter2@db:6380/2\ngpu_lock_monitor:\n  monitor_interval: 5\n")
     result = invoke("config", "show", "-c", str(cfg))
     assert "hunter2" not in result.output
     shown = yaml.safe_load(result.output)
-    assert shown["redis"]["url"] == "redis://:***@db:6379/2"
+    assert shown["redis"]["url"] == "redis://:***@db:6380/2"
     assert shown["gpu_lock_monitor"]["monitor_interval"] == 5
     # What `show` prints is itself a valid config (the password aside).
     again = tmp_path / "again.yml"
