@@ -13,7 +13,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.connection import connect
-from monitor.errors import AuditWriteError, MonitorError
+from monitor.errors import MonitorError
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
 
@@ -79,19 +79,15 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
 
 def _lifecycle(monitor: Monitor, event: str) -> None:
     s = monitor.settings
-    log.info(event, dry_run=monitor.dry_run, interval_s=s.monitor_interval_s, pattern=s.key_pattern)
-    try:
-        monitor.audit.event(
-            event,
-            sync=True,
-            now=monitor.wall(),
-            dry_run=monitor.dry_run,
-            key_pattern=s.key_pattern,
-            monitor_interval_s=s.monitor_interval_s,
-            timeout_levels={"warning": s.warning_s, "soft_timeout": s.soft_timeout_s, "hard_timeout": s.hard_timeout_s},
-        )
-    except AuditWriteError as exc:
-        log.error("audit_write_failed", error=str(exc), audit_event=event)
+    monitor.record(
+        event,
+        "info",
+        sync=True,
+        dry_run=monitor.dry_run,
+        key_pattern=s.key_pattern,
+        monitor_interval_s=s.monitor_interval_s,
+        timeout_levels={"warning": s.warning_s, "soft_timeout": s.soft_timeout_s, "hard_timeout": s.hard_timeout_s},
+    )
     if event == "monitor_stopped":
         monitor.audit.file.close()
         monitor.critical.close()

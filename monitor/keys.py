@@ -36,3 +36,8 @@ def task_name(value: bytes) -> bytes:
 def text(data: bytes) -> str:
     """Redis bytes as printable text: invalid UTF-8 becomes backslash escapes, never an error."""
     return data.decode("utf-8", "backslashreplace")
+
+
+def monitor_status_key(host: str) -> bytes:
+    """Where the daemon on `host` leaves its last pass summary (read by `health`)."""
+    return MONITOR_PREFIX + b"monitor:" + host.encode()

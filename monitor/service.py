@@ -7,6 +7,7 @@ that loses Redis part-way releases nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
@@ -40,6 +41,11 @@ return n
 """
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
+
+
+def status_ttl_ms(settings: Settings) -> int:
+    """Lifetime of the daemon's status key: long enough to see a stalled daemon as stale."""
+    return round(max(10 * settings.monitor_interval_s, 600) * 1000)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Monitor:
         self._down_since: float | None = None
         self._down_passes = 0
         self._skip = 0
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.last_report: PassReport | None = None
         self.last_success: float | None = None
 
@@ -166,6 +173,8 @@ class Monitor:
         verdicts = evaluate(observations, self.settings)
         report.verdicts = verdicts
         stored = {o.key: o.record for o in observations}
+        live = {(v.holding.key, v.holding.holder, v.holding.record.since_ms) for v in verdicts}
+        self._failures = {k: f for k, f in self._failures.items() if k in live}
         writes: dict[bytes, bytes] = {}
         keep: set[bytes] = set()
         try:
@@ -178,15 +187,33 @@ class Monitor:
                         writes[verdict.holding.key] = data
         finally:
             # Keep what was learned even if a release lost Redis part-way.
-            self._remember(writes, keep)
-        live = {(v.holding.key, v.holding.holder, v.holding.record.since_ms) for v in verdicts}
-        self._failures = {k: f for k, f in self._failures.items() if k in live}
+            self._remember(writes, keep, self._status(report))
 
-    def _remember(self, writes: dict[bytes, bytes], keep: set[bytes]) -> None:
-        """Persist changed records; forget those of locks that are gone (one round trip + GC)."""
+    @property
+    def failing_releases(self) -> int:
+        """Holdings whose release failed `cleanup.max_retry` times and is still being retried."""
+        return sum(1 for f in self._failures.values() if f.critical_written)
+
+    def _status(self, report: PassReport) -> bytes:
+        return json.dumps(
+            {
+                **self.audit.identity,
+                "locks": len(report.verdicts),
+                "released": report.released,
+                "failing_releases": self.failing_releases,
+                "dry_run": self.dry_run,
+                "monitor_interval_s": self.settings.monitor_interval_s,
+            }
+        ).encode()
+
+    def _remember(self, writes: dict[bytes, bytes], keep: set[bytes], status: bytes) -> None:
+        """Persist changed records and this monitor's status; forget records of locks that are
+        gone. One round trip, plus one when there is something to forget."""
         pipe = self.client.pipeline(transaction=False)
         if writes:
             pipe.hset(keys.HOLDINGS_HASH, mapping=writes)  # type: ignore[arg-type]
+        # The key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
+        pipe.set(keys.monitor_status_key(self.audit.identity["host"]), status, px=status_ttl_ms(self.settings))
         pipe.hkeys(keys.HOLDINGS_HASH)
         known = pipe.execute()[-1]
         stale = [k for k in known if k not in keep]
@@ -213,7 +240,7 @@ class Monitor:
         """Audit `event` once per holding; the record remembers that it was sent."""
         if event in record.notified:
             return record
-        self._audit(event, level, **lock_fields(verdict, dry_run=self.dry_run), **extra)
+        self.record(event, level, **lock_fields(verdict, dry_run=self.dry_run), **extra)
         return replace(record, notified=record.notified | {event})
 
     def _release(self, verdict: Verdict, report: PassReport) -> Record | None:
@@ -239,11 +266,11 @@ class Monitor:
         self._failures.pop(fid, None)
         if result.outcome is Outcome.RELEASED:
             report.released += 1
-            self._audit("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
+            self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
             return None
         if result.current is not None:
             fields["current_holder"] = keys.text(result.current)
-        self._audit("release_skipped", "info", outcome=result.outcome.value, **fields)
+        self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
         return None if result.outcome is Outcome.GONE else h.record
 
     def _release_failed(self, fid: tuple[bytes, bytes, int], fields: dict[str, Any], exc: Exception) -> None:
@@ -252,7 +279,7 @@ class Monitor:
         failure.next_try = self.mono() + self.settings.retry_delay_s
         spent = failure.attempts >= self.settings.max_retry
         error = f"{exc.__class__.__name__}: {exc}"
-        self._audit(
+        self.record(
             "release_failed",
             "error",
             sync=True,
@@ -294,7 +321,7 @@ class Monitor:
         if obs.key in self._invalid_seen:
             return
         self._invalid_seen.add(obs.key)
-        self._audit("invalid_lock", "warning", lock_key=keys.text(obs.key), reason=obs.invalid)
+        self.record("invalid_lock", "warning", lock_key=keys.text(obs.key), reason=obs.invalid)
 
     # --- Redis outages --------------------------------------------------------------------------
 
@@ -304,18 +331,19 @@ class Monitor:
         self._skip = min(2 ** (self._down_passes - 1) - 1, max_skip)
         if self._down_since is None:
             self._down_since = self.wall()
-            self._audit("redis_unavailable", "error", error=str(exc))
+            self.record("redis_unavailable", "error", error=str(exc))
 
     def _redis_back(self) -> None:
         self._down_passes = 0
         if self._down_since is not None:
             down_s = round(self.wall() - self._down_since, 3)
             self._down_since = None
-            self._audit("redis_recovered", "warning", down_s=down_s)
+            self.record("redis_recovered", "warning", down_s=down_s)
 
     # --- audit ----------------------------------------------------------------------------------
 
-    def _audit(self, event: str, level: str, *, sync: bool = False, **fields: Any) -> None:
+    def record(self, event: str, level: str, *, sync: bool = False, **fields: Any) -> None:
+        """Log, audit and announce one event; never raises."""
         getattr(log, level)(event, **{k: v for k, v in fields.items() if k != "dry_run" or v})
         try:
             self.audit.event(event, sync=sync, now=self.wall(), **fields)
@@ -323,3 +351,8 @@ class Monitor:
             # The event is kept in memory and written before the next one; the log line above
             # already holds it for journald.
             log.error("audit_write_failed", error=str(exc), audit_event=event)
+        for listener in self.listeners:
+            try:
+                listener(event, fields)
+            except Exception:  # a listener's bug must not stop a release (logged with its traceback)
+                log.exception("event_listener_failed", audit_event=event)

@@ -12,6 +12,7 @@ import redis
 from helpers import beat, build, events, hold, make_settings, read_jsonl
 
 from monitor import keys, logs
+from monitor.audit import monitor_identity
 from monitor.reaper import Reaper
 from monitor.scanner import READ_BATCH, SCAN_COUNT
 
@@ -348,7 +349,7 @@ def test_batches_cover_every_lock(r, settings, n):
     pipe.execute()
     report = build(settings).run_pass()
     assert report.released == n
-    assert r.dbsize() == 0
+    assert list(r.scan_iter()) == [keys.monitor_status_key(monitor_host())]
 
 
 def test_stale_heartbeat_released_only_if_still_unchanged(r, redis_server, tmp_path):
@@ -388,3 +389,18 @@ def test_critical_record_that_cannot_be_written_is_logged_and_kept(r, redis_serv
     assert "critical_write_failed" in out
     assert "locked_by_stuck" in out
     assert events(s.audit_path, "release_failed")[0]["retries_spent"] is True
+
+
+def monitor_host() -> str:
+    return str(monitor_identity()["host"])
+
+
+def test_status_key_summarises_the_last_pass_and_ages_on_redis_clock(r, settings):
+    hold(r, 0)
+    build(settings).run_pass()
+    key = keys.monitor_status_key(monitor_host())
+    status = json.loads(r.get(key))
+    assert status["locks"] == 1
+    assert status["failing_releases"] == 0
+    assert status["monitor_interval_s"] == settings.monitor_interval_s
+    assert 0 < r.pttl(key) <= 600_000

@@ -1,0 +1,81 @@
+"""Health: healthy (0), degraded (1) or critical (2), with one line of reason. Pure.
+
+The same judgement serves `gpulock-monitor health` (from what the daemon left in Redis) and
+the daemon's `/healthz` (from its own memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from monitor import keys
+from monitor.config import Settings
+from monitor.policy import Action, Reason
+from monitor.service import Verdict
+
+
+class State(IntEnum):
+    HEALTHY = 0
+    DEGRADED = 1
+    CRITICAL = 2
+
+
+@dataclass(frozen=True)
+class Health:
+    state: State
+    reason: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.state.name.lower()}: {self.reason}"
+
+
+def overdue_s(verdict: Verdict, settings: Settings) -> float | None:
+    """How long a lock the rules release has been releasable; None when the rules keep it."""
+    h, d = verdict.holding, verdict.decision
+    if d.action is not Action.RELEASE:
+        return None
+    if d.reason is Reason.HARD_TIMEOUT:
+        assert settings.hard_timeout_s is not None
+        since = h.held_s - settings.hard_timeout_s
+    elif d.reason is Reason.SOFT_TIMEOUT_NO_HEARTBEAT:
+        since = h.held_s - settings.soft_timeout_s
+    else:  # dead: its key expired (TTL) or went stale (timeout), whichever came first
+        since = (h.hb_age_s or 0.0) - min(settings.heartbeat_ttl_s, settings.heartbeat_timeout_s)
+    return max(0.0, since)
+
+
+def assess(
+    settings: Settings,
+    *,
+    redis_error: str | None,
+    last_pass_age_s: float | None,
+    failing_releases: int,
+    verdicts: Iterable[Verdict],
+) -> Health:
+    interval = settings.monitor_interval_s
+    if redis_error is not None:
+        return Health(State.CRITICAL, f"redis unreachable: {redis_error}")
+    if last_pass_age_s is None:
+        return Health(State.CRITICAL, "no monitor pass recorded recently (is the daemon running?)")
+    if last_pass_age_s > 5 * interval + 10:
+        return Health(State.CRITICAL, f"last successful pass {last_pass_age_s:.0f} s ago")
+    if failing_releases:
+        return Health(State.CRITICAL, f"{failing_releases} release(s) failing")
+    verdicts = list(verdicts)
+    grace = 2 * interval + 5
+    zombies = sorted(
+        ((o, v) for v in verdicts if (o := overdue_s(v, settings)) is not None and o > grace),
+        key=lambda pair: -pair[0],
+    )
+    if zombies:
+        worst, v = zombies[0]
+        return Health(
+            State.DEGRADED,
+            f"{len(zombies)} zombie lock(s) overdue for release, worst {keys.text(v.holding.key)} by {worst:.0f} s",
+        )
+    if last_pass_age_s > 2 * interval + 5:
+        return Health(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")
+    return Health(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago")
