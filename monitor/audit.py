@@ -47,6 +47,7 @@ class JsonlFile:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pending: deque[bytes] = deque()
+        self._reopen = False
         self.dropped = 0
         self.failures = 0
 
@@ -77,6 +78,12 @@ class JsonlFile:
                 self._close()
                 raise AuditWriteError(f"{self.path}: {exc.strerror or exc}") from exc
 
+    def reopen(self) -> None:
+        """Close and reopen the file before the next line (after an external logrotate).
+
+        Only sets a flag, so it is safe to call from a signal handler."""
+        self._reopen = True
+
     @property
     def pending(self) -> int:
         return len(self._pending)
@@ -105,6 +112,9 @@ class JsonlFile:
             os.unlink(self.path)
 
     def _ensure_open(self) -> int:
+        if self._reopen:
+            self._reopen = False
+            self._close()
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)

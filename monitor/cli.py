@@ -6,17 +6,25 @@ Bad input ends with one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import redis
 import yaml
 
-from monitor import __version__, daemon, logs
+from monitor import __version__, audit_read, daemon, keys, logs, manual, report
+from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
+from monitor.connection import REDIS_DOWN, connect
 from monitor.errors import MonitorError
+from monitor.health import Health, assess
+from monitor.reaper import Outcome
+from monitor.service import status_ttl_ms
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +47,9 @@ def _one_line_errors(func: F) -> F:
             sys.exit(1)
         except redis.RedisError as exc:
             click.echo(f"gpulock-monitor: redis: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # e.g. the audit file filled the disk right after a release
+            click.echo(f"gpulock-monitor: {exc}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -67,6 +78,130 @@ def main() -> None:
 def run(config_path: str | None, once: bool, dry_run: bool) -> None:
     """Run the monitor daemon."""
     sys.exit(daemon.run(_settings(config_path), dry_run=dry_run, once=once))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="A stable JSON document instead of the table.")
+@_one_line_errors
+def status(config_path: str | None, as_json: bool) -> None:
+    """Every lock: holder, held time, heartbeat, tier, and what the monitor would do. Read-only."""
+    settings = load_settings(config_path)
+    snapshot = report.take(connect(settings), settings)
+    if as_json:
+        click.echo(json.dumps(report.as_json(snapshot), indent=2, ensure_ascii=False))
+    else:
+        click.echo(report.as_table(snapshot))
+
+
+@main.command()
+@click.argument("lock_key")
+@config_option
+@click.option("--holder", metavar="VALUE", help="Release only if the lock still has this value.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_one_line_errors
+def release(lock_key: str, config_path: str | None, holder: str | None, yes: bool) -> None:
+    """Release LOCK_KEY now: owner-checked, audited as manual_release."""
+    settings = load_settings(config_path)
+    audit, _ = daemon.open_logs(settings, dry_run=False)  # no audit, no release
+
+    def confirm(current: bytes, description: str) -> bool:
+        if yes or not sys.stdin.isatty():
+            return True
+        return click.confirm(f"{description}. Release it?", default=False)
+
+    result = manual.release(
+        connect(settings),
+        settings,
+        audit,
+        lock_key.encode(),
+        holder=None if holder is None else holder.encode(),
+        confirm=confirm,
+    )
+    if result.outcome is Outcome.RELEASED:
+        click.echo(f"released {lock_key} (was held by {keys.text(result.current or b'')})")
+        return
+    why = {
+        Outcome.GONE: f"{lock_key} is not held",
+        Outcome.HOLDER_CHANGED: f"{lock_key} is held by {keys.text(result.current or b'')} now"
+        + ("" if holder is None else f", not {holder}")
+        + " (a new holding)",
+        Outcome.HEARTBEAT_REVIVED: f"{lock_key}: heartbeat revived",
+    }[result.outcome]
+    raise MonitorError(f"nothing released: {why}")
+
+
+@main.command()
+@config_option
+@click.option("--since", metavar="WHEN", help="Only events since then: 2h, 30m, 1d, or an ISO 8601 time.")
+@click.option("--lock", "lock_key", metavar="KEY", help="Only events about this lock.")
+@click.option("--event", "event_name", metavar="NAME", help="Only events with this name.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events, across rotations.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON lines as stored.")
+@_one_line_errors
+def audit(
+    config_path: str | None,
+    since: str | None,
+    lock_key: str | None,
+    event_name: str | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Read the audit log, rotated files included."""
+    settings = load_settings(config_path)
+    path = Path(settings.audit_path)
+    keep = audit_read.Filter(
+        since=None if since is None else audit_read.parse_since(since, time.time()), lock=lock_key, event=event_name
+    )
+
+    def show(record: dict[str, Any]) -> None:
+        if keep(record):
+            click.echo(json.dumps(record, ensure_ascii=False) if as_json else audit_read.describe(record))
+
+    try:
+        if not follow or audit_read.log_files(path):
+            for record in audit_read.read(path):
+                show(record)
+        if follow:
+            for record in audit_read.follow(path, stop=lambda: False):
+                show(record)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `audit | head`
+        sys.stderr.close()
+
+
+@main.command()
+@config_option
+@_one_line_errors
+def health(config_path: str | None) -> None:
+    """Exit 0 healthy, 1 degraded, 2 critical, with one line of reason."""
+    settings = load_settings(config_path)
+    result = health_check(settings)
+    click.echo(result.line)
+    sys.exit(int(result.state))
+
+
+def health_check(settings: Settings) -> Health:
+    client = connect(settings)
+    host = str(monitor_identity()["host"])
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.get(keys.monitor_status_key(host))
+        pipe.pttl(keys.monitor_status_key(host))
+        raw, pttl = pipe.execute()
+        snapshot = report.take(client, settings)
+    except REDIS_DOWN as exc:
+        return assess(settings, redis_error=str(exc), last_pass_age_s=None, failing_releases=0, verdicts=[])
+    age = None
+    failing = 0
+    if raw is not None and pttl > 0:
+        age = (status_ttl_ms(settings) - pttl) / 1000
+        try:
+            failing = int(json.loads(raw).get("failing_releases", 0))
+        except (ValueError, AttributeError, TypeError):
+            failing = 0
+    return assess(settings, redis_error=None, last_pass_age_s=age, failing_releases=failing, verdicts=snapshot.verdicts)
 
 
 @main.group()

@@ -1,19 +1,26 @@
-"""`gpulock-monitor run`: one APScheduler interval job, a clean stop on SIGTERM/SIGINT."""
+"""`gpulock-monitor run`: one APScheduler interval job, systemd notify, metrics, clean stops.
+
+Signals: SIGTERM/SIGINT finish the pass in progress and stop; SIGHUP reopens the audit files
+(for an external logrotate).
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from monitor import systemd
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.connection import connect
 from monitor.errors import MonitorError
+from monitor.health import Health, assess
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
 
@@ -38,17 +45,74 @@ def build_monitor(settings: Settings, *, dry_run: bool) -> Monitor:
     return Monitor(settings, connect(settings), audit, critical)
 
 
+class Runner:
+    """Wraps each pass: keeps time of completed passes, feeds metrics, tells systemd."""
+
+    def __init__(self, monitor: Monitor, observe: Callable[[PassReport | None], None] | None = None) -> None:
+        self.monitor = monitor
+        self.observe = observe
+        self.ready = threading.Event()
+        self.last_end = monitor.mono()
+
+    def __call__(self) -> None:
+        report = self.monitor.run_pass()
+        self.last_end = self.monitor.mono()
+        if self.observe is not None:
+            self.observe(report)
+        if report is None:
+            log.debug("pass_skipped", reason="backing off while Redis is unavailable")
+            return
+        log.debug(
+            "pass_done",
+            locks=len(report.verdicts),
+            released=report.released,
+            invalid=report.invalid,
+            duration_s=round(report.duration_s, 4),
+            error=report.error,
+        )
+        systemd.notify(f"STATUS={summary(report)}")
+        if not self.ready.is_set():
+            self.ready.set()
+            systemd.notify("READY=1")
+
+    def progressing(self) -> bool:
+        """True while passes keep completing; a hung pass makes this False."""
+        return self.monitor.mono() - self.last_end < 2 * self.monitor.settings.monitor_interval_s + 10
+
+    def health(self) -> Health:
+        m = self.monitor
+        report = m.last_report
+        verdicts = [v for v in report.verdicts if v.holding.key not in report.released_keys] if report else []
+        age = None if m.last_success is None else max(0.0, m.wall() - m.last_success)
+        if not self.progressing() and age is not None:
+            age = max(age, m.mono() - self.last_end)
+        return assess(
+            m.settings,
+            redis_error=m.redis_error,
+            last_pass_age_s=age,
+            failing_releases=m.failing_releases,
+            verdicts=verdicts,
+        )
+
+
+def summary(report: PassReport) -> str:
+    if report.error:
+        return f"pass failed: {report.error}"[:200]
+    return f"{len(report.verdicts)} locks, {report.released} released, pass {report.duration_s * 1000:.0f} ms"
+
+
 def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: threading.Event | None = None) -> int:
     """Run the daemon until `stop` is set (or a signal arrives); the process exit code."""
     if not settings.enabled:
         log.warning("monitor_disabled", reason="gpu_lock_monitor.enabled is false; nothing to do")
         return 0
     stop = stop or threading.Event()
+    reopen = threading.Event()
     # Before monitor_started: a SIGTERM that arrives once the start is visible must stop cleanly.
-    _on_signals(stop)
+    _on_signals(stop, reopen)
     monitor = build_monitor(settings, dry_run=dry_run)
-    _lifecycle(monitor, "monitor_started")
     if once:
+        _lifecycle(monitor, "monitor_started")
         report = monitor.run_pass()
         _lifecycle(monitor, "monitor_stopped")
         if report is not None and report.error:
@@ -56,9 +120,20 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
             return 1
         return 0
 
+    observe = None
+    stop_http: Callable[[], None] | None = None
+    runner = Runner(monitor)
+    if settings.metrics_enabled:
+        from monitor import metrics  # noqa: PLC0415 - prometheus_client only where metrics are on
+
+        exporter = metrics.Metrics(monitor)
+        stop_http = metrics.serve(settings.metrics_listen, exporter, runner.health)
+        observe = exporter.observe
+    runner.observe = observe
+    _lifecycle(monitor, "monitor_started")
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(
-        lambda: _summarise(monitor.run_pass()),
+        runner,
         IntervalTrigger(seconds=settings.monitor_interval_s),
         id="pass",
         next_run_time=datetime.now(timezone.utc),
@@ -67,13 +142,24 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         misfire_grace_time=None,
     )
     scheduler.start()
+    period = systemd.watchdog_period_s()
+    tick = min(1.0, period) if period else 1.0
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(tick):
+            if reopen.is_set():
+                reopen.clear()
+                monitor.audit.file.reopen()
+                monitor.critical.reopen()
+                log.info("audit_reopened")
+            if period and runner.progressing():
+                systemd.notify("WATCHDOG=1")
     finally:
+        systemd.notify("STOPPING=1")
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
         _lifecycle(monitor, "monitor_stopped")
+        if stop_http is not None:
+            stop_http()
     return 0
 
 
@@ -93,27 +179,16 @@ def _lifecycle(monitor: Monitor, event: str) -> None:
         monitor.critical.close()
 
 
-def _summarise(report: PassReport | None) -> None:
-    if report is None:
-        log.debug("pass_skipped", reason="backing off while Redis is unavailable")
-    else:
-        log.debug(
-            "pass_done",
-            locks=len(report.verdicts),
-            released=report.released,
-            invalid=report.invalid,
-            duration_s=round(report.duration_s, 4),
-            error=report.error,
-        )
-
-
-def _on_signals(stop: threading.Event) -> None:
+def _on_signals(stop: threading.Event, reopen: threading.Event) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # embedded (tests, demo): the caller owns `stop`
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            reopen.set()
+            return
         log.info("stopping", signal=signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)

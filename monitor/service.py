@@ -60,8 +60,12 @@ class PassReport:
     duration_s: float = 0.0
     verdicts: list[Verdict] = field(default_factory=list)
     invalid: int = 0
-    released: int = 0
+    released_keys: set[bytes] = field(default_factory=set)
     error: str | None = None
+
+    @property
+    def released(self) -> int:
+        return len(self.released_keys)
 
 
 @dataclass
@@ -133,6 +137,7 @@ class Monitor:
         self._failures: dict[tuple[bytes, bytes, int], _Failure] = {}
         self._invalid_seen: set[bytes] = set()
         self._down_since: float | None = None
+        self.redis_error: str | None = None  # set while Redis is unreachable
         self._down_passes = 0
         self._skip = 0
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -265,7 +270,7 @@ class Monitor:
             return h.record
         self._failures.pop(fid, None)
         if result.outcome is Outcome.RELEASED:
-            report.released += 1
+            report.released_keys.add(h.key)
             self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
             return None
         if result.current is not None:
@@ -329,12 +334,14 @@ class Monitor:
         self._down_passes += 1
         max_skip = max(0, math.ceil(MAX_BACKOFF_S / self.settings.monitor_interval_s) - 1)
         self._skip = min(2 ** (self._down_passes - 1) - 1, max_skip)
+        self.redis_error = str(exc)
         if self._down_since is None:
             self._down_since = self.wall()
             self.record("redis_unavailable", "error", error=str(exc))
 
     def _redis_back(self) -> None:
         self._down_passes = 0
+        self.redis_error = None
         if self._down_since is not None:
             down_s = round(self.wall() - self._down_since, 3)
             self._down_since = None

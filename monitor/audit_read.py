@@ -1,0 +1,136 @@
+"""Reading the audit log: rotated files in order, filters, and `tail -F`-style following."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from monitor.errors import MonitorError
+
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float) -> float:
+    """A start time (epoch seconds) from `2h`, `90m`, `1d12h`, or an ISO 8601 time (UTC if naive)."""
+    spans = _SPAN.findall(text)
+    if spans and "".join(n + u for n, u in spans) == text:
+        return now - sum(float(n) * _UNIT_S[u] for n, u in spans)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MonitorError(f"--since: expected a span like 2h or 30m, or an ISO 8601 time, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+@dataclass(frozen=True)
+class Filter:
+    since: float | None = None
+    lock: str | None = None
+    event: str | None = None
+
+    def __call__(self, record: dict[str, Any]) -> bool:
+        if self.event is not None and record.get("event") != self.event:
+            return False
+        if self.lock is not None and record.get("lock_key") != self.lock:
+            return False
+        if self.since is not None:
+            try:
+                ts = datetime.fromisoformat(str(record.get("ts"))).timestamp()
+            except ValueError:
+                return False
+            if ts < self.since:
+                return False
+        return True
+
+
+def log_files(path: Path) -> list[Path]:
+    """The rotated files oldest first (path.N ... path.1), then the live file."""
+    rotated = []
+    for candidate in path.parent.glob(path.name + ".*"):
+        suffix = candidate.name[len(path.name) + 1 :]
+        if suffix.isdigit():
+            rotated.append((int(suffix), candidate))
+    return [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.exists() else [])
+
+
+def parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
+    """Records from whole lines; a torn or foreign line is skipped, never fatal."""
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def read(path: Path) -> Iterator[dict[str, Any]]:
+    files = log_files(path)
+    if not files:
+        raise MonitorError(f"no audit log at {path}")
+    for file in files:
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:  # rotated away while we read the others
+            continue
+        yield from parse_lines(data[: data.rfind(b"\n") + 1])
+
+
+def follow(path: Path, *, stop: Callable[[], bool], poll_s: float = 0.2) -> Iterator[dict[str, Any]]:
+    """New records appended from now on, across rotations (by rename, or truncation)."""
+    handle, ino = _open_at_end(path)
+    pending = b""
+    while not stop():
+        chunk = handle.read() if handle else b""
+        if chunk:
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            yield from parse_lines(pending[:cut])
+            pending = pending[cut:]
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            time.sleep(poll_s)
+            continue
+        if handle is None or st.st_ino != ino or st.st_size < handle.tell():
+            # Rotated: drain what the writer added to the old file, then start the new one at 0.
+            if handle:
+                pending += handle.read()
+                yield from parse_lines(pending[: pending.rfind(b"\n") + 1])
+                handle.close()
+            handle, ino, pending = path.open("rb"), st.st_ino, b""
+            continue
+        time.sleep(poll_s)
+    if handle:
+        handle.close()
+
+
+def _open_at_end(path: Path) -> tuple[Any, int]:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return None, -1
+    handle.seek(0, os.SEEK_END)
+    return handle, os.fstat(handle.fileno()).st_ino
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One human line per event."""
+    parts = [str(record.get("ts", "?")), f"{record.get('event', '?'):<20}"]
+    if "lock_key" in record:
+        parts.append(str(record["lock_key"]))
+    for name in ("holder", "held_s", "heartbeat", "tier", "reason", "outcome", "operator", "error"):
+        if record.get(name) is not None and name in record:
+            parts.append(f"{name}={json.dumps(record[name], ensure_ascii=False)}")
+    return "  ".join(parts)

@@ -1,0 +1,100 @@
+"""`release`: an operator's owner-checked release, through the same script as the daemon's."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from collections.abc import Callable
+
+import redis
+
+from monitor import keys
+from monitor.audit import AuditLog
+from monitor.config import Settings
+from monitor.errors import MonitorError
+from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.scanner import read_locks
+from monitor.service import evaluate, lock_fields
+
+RELEASE_REASON = "manual_release"
+
+
+class NotConfirmed(MonitorError):  # noqa: N818 - control flow (the operator said no), not an error
+    """The operator answered no; nothing was done (control flow, not a failure)."""
+
+
+def operator_name() -> str:
+    """Who ran the command: the sudo caller when there is one, else the login name."""
+    sudo = os.environ.get("SUDO_USER")
+    if sudo:
+        return sudo
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        return f"uid:{os.getuid()}"
+
+
+def release(
+    client: redis.Redis,
+    settings: Settings,
+    audit: AuditLog,
+    lock_key: bytes,
+    *,
+    holder: bytes | None,
+    confirm: Callable[[bytes, str], bool],
+) -> ReleaseResult:
+    """Release `lock_key` if it is held by `holder` (or by whoever holds it now, once
+    confirmed). The attempt is audited as `manual_release` whatever its outcome."""
+    (obs,) = read_locks(client, [lock_key])
+    if obs.invalid:
+        raise MonitorError(f"{keys.text(lock_key)} is not a lock ({obs.invalid})")
+    if obs.value is None:
+        _audit(audit, lock_key, holder, Outcome.GONE, {})
+        return ReleaseResult(Outcome.GONE, None)
+    (verdict,) = evaluate([obs], settings)
+    fields = lock_fields(verdict, dry_run=False)
+    if not confirm(obs.value, _describe(fields)):
+        raise NotConfirmed("not confirmed; nothing released")
+    # Without --holder the operator confirmed what was just read, so the script must find that
+    # very holding: same value, and a TTL that has not been reset since.
+    result = Reaper(client).release(
+        lock_key,
+        holder if holder is not None else obs.value,
+        heartbeat=HeartbeatCheck.ANY,
+        seen_pttl_ms=None if holder is not None else obs.pttl_ms,
+        reason=RELEASE_REASON,
+    )
+    _audit(audit, lock_key, holder, result.outcome, fields, current=result.current)
+    return result
+
+
+def _describe(fields: dict[str, object]) -> str:
+    return (
+        f"{fields['lock_key']} held by {fields['holder']} for {fields['held_s']} s, "
+        f"heartbeat {fields['heartbeat']}, tier {fields['tier']}"
+    )
+
+
+def _audit(
+    audit: AuditLog,
+    lock_key: bytes,
+    requested: bytes | None,
+    outcome: Outcome,
+    fields: dict[str, object],
+    *,
+    current: bytes | None = None,
+) -> None:
+    extra: dict[str, object] = {"lock_key": keys.text(lock_key), **fields, "reason": RELEASE_REASON}
+    if requested is not None:
+        extra["requested_holder"] = keys.text(requested)
+    if current is not None and outcome is not Outcome.RELEASED:
+        extra["current_holder"] = keys.text(current)
+    audit.event(
+        "manual_release",
+        sync=True,
+        now=time.time(),
+        operator=operator_name(),
+        outcome=outcome.value,
+        **extra,
+    )

@@ -1,0 +1,111 @@
+"""`status`: every lock as the monitor sees it now, as a table or a stable JSON document.
+
+Read-only: it runs the same observation and rules as a pass and writes nothing to Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+from monitor import keys
+from monitor.config import Settings
+from monitor.scanner import Observation, read_locks, scan_candidates
+from monitor.service import Verdict, evaluate
+
+JSON_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    redis_time_ms: int | None  # None when there was nothing to read
+    verdicts: list[Verdict]
+    invalid: list[Observation]
+    dry_run: bool
+
+
+def take(client: redis.Redis, settings: Settings) -> Snapshot:
+    observations = read_locks(client, scan_candidates(client, settings.key_pattern))
+    return Snapshot(
+        redis_time_ms=observations[0].now_ms if observations else None,
+        verdicts=sorted(evaluate(observations, settings), key=lambda v: v.holding.key),
+        invalid=[o for o in observations if o.invalid],
+        dry_run=not settings.auto_recovery,
+    )
+
+
+def would_do(verdict: Verdict, dry_run: bool) -> str:
+    action = verdict.decision.action.value
+    return f"{action} (dry run)" if dry_run and action == "release" else action
+
+
+def as_json(snapshot: Snapshot) -> dict[str, Any]:
+    now = snapshot.redis_time_ms
+    return {
+        "version": JSON_VERSION,
+        "redis_time": None if now is None else datetime.fromtimestamp(now / 1000, timezone.utc).isoformat(),
+        "auto_recovery": not snapshot.dry_run,
+        "locks": [
+            {
+                "lock_key": keys.text(h.key),
+                "holder": keys.text(h.holder),
+                "task_name": keys.text(keys.task_name(h.holder)),
+                "held_s": round(h.held_s, 3),
+                "ttl_s": round(h.pttl_ms / 1000, 3) if h.pttl_ms >= 0 else None,
+                "heartbeat": h.heartbeat.value,
+                "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
+                "tier": v.decision.tier.value,
+                "action": v.decision.action.value,
+                "reason": v.decision.reason.value,
+            }
+            for v in snapshot.verdicts
+            for h in (v.holding,)
+        ],
+        "invalid": [{"lock_key": keys.text(o.key), "reason": o.invalid} for o in snapshot.invalid],
+    }
+
+
+def as_table(snapshot: Snapshot) -> str:
+    if not snapshot.verdicts and not snapshot.invalid:
+        return "no locks held"
+    header = ("LOCK", "HOLDER", "HELD", "HEARTBEAT", "TIER", "WOULD DO", "WHY")
+    rows = [header]
+    for v in snapshot.verdicts:
+        h = v.holding
+        heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({human(h.hb_age_s)} ago)"
+        rows.append(
+            (
+                _cell(keys.text(h.key)),
+                _cell(keys.text(h.holder)),
+                human(h.held_s),
+                heartbeat,
+                v.decision.tier.value,
+                would_do(v, snapshot.dry_run),
+                v.decision.reason.value,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += [f"not a lock: {_cell(keys.text(o.key))} ({o.invalid})" for o in snapshot.invalid]
+    return "\n".join(lines)
+
+
+def human(seconds: float) -> str:
+    """A short duration: 42.0s, 5m12s, 2h05m, 3d04h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _cell(text: str, limit: int = 48) -> str:
+    """One table cell: control characters escaped, long values shortened."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
