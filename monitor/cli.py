@@ -55,6 +55,10 @@ def _one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
 def _settings(config_path: str | None) -> Settings:
     settings = load_settings(config_path)
     logs.configure(settings.log_level, settings.log_format, stream=sys.stdout)
@@ -106,7 +110,7 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
     audit, _ = daemon.open_logs(settings, dry_run=False)  # no audit, no release
 
     def confirm(current: bytes, description: str) -> bool:
-        if yes or not sys.stdin.isatty():
+        if yes or not _interactive():
             return True
         return click.confirm(f"{description}. Release it?", default=False)
 

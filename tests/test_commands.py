@@ -1,0 +1,332 @@
+"""status, release, audit and health, through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from click.testing import CliRunner
+from helpers import beat, build, events, hold, make_settings
+
+from monitor import keys
+from monitor.cli import main
+from monitor.redis_server import RedisServer, free_port
+from monitor.report import human
+
+
+def write_config(tmp_path: Path, url: str, **sections) -> Path:
+    settings = make_settings(url, tmp_path, **sections)
+    raw = settings.redacted()
+    raw["redis"]["url"] = url
+    path = tmp_path / "monitor.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+@pytest.fixture
+def cfg(redis_server, tmp_path) -> Path:
+    return write_config(tmp_path, redis_server.url)
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def test_status_table_and_json(r, cfg):
+    key = hold(r, 0, "tts_synthesize", age_s=450)
+    beat(r, key, age_s=5)
+    hold(r, 1, "legacy", age_s=450)
+    hold(r, 2, "fresh", age_s=1)
+    r.hset(b"gpu_lock:weird", "a", "b")
+    table = cli("status", "-c", str(cfg))
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["LOCK", "HOLDER", "HELD", "HEARTBEAT", "TIER", "WOULD", "DO", "WHY"]
+    row = {line.split()[0]: line for line in lines[1:4]}
+    assert "7m30s" in row["gpu_lock:0"]
+    assert "alive (5.0s ago)" in row["gpu_lock:0"]
+    assert "keep" in row["gpu_lock:0"]
+    assert "release" in row["gpu_lock:1"]
+    assert "soft_timeout_no_heartbeat" in row["gpu_lock:1"]
+    assert "within_limits" in row["gpu_lock:2"]
+    assert lines[-1] == "not a lock: gpu_lock:weird (not a string key)"
+    doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
+    assert doc["version"] == 1
+    assert [lock["lock_key"] for lock in doc["locks"]] == ["gpu_lock:0", "gpu_lock:1", "gpu_lock:2"]
+    first = doc["locks"][0]
+    assert first["task_name"] == "tts_synthesize"
+    assert first["heartbeat"] == "alive"
+    assert 449 < first["held_s"] < 460
+    assert first["tier"] == "soft"
+    assert (first["action"], first["reason"]) == ("keep", "long_task_protected")
+    assert doc["invalid"] == [{"lock_key": "gpu_lock:weird", "reason": "not a string key"}]
+
+
+def test_status_never_writes(r, cfg):
+    hold(r, 0, age_s=450)
+    r.config_resetstat()
+    before = r.dbsize()
+    assert cli("status", "-c", str(cfg)).exit_code == 0
+    stats = r.info("commandstats")
+    writes = {"cmdstat_set", "cmdstat_hset", "cmdstat_del", "cmdstat_hdel", "cmdstat_publish", "cmdstat_expire"}
+    assert not writes & set(stats)
+    assert r.dbsize() == before
+
+
+def test_status_no_locks_and_hostile_values(r, cfg):
+    assert cli("status", "-c", str(cfg)).output.strip() == "no locks held"
+    r.set(b"gpu_lock:0", b"locked_by_\n\x1b[31mred" + b"x" * 100)
+    out = cli("status", "-c", str(cfg)).output
+    assert "\x1b" not in out
+    assert len(out.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0.0s"), (59.94, "59.9s"), (60, "1m00s"), (3599, "59m59s"), (3600, "1h00m"), (90000, "1d01h")],
+)
+def test_human_durations(seconds, text):
+    assert human(seconds) == text
+
+
+def test_status_without_redis_is_one_line(tmp_path):
+    cfg = write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    result = cli("status", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert len(result.output.splitlines()) == 1
+    assert result.output.startswith("gpulock-monitor: redis: ")
+
+
+# --- release ------------------------------------------------------------------------------------
+
+
+def test_release_with_holder_and_audit(r, cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUDO_USER", "alice")
+    hold(r, 0, "tts", age_s=10)
+    pubsub = r.pubsub()
+    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    result = cli("release", "gpu_lock:0", "--holder", "locked_by_tts", "--yes", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "released gpu_lock:0 (was held by locked_by_tts)"
+    assert not r.exists(b"gpu_lock:0")
+    notice = json.loads(pubsub.get_message(timeout=5)["data"])
+    assert notice["release_reason"] == "manual_release"
+    (event,) = events(tmp_path / "audit.jsonl", "manual_release")
+    assert (event["operator"], event["outcome"], event["holder"]) == ("alice", "released", "locked_by_tts")
+    assert event["requested_holder"] == "locked_by_tts"
+    assert event["held_s"] >= 10
+    pubsub.close()
+
+
+def test_release_wrong_holder_releases_nothing(r, cfg, tmp_path):
+    hold(r, 0, "new_task")
+    result = cli("release", "gpu_lock:0", "--holder", "locked_by_old", "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert "nothing released: gpu_lock:0 is held by locked_by_new_task now, not locked_by_old" in result.output
+    assert r.exists(b"gpu_lock:0")
+    assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "holder_changed"
+
+
+def test_release_gone(r, cfg, tmp_path):
+    result = cli("release", "gpu_lock:7", "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert result.output.strip() == "gpulock-monitor: nothing released: gpu_lock:7 is not held"
+    assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "gone"
+
+
+def test_release_not_a_lock(r, cfg):
+    r.rpush(b"gpu_lock:list", "x")
+    result = cli("release", "gpu_lock:list", "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert "gpu_lock:list is not a lock (not a string key)" in result.output
+
+
+def test_release_asks_on_a_terminal(r, cfg, monkeypatch):
+    hold(r, 0, "tts")
+    monkeypatch.setattr("monitor.cli._interactive", lambda: True)
+    runner = CliRunner()
+    no = runner.invoke(main, ["release", "gpu_lock:0", "-c", str(cfg)], input="n\n")
+    assert no.exit_code == 1
+    assert "gpu_lock:0 held by locked_by_tts" in no.output
+    assert "not confirmed; nothing released" in no.output
+    assert r.exists(b"gpu_lock:0")
+    yes = runner.invoke(main, ["release", "gpu_lock:0", "-c", str(cfg)], input="y\n")
+    assert yes.exit_code == 0, yes.output
+    assert not r.exists(b"gpu_lock:0")
+
+
+def test_release_same_name_reacquired_after_confirmation(r, cfg, redis_server, tmp_path):
+    # Without --holder, the operator confirms the holding that was read; a re-acquire by the
+    # same task name between read and release is a different holding and is left alone.
+    from monitor import manual
+    from monitor.audit import AuditLog, JsonlFile
+
+    hold(r, 0, "tts", age_s=300)
+    settings = make_settings(redis_server.url, tmp_path)
+
+    def confirm_while_reacquired(current, description):
+        hold(r, 0, "tts")
+        return True
+
+    client = redis.Redis.from_url(redis_server.url, protocol=2)
+    result = manual.release(
+        client,
+        settings,
+        AuditLog(JsonlFile(tmp_path / "a.jsonl")),
+        b"gpu_lock:0",
+        holder=None,
+        confirm=confirm_while_reacquired,
+    )
+    assert result.outcome.value == "holder_changed"
+    assert r.exists(b"gpu_lock:0")
+
+
+def test_release_refuses_without_writable_audit(r, redis_server, tmp_path):
+    (tmp_path / "file").write_text("")
+    cfg = write_config(tmp_path, redis_server.url, audit={"path": str(tmp_path / "file" / "a.jsonl")})
+    hold(r, 0)
+    result = cli("release", "gpu_lock:0", "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert "audit.path: cannot open" in result.output
+    assert r.exists(b"gpu_lock:0")
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+def audit_lines(path: Path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_audit_reads_rotated_files_in_order_with_filters(cfg, tmp_path):
+    base = tmp_path / "audit.jsonl"
+    audit_lines(
+        base.with_name("audit.jsonl.2"),
+        [{"ts": "2026-01-01T00:00:00+00:00", "event": "lock_warning", "lock_key": "gpu_lock:0"}],
+    )
+    audit_lines(
+        base.with_name("audit.jsonl.1"),
+        [{"ts": "2026-01-02T00:00:00+00:00", "event": "lock_released", "lock_key": "gpu_lock:0"}],
+    )
+    base.write_text(
+        json.dumps({"ts": "2026-01-03T00:00:00+00:00", "event": "lock_released", "lock_key": "gpu_lock:1"})
+        + '\n{"ts": "2026-01-03T00:00:01+00:00", "event": "torn'
+    )
+    everything = cli("audit", "--json", "-c", str(cfg))
+    assert everything.exit_code == 0
+    assert [json.loads(x)["ts"][:10] for x in everything.output.splitlines()] == [
+        "2026-01-01",
+        "2026-01-02",
+        "2026-01-03",
+    ]
+    released = cli("audit", "--event", "lock_released", "--json", "-c", str(cfg)).output.splitlines()
+    assert len(released) == 2
+    lock0 = cli("audit", "--lock", "gpu_lock:0", "--since", "2026-01-01T12:00:00", "--json", "-c", str(cfg)).output
+    assert [json.loads(x)["event"] for x in lock0.splitlines()] == ["lock_released"]
+    human_out = cli("audit", "-c", str(cfg)).output.splitlines()
+    assert human_out[0].startswith("2026-01-01T00:00:00+00:00  lock_warning")
+    assert cli("audit", "--since", "1h", "-c", str(cfg)).output == ""
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "5x", "h2"])
+def test_audit_bad_since(cfg, tmp_path, bad):
+    (tmp_path / "audit.jsonl").write_text("")
+    result = cli("audit", "--since", bad, "-c", str(cfg))
+    assert result.exit_code == 1
+    assert "--since: expected a span like 2h or 30m" in result.output
+
+
+def test_audit_missing_log(cfg):
+    result = cli("audit", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert "no audit log at" in result.output
+
+
+def test_audit_follow_across_rotation(cfg, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit_lines(path, [{"ts": "2026-01-01T00:00:00+00:00", "event": "old"}])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "audit", "--follow", "--json", "-c", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "old"
+        with path.open("a") as f:
+            f.write(json.dumps({"ts": "2026-01-01T00:00:01+00:00", "event": "appended"}) + "\n")
+        assert json.loads(proc.stdout.readline())["event"] == "appended"
+        path.rename(path.with_name("audit.jsonl.1"))  # logrotate
+        audit_lines(path, [{"ts": "2026-01-01T00:00:02+00:00", "event": "after_rotation"}])
+        assert json.loads(proc.stdout.readline())["event"] == "after_rotation"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+def test_health_critical_without_daemon_then_healthy_after_pass(r, redis_server, cfg, tmp_path):
+    result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert result.output.strip() == "critical: no monitor pass recorded recently (is the daemon running?)"
+    hold(r, 0)
+    build(make_settings(redis_server.url, tmp_path)).run_pass()
+    result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("healthy: 1 lock(s), last pass")
+
+
+def test_health_degraded_by_zombie_in_dry_run(r, redis_server, tmp_path):
+    cfg = write_config(tmp_path, redis_server.url, gpu_lock_monitor={"auto_recovery": False})
+    hold(r, 3, age_s=450)  # 50 s past soft with no heartbeat, and the monitor may not release
+    build(make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"auto_recovery": False})).run_pass()
+    result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert result.output.strip() == "degraded: 1 zombie lock(s) overdue for release, worst gpu_lock:3 by 50 s"
+
+
+def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
+    cfg = write_config(tmp_path, redis_server.url)
+    r.set(keys.monitor_status_key(os.uname().nodename), json.dumps({"failing_releases": 2}), px=600_000)
+    result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert result.output.strip() == "critical: 2 release(s) failing"
+
+
+def test_health_critical_when_last_pass_is_old(r, redis_server, tmp_path):
+    cfg = write_config(tmp_path, redis_server.url)
+    r.set(keys.monitor_status_key(os.uname().nodename), b"{}", px=600_000 - 30_000)  # written 30 s ago
+    result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert result.output.startswith("critical: last successful pass 30 s ago")
+    r.set(keys.monitor_status_key(os.uname().nodename), b"not json", px=600_000 - 2_000)
+    assert cli("health", "-c", str(cfg)).exit_code == 0
+
+
+def test_health_critical_when_redis_down(tmp_path):
+    with RedisServer() as own:
+        cfg = write_config(tmp_path, own.url)
+        own.stop()
+        result = cli("health", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert result.output.startswith("critical: redis unreachable:")
+
+
+def test_health_as_a_subprocess_for_nagios(r, cfg):
+    result = subprocess.run([sys.executable, "-m", "monitor", "health", "-c", str(cfg)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr == ""

@@ -1,0 +1,343 @@
+"""Running as a service: sd_notify, watchdog, metrics and /healthz, SIGHUP, the unit, the ACL."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from helpers import beat, build, events, hold, make_settings, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor import daemon, systemd
+from monitor.audit import JsonlFile
+from monitor.redis_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "deploy" / "systemd" / "gpulock-monitor.service"
+
+
+def config_file(tmp_path: Path, url: str, **sections) -> Path:
+    raw = make_settings(url, tmp_path, **sections).redacted()
+    raw["redis"]["url"] = url
+    raw["logging"]["format"] = "json"
+    path = tmp_path / "monitor.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# --- sd_notify --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    sock.settimeout(20)
+    yield sock, str(path)
+    sock.close()
+
+
+def test_notify_sends_datagrams(notify_socket):
+    sock, path = notify_socket
+    assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": path})
+    assert sock.recv(100) == b"READY=1"
+    assert not systemd.notify("READY=1", env={})
+    assert not systemd.notify("READY=1", env={"NOTIFY_SOCKET": path + ".missing"})
+
+
+def test_notify_abstract_socket():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"gpulock-test-{os.getpid()}"
+    sock.bind("\0" + name)
+    try:
+        assert systemd.notify("WATCHDOG=1", env={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(100) == b"WATCHDOG=1"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "period"),
+    [
+        ({"WATCHDOG_USEC": "120000000"}, 60.0),
+        ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}, 1.0),
+        ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_watchdog_period(env, period):
+    assert systemd.watchdog_period_s(env) == period
+
+
+def test_daemon_speaks_sd_notify(r, redis_server, tmp_path, notify_socket):
+    sock, path = notify_socket
+    hold(r, 0)
+    config = config_file(tmp_path, redis_server.url, metrics={"enabled": False})
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "run", "-c", str(config)], env=env, stdout=subprocess.DEVNULL
+    )
+    seen: list[str] = []
+    try:
+        while not ("READY=1" in seen and seen.count("WATCHDOG=1") >= 2):
+            seen.append(sock.recv(200).decode())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        sock.settimeout(2)
+        while "STOPPING=1" not in seen:
+            seen.append(sock.recv(200).decode())
+    statuses = [m for m in seen if m.startswith("STATUS=")]
+    assert statuses
+    assert re.fullmatch(r"STATUS=1 locks, 0 released, pass \d+ ms", statuses[0])
+    assert seen.index(statuses[0]) < seen.index("READY=1")
+    assert proc.returncode == 0
+
+
+def test_watchdog_stops_when_a_pass_hangs(settings, r):
+    clock = [0.0]
+    monitor = build(settings, mono=lambda: clock[0])
+    runner = daemon.Runner(monitor)
+    runner()
+    assert runner.progressing()
+    clock[0] = 2 * settings.monitor_interval_s + 9  # a pass started and never returned
+    assert runner.progressing()
+    clock[0] = 2 * settings.monitor_interval_s + 11
+    assert not runner.progressing()
+    assert runner.health().state.name == "CRITICAL" or runner.health().reason.startswith("last successful pass")
+
+
+# --- metrics and /healthz ----------------------------------------------------------------------
+
+
+def scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except urllib.error.URLError:  # not listening (yet)
+        return 0, ""
+
+
+def test_metrics_and_healthz(r, redis_server, tmp_path):
+    port = free_port()
+    settings = make_settings(redis_server.url, tmp_path, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    key = hold(r, 0, "tts", age_s=10)
+    beat(r, key, age_s=3)
+    hold(r, 1, "legacy", age_s=450)
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(settings,), kwargs={"stop": stop})
+    runner.start()
+    try:
+        wait_for(lambda: events(settings.audit_path, "lock_released"))
+        wait_for(lambda: "gpulock_monitor_releases_total" in scrape(port, "/metrics")[1])
+        code, body = scrape(port, "/metrics")
+        health_code, health_body = scrape(port, "/healthz")
+        missing_code, _ = scrape(port, "/nope")
+    finally:
+        stop.set()
+        runner.join(timeout=20)
+    assert code == 200
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("gpulock_monitor_build_info", (("version", __import__("monitor").__version__),))] == 1
+    assert (
+        samples[("gpulock_monitor_releases_total", (("outcome", "released"), ("reason", "soft_timeout_no_heartbeat")))]
+        == 1
+    )
+    assert samples[("gpulock_monitor_events_total", (("event", "lock_released"),))] == 1
+    assert samples[("gpulock_monitor_redis_up", ())] == 1
+    assert 10 <= samples[("gpulock_monitor_lock_held_seconds", (("lock", "gpu_lock:0"), ("tier", "ok")))] < 60
+    assert 3 <= samples[("gpulock_monitor_lock_heartbeat_age_seconds", (("lock", "gpu_lock:0"),))] < 60
+    assert samples[("gpulock_monitor_locks_held", (("heartbeat", "alive"),))] >= 1
+    assert samples[("gpulock_monitor_last_success_timestamp_seconds", ())] > time.time() - 60
+    assert samples[("gpulock_monitor_pass_duration_seconds_count", ())] >= 1
+    assert not any(name.endswith("_created") for name, _ in samples)
+    assert all(name.startswith("gpulock_monitor_") for name, _ in samples)
+    assert health_code == 200
+    assert json.loads(health_body)["state"] == "healthy"
+    assert missing_code == 404
+
+
+def test_healthz_is_503_when_redis_is_gone(tmp_path):
+    from monitor.redis_server import RedisServer
+
+    port = free_port()
+    with RedisServer() as own:
+        settings = make_settings(own.url, tmp_path, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+        stop = threading.Event()
+        runner = threading.Thread(target=daemon.run, args=(settings,), kwargs={"stop": stop})
+        runner.start()
+        try:
+            wait_for(lambda: scrape(port, "/healthz")[0] == 200)
+            own.stop()
+            wait_for(lambda: scrape(port, "/healthz")[0] == 503)
+            doc = json.loads(scrape(port, "/healthz")[1])
+            up = [
+                line
+                for line in scrape(port, "/metrics")[1].splitlines()
+                if line.startswith("gpulock_monitor_redis_up ")
+            ]
+        finally:
+            stop.set()
+            runner.join(timeout=20)
+    assert doc["state"] == "critical"
+    assert doc["reason"].startswith("redis unreachable")
+    assert up == ["gpulock_monitor_redis_up 0.0"]
+
+
+def test_metrics_port_taken_is_one_line(redis_server, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = config_file(tmp_path, redis_server.url, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+        result = subprocess.run(
+            [sys.executable, "-m", "monitor", "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"gpulock-monitor: metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+# --- audit rotation -----------------------------------------------------------------------------
+
+
+def test_size_rotation_under_a_stream_of_events_loses_and_doubles_nothing(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    f = JsonlFile(path, max_bytes=4096, backups=1000)
+
+    def writer(n: int) -> None:
+        for i in range(250):
+            f.write({"writer": n, "i": i})
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    from monitor.audit_read import read
+
+    seen = [(e["writer"], e["i"]) for e in read(path)]
+    assert sorted(seen) == [(n, i) for n in range(4) for i in range(250)]
+    for n in range(4):  # each writer's events in order, across files
+        assert [i for w, i in seen if w == n] == list(range(250))
+    assert len(list(tmp_path.iterdir())) > 5
+
+
+def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
+    config = config_file(tmp_path, redis_server.url, metrics={"enabled": False})
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "run", "-c", str(config)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: events(audit, "monitor_started"))
+        audit.rename(tmp_path / "audit.jsonl.1")  # logrotate's rename
+        hold(r, 0, age_s=450)
+        wait_for(lambda: not r.exists(b"gpu_lock:0"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "audit_reopened" in (proc.stdout.readline() or "audit_reopened"))
+        hold(r, 1, age_s=450)
+        wait_for(lambda: events(audit, "lock_released"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    rotated = [e["event"] for e in events(tmp_path / "audit.jsonl.1")]
+    current = [e["event"] for e in events(audit)]
+    assert rotated == ["monitor_started", "lock_released"]
+    assert current == ["lock_released", "monitor_stopped"]
+
+
+# --- the unit and the ACL ---------------------------------------------------------------------------
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this machine"
+)
+
+
+@pytest.fixture
+def installed_unit(tmp_path) -> Path:
+    # Verify the unit as installed: ExecStart pointing at this environment's console script.
+    script = shutil.which("gpulock-monitor") or str(Path(sys.executable).parent / "gpulock-monitor")
+    unit = tmp_path / "gpulock-monitor.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/gpulock-monitor", script))
+    return unit
+
+
+@needs_systemd_analyze
+def test_unit_verifies_silently(installed_unit):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(installed_unit)], capture_output=True, text=True, cwd=installed_unit.parent
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+@needs_systemd_analyze
+def test_unit_security_score_and_nvidia_devices(installed_unit):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(installed_unit)],
+        capture_output=True, text=True, cwd=installed_unit.parent,
+    )  # fmt: skip
+    score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout).group(1))
+    assert score <= 2.0, result.stdout
+    text = UNIT.read_text()
+    assert "PrivateDevices=" not in text
+    assert "DevicePolicy=closed" in text
+    assert "DeviceAllow=char-nvidia-frontend rw" in text
+    assert "LoadCredential=redis-password:" in text
+    assert "Type=notify" in text
+    assert "WatchdogSec=" in text
+
+
+def test_least_privilege_acl_is_enough(r, redis_server, tmp_path):
+    acl = (REPO / "deploy" / "redis-acl.conf").read_text().splitlines()[-1]
+    rules = acl.split()[2:]  # drop "user gpulock-monitor"
+    rules[rules.index(">CHANGE-ME")] = ">pw"
+    r.execute_command("ACL", "SETUSER", "gpulock-monitor", *rules)
+    try:
+        url = f"redis://gpulock-monitor:pw@127.0.0.1:{redis_server.port}/0"
+        client = redis.Redis.from_url(url, protocol=2)
+        settings = make_settings(url, tmp_path)
+        key = hold(r, 0, age_s=450)
+        hold(r, 1, age_s=10)
+        r.set(b"celery-task-meta-1", b"x")
+        monitor = build(settings, client)
+        report = monitor.run_pass()
+        assert report.error is None
+        assert not r.exists(key)
+        env = {**os.environ}
+        for command in (["status", "--json"], ["health"], ["release", "gpu_lock:1", "--yes"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "monitor", *command, "-c", str(config_file(tmp_path, url))],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert result.returncode == 0, (command, result.stdout, result.stderr)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.get(b"celery-task-meta-1")
+    finally:
+        r.acl_deluser("gpulock-monitor")
