@@ -1,0 +1,181 @@
+"""The reference worker client against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+from helpers import build, events, next_message, read_jsonl, wait_for
+
+from monitor import client as client_mod
+from monitor.client import COUNTERS, AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters(monkeypatch):
+    monkeypatch.setattr(client_mod, "COUNTERS", client_mod.Counters())
+    yield
+
+
+def lock(r, key="gpu_lock:0", **kw) -> GpuLock:
+    return GpuLock(
+        r, key, task_name=kw.pop("task_name", "tts"), heartbeat_interval=kw.pop("heartbeat_interval", 0.1), **kw
+    )
+
+
+def test_acquire_writes_unique_value_ttl_and_first_heartbeat(r):
+    a = lock(r, timeout=30).acquire()
+    try:
+        assert r.get(b"gpu_lock:0") == a.value
+        assert a.value.startswith(b"locked_by_tts#")
+        assert 29_000 < r.pttl(b"gpu_lock:0") <= 30_000
+        assert r.exists(b"gpu_lock:0:heartbeat")  # written with the lock, never a "none" holding
+        float(r.get(b"gpu_lock:0:heartbeat"))
+    finally:
+        assert a.release()
+    assert lock(r).value != a.value
+    assert r.exists(b"gpu_lock:0", b"gpu_lock:0:heartbeat") == 0
+
+
+def test_heartbeat_keeps_refreshing_while_owned(r):
+    with lock(r) as held:
+        first = r.get(b"gpu_lock:0:heartbeat")
+        wait_for(lambda: r.get(b"gpu_lock:0:heartbeat") != first)
+        assert 0 < r.pttl(b"gpu_lock:0:heartbeat") <= 200
+        assert not held.lost.is_set()
+
+
+def test_heartbeat_reports_a_lost_lock(r):
+    lost = []
+    held = lock(r, on_lost=lost.append).acquire()
+    r.set(b"gpu_lock:0", b"locked_by_someone_else")  # expired and re-acquired, say
+    assert held.lost.wait(5)
+    wait_for(lambda: lost)
+    assert lost == [held]
+    assert client_mod.COUNTERS.ownership_violations == 1
+    assert not held.release()  # owner-checked: the other holder's lock stays
+    assert r.get(b"gpu_lock:0") == b"locked_by_someone_else"
+
+
+def test_heartbeat_survives_a_redis_blip(r):
+    with lock(r) as held:
+        r.client_kill_filter(_type="normal", skipme=True)  # drop every connection but ours
+        before = r.get(b"gpu_lock:0:heartbeat")
+        wait_for(lambda: r.get(b"gpu_lock:0:heartbeat") != before)
+        assert not held.lost.is_set()
+
+
+def test_waiter_is_woken_by_the_notice_not_by_polling(r):
+    holder = lock(r).acquire()
+    got: list[float] = []
+    waiter = lock(r, task_name="asr", poll_min_s=30, poll_max_s=30, max_wait=60)
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire().acquired_at))
+    thread.start()
+    pubsub = r.pubsub()
+    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 2)  # the waiter listens
+    time.sleep(0.1)  # and has made its first try
+    holder.release()
+    notice = json.loads(next_message(pubsub, 5)["data"])
+    thread.join(timeout=10)
+    assert got, "the waiter did not acquire"
+    assert notice["release_reason"] == "normal"
+    assert got[0] - notice["timestamp"] < 1.0  # polling alone would take 15-45 s
+    waiter.release()
+    pubsub.close()
+
+
+def test_gives_up_after_max_wait(r):
+    r.set(b"gpu_lock:0", b"locked_by_forever")
+    start = time.monotonic()
+    with pytest.raises(AcquireTimeoutError, match="still held after 0.3 s"):
+        lock(r, max_wait=0.3, poll_min_s=0.05, poll_max_s=0.1).acquire()
+    assert time.monotonic() - start < 3
+
+
+def test_context_manager_reason_and_cleanup_hook(r):
+    cleaned = []
+    pubsub = r.pubsub()
+    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    def broken_cleanup():
+        cleaned.append(True)
+        raise RuntimeError("cuda context gone")
+
+    with pytest.raises(ValueError, match="task blew up"), lock(r, cleanup=broken_cleanup):
+        raise ValueError("task blew up")
+    assert cleaned == [True]
+    assert not r.exists(b"gpu_lock:0")
+    assert json.loads(next_message(pubsub, 5)["data"])["release_reason"] == "task_failure"
+    pubsub.close()
+
+
+def test_normal_release_fails_then_emergency_release_on_fresh_connection(r, redis_server):
+    pool = redis.ConnectionPool.from_url(redis_server.url, protocol=2, max_connections=2)
+    starved = redis.Redis(connection_pool=pool)
+    held = lock(starved, heartbeat_interval=30).acquire()
+    hog = [pool.get_connection(), pool.get_connection()]  # the worker's pool is exhausted
+    try:
+        assert held.finish("normal")
+    finally:
+        for conn in hog:
+            pool.release(conn)
+    assert not r.exists(b"gpu_lock:0")
+    assert client_mod.COUNTERS.normal_release_failures == 1
+    assert client_mod.COUNTERS.emergency_releases == 1
+
+
+def test_both_releases_fail_writes_critical_record(tmp_path):
+    from monitor.redis_server import RedisServer
+
+    with RedisServer() as own:
+        c = redis.Redis.from_url(own.url, protocol=2)
+        held = GpuLock(
+            c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "crit.jsonl")
+        )
+        held.acquire()
+        own.stop()
+        assert not held.finish("normal")
+    (record,) = read_jsonl(tmp_path / "crit.jsonl")
+    assert record["lock_key"] == "gpu_lock:0"
+    assert record["holder"] == held.value.decode()
+    assert record["error_type"] == "ConnectionError"
+    assert record["source"] == "client"
+    assert client_mod.COUNTERS.emergency_releases == 1
+
+
+def test_release_script_error_is_counted(r):
+    held = lock(r, heartbeat_interval=30).acquire()
+    r.delete(b"gpu_lock:0")
+    r.hset(b"gpu_lock:0", "x", "y")  # WRONGTYPE inside the script
+    with pytest.raises(redis.ResponseError):
+        held.release()
+    assert client_mod.COUNTERS.release_script_errors == 1
+
+
+def test_decorator_and_failure_callback(r):
+    @gpu_lock(r, "gpu_lock:1", heartbeat_interval=30)
+    def synthesize() -> bytes:
+        return r.get(b"gpu_lock:1")
+
+    assert synthesize().startswith(b"locked_by_synthesize#")
+    assert not r.exists(b"gpu_lock:1")
+
+    held = lock(r, task_id="celery-task-42", heartbeat_interval=30).acquire()
+    assert release_for_task("celery-task-42")  # what a Celery on_failure handler would call
+    assert not r.exists(b"gpu_lock:0")
+    assert not release_for_task("celery-task-42")
+    assert held.lost.is_set() is False
+
+
+def test_monitor_sees_client_holdings_as_alive(r, settings):
+    with lock(r, heartbeat_interval=0.1):
+        time.sleep(0.25)
+        report = build(settings).run_pass()
+    assert report.verdicts[0].holding.heartbeat.value == "alive"
+    assert events(settings.audit_path) == []
