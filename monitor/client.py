@@ -41,12 +41,14 @@ R = TypeVar("R")
 
 # KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms.
 # The first heartbeat is written with the lock, so the monitor never sees this holding as "none".
+# Finding our own value means an earlier try succeeded but its reply was lost to a dropped
+# connection: that try's lock is ours, so say so instead of waiting on ourselves.
 ACQUIRE_SCRIPT = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-  return 1
-end
-return 0
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return 1
 """
 # KEYS lock, heartbeat; ARGV value, heartbeat value, heartbeat ttl ms.
 HEARTBEAT_SCRIPT = """
@@ -124,8 +126,30 @@ class GpuLock:
     # --- acquire ----------------------------------------------------------------------------------
 
     def acquire(self) -> GpuLock:
-        """Wait up to `max_wait` for the lock: woken by release notices, polling as a fallback."""
+        """Wait up to `max_wait` for the lock: woken by release notices, polling as a fallback,
+        riding out Redis restarts (resubscribing) until the deadline."""
         deadline = time.monotonic() + self.max_wait
+        delay = self.poll_min_s
+        while True:
+            try:
+                self._wait_and_take(deadline)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AcquireTimeoutError(f"{keys.text(self.key)}: Redis unreachable: {exc}") from exc
+                log.warning("acquire_retry", lock_key=keys.text(self.key), error=str(exc))
+                time.sleep(min(left, delay))
+                delay = min(delay * 2, self.poll_max_s)
+        self.acquired_at = time.time()
+        if self.task_id is not None:
+            with _BY_TASK_LOCK:
+                _BY_TASK[self.task_id] = self
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.key!r}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _wait_and_take(self, deadline: float) -> None:
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
         try:
             # Subscribed (and confirmed) before the first try: a release after it cannot be missed.
@@ -142,13 +166,6 @@ class GpuLock:
                 delay = min(delay * 2, self.poll_max_s)
         finally:
             pubsub.close()
-        self.acquired_at = time.time()
-        if self.task_id is not None:
-            with _BY_TASK_LOCK:
-                _BY_TASK[self.task_id] = self
-        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.key!r}", daemon=True)
-        self._thread.start()
-        return self
 
     def _try(self) -> bool:
         hb_ms = round(2 * self.heartbeat_interval * 1000)

@@ -179,3 +179,12 @@ def test_monitor_sees_client_holdings_as_alive(r, settings):
         report = build(settings).run_pass()
     assert report.verdicts[0].holding.heartbeat.value == "alive"
     assert events(settings.audit_path) == []
+
+
+def test_retried_try_after_a_lost_reply_finds_its_own_lock(r):
+    # The first try succeeded, but the worker never heard: the retry must not wait on itself.
+    held = lock(r, heartbeat_interval=30)
+    assert held._try()
+    assert held._try()
+    assert lock(r, task_name="other")._try() is False
+    assert r.get(b"gpu_lock:0") == held.value

@@ -1,0 +1,182 @@
+"""End to end with real processes: worker processes, the daemon as a subprocess, real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from helpers import events, read_jsonl, wait_for
+
+from monitor.client import GpuLock
+from monitor.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+HB_S = 0.2  # worker heartbeat interval (its key lives 0.4 s)
+HB_TIMEOUT_S = 1.0
+INTERVAL_S = 0.2
+
+
+def start_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
+    cfg = {
+        "redis": {"url": url},
+        "gpu_lock": {"lock_timeout": 600},
+        "gpu_lock_monitor": {
+            "monitor_interval": INTERVAL_S,
+            "timeout_levels": {"warning": 2, "soft_timeout": 3, "hard_timeout": 30},
+            "heartbeat": {"interval": HB_S, "timeout": HB_TIMEOUT_S},
+        },
+        "audit": {"path": str(tmp / "audit.jsonl"), "critical_path": str(tmp / "critical.jsonl")},
+        "metrics": {"enabled": False},
+        "logging": {"format": "json"},
+    }
+    (tmp / "monitor.yml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "run", "-c", str(tmp / "monitor.yml")], stdout=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started"))
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return out or ""
+
+
+def worker(url: str, gpu: int, ledger: Path, *extra: str) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "monitor.simworker", "--redis", url, "--gpu", str(gpu), "--ledger", str(ledger)]
+    return subprocess.Popen([*args, "--heartbeat-s", str(HB_S), *extra])
+
+
+def holdings(ledger: Path, released_by_monitor: dict[str, float]) -> dict[int, list[tuple[float, float, str]]]:
+    """Per GPU, each holding as (start, end, value); a killed worker's ends at the monitor's release."""
+    starts: dict[str, tuple[int, float]] = {}
+    spans: dict[int, list[tuple[float, float, str]]] = {}
+    for line in read_jsonl(ledger):
+        if line["event"] == "acquire":
+            starts[line["value"]] = (line["gpu"], line["t"])
+        else:
+            gpu, t0 = starts.pop(line["value"])
+            spans.setdefault(gpu, []).append((t0, line["t"], line["value"]))
+    for value, (gpu, t0) in starts.items():
+        spans.setdefault(gpu, []).append((t0, released_by_monitor.get(value, float("inf")), value))
+    return spans
+
+
+def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    daemon = start_daemon(tmp_path, redis_server.url)
+    workers = [worker(redis_server.url, n % 2, ledger, "--tasks", "3", "--task-s", "0.6") for n in range(4)]
+    victim = worker(redis_server.url, 0, ledger, "--tasks", "1", "--task-s", "60", "--name", "victim")
+    try:
+        wait_for(
+            lambda: any(e["event"] == "acquire" and "victim" in e["value"] for e in read_jsonl(ledger)), timeout_s=60
+        )
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        victim.wait()
+        wait_for(lambda: events(tmp_path / "audit.jsonl", "lock_released"), timeout_s=30)
+        for w in workers:
+            assert w.wait(timeout=60) == 0
+    finally:
+        out = stop(daemon)
+        for w in [*workers, victim]:
+            if w.poll() is None:
+                w.kill()
+    (released,) = events(tmp_path / "audit.jsonl", "lock_released")
+    assert released["reason"] == "heartbeat_dead"
+    assert released["holder"].startswith("locked_by_victim#")
+    released_at = datetime.fromisoformat(released["ts"]).timestamp()
+    recovery_s = released_at - killed_at
+    assert recovery_s <= HB_TIMEOUT_S + INTERVAL_S + 1.0, recovery_s
+    spans = holdings(ledger, {released["holder"]: released_at})
+    assert sum(len(v) for v in spans.values()) == 4 * 3 + 1  # every task ran, the victim's included
+    for gpu, held in spans.items():
+        held.sort()
+        for (s1, e1, v1), (s2, _e2, v2) in zip(held, held[1:]):
+            assert s2 >= e1 - 0.005, f"gpu {gpu}: {v2} acquired at {s2} while {v1} held it until {e1}"
+    after = [s for s, _, v in spans[0] if s >= released_at - 0.005]
+    assert after, "no waiter took the recovered GPU"
+    print(
+        f"\nkill -> monitor release: {recovery_s * 1000:.0f} ms; release -> next acquire: {(min(after) - released_at) * 1000:.0f} ms"
+    )
+    assert "Traceback" not in out
+
+
+def test_waiter_woken_by_notice_across_processes(redis_server, r, tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    holder = GpuLock(r, "gpu_lock:0", task_name="holder", heartbeat_interval=30).acquire()
+    # Polling every 30 s: only the release notice can explain a quick acquire.
+    waiter = worker(redis_server.url, 0, ledger, "--poll-min-s", "30", "--poll-max-s", "30", "--task-s", "0")
+    try:
+        wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 1)
+        time.sleep(0.2)  # past its first failed try
+        pubsub = r.pubsub()
+        pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        holder.release()
+        assert waiter.wait(timeout=20) == 0
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    notice = next(m for m in iter(lambda: pubsub.get_message(timeout=5), None) if m["type"] == "message")
+    sent_at = json.loads(notice["data"])["timestamp"]
+    acquired_at = next(e["t"] for e in read_jsonl(ledger) if e["event"] == "acquire")
+    gap_ms = (acquired_at - sent_at) * 1000
+    print(f"\nnotice -> acquire in another process: {gap_ms:.1f} ms")
+    assert gap_ms < 500  # target 50 ms on loopback; slack for a loaded 2-core CI machine
+    pubsub.close()
+
+
+def test_long_heartbeating_task_past_soft_is_not_released(redis_server, r, tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    daemon = start_daemon(tmp_path, redis_server.url)
+    long_task = worker(redis_server.url, 1, ledger, "--task-s", "4")  # soft_timeout is 3 s
+    try:
+        assert long_task.wait(timeout=30) == 0
+    finally:
+        stop(daemon)
+    names = [e["event"] for e in events(tmp_path / "audit.jsonl")]
+    assert "long_task_protected" in names
+    assert "lock_released" not in names
+    assert [e["lost"] for e in read_jsonl(ledger) if e["event"] == "release"] == [False]
+
+
+def test_redis_restart_under_running_workers(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    with RedisServer(None, "--appendonly", "yes", "--appendfsync", "always") as own:
+        client = redis.Redis.from_url(own.url, protocol=2)
+        holder = worker(own.url, 0, ledger, "--task-s", "4")
+        wait_for(lambda: client.exists(b"gpu_lock:0"))
+        waiter = worker(own.url, 0, ledger, "--task-s", "0.1", "--name", "waiter")
+        time.sleep(0.3)
+        own.restart()  # data survives (AOF); every connection drops
+        client = redis.Redis.from_url(own.url, protocol=2)
+        before = client.get(b"gpu_lock:0:heartbeat")
+        wait_for(lambda: client.get(b"gpu_lock:0:heartbeat") not in (None, before))  # heartbeats resume
+        assert holder.wait(timeout=30) == 0
+        assert waiter.wait(timeout=30) == 0
+    lines = read_jsonl(ledger)
+    assert [e["event"] for e in lines] == ["acquire", "release", "acquire", "release"]
+    assert lines[0]["value"] == lines[1]["value"] != lines[2]["value"]
+    assert lines[1]["lost"] is False
+    assert lines[2]["t"] >= lines[1]["t"]
+
+
+def test_counters_in_worker_process_environment():
+    # The simulated worker is importable and its argument parser rejects nonsense with exit 2.
+    result = subprocess.run([sys.executable, "-m", "monitor.simworker", "--gpu", "x"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    assert os.path.basename(sys.executable)
