@@ -115,9 +115,7 @@ def main() -> None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
     print(f"machine: {platform.machine()}, python {platform.python_version()}, cycles: {args.cycles}")
-    print(
-        f"heartbeat every {HB_S} s (key TTL {2 * HB_S} s), timeout {HB_TIMEOUT_S} s, pass every {INTERVAL_S} s"
-    )
+    print(f"heartbeat every {HB_S} s (key TTL {2 * HB_S} s), timeout {HB_TIMEOUT_S} s, pass every {INTERVAL_S} s")
     print(f"{'':28}{'p50':>9}{'p99':>9}{'max':>9}")
     for name, values in (
         ("kill -> monitor release", to_release),

@@ -19,7 +19,8 @@ from enum import Enum
 
 from monitor.scanner import Observation
 
-# PTTL-derived starts jitter by a few ms between passes; a start this much later is a re-acquire.
+# PTTL-derived times jitter by a millisecond between passes; a start this much later is a
+# re-acquire, and smaller moves are not worth a write.
 REACQUIRE_SLACK_MS = 1000
 
 
@@ -111,8 +112,10 @@ def track(obs: Observation, *, lock_timeout_ms: int, hb_ttl_ms: int, hb_timeout_
     )
     if new or prev is None:
         rec = Record(holder=obs.value, since_ms=now if ttl_start is None else ttl_start)
+    elif ttl_start is not None and ttl_start < prev.since_ms - REACQUIRE_SLACK_MS:
+        rec = replace(prev, since_ms=ttl_start)  # first seen without a TTL, older than it looked
     else:
-        rec = prev if ttl_start is None else replace(prev, since_ms=min(prev.since_ms, ttl_start))
+        rec = prev  # PTTL-derived starts jitter by a millisecond; a steady holding is not rewritten
 
     if obs.hb_value is None:
         state = Heartbeat.DEAD if rec.hb_seen else Heartbeat.NONE
@@ -125,7 +128,9 @@ def track(obs: Observation, *, lock_timeout_ms: int, hb_ttl_ms: int, hb_timeout_
             refreshed = now if ttl_set is None else ttl_set
             refreshed = max(refreshed, rec.hb_refreshed_ms or refreshed)
         else:
-            refreshed = max(rec.hb_refreshed_ms or now, ttl_set or 0)
+            refreshed = rec.hb_refreshed_ms or now
+            if ttl_set is not None and ttl_set > refreshed + REACQUIRE_SLACK_MS:
+                refreshed = ttl_set  # the same value, re-set later (refreshed by EXPIRE alone)
         rec = replace(rec, hb_seen=True, hb_value=obs.hb_value, hb_refreshed_ms=refreshed)
         state = Heartbeat.ALIVE if now - refreshed <= hb_timeout_ms else Heartbeat.DEAD
 

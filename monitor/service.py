@@ -134,7 +134,7 @@ class Monitor:
         self.wall = wall
         self.mono = mono
         self._forget = client.register_script(FORGET_SCRIPT)
-        self._failures: dict[tuple[bytes, bytes, int], _Failure] = {}
+        self._failures: dict[tuple[bytes, bytes], _Failure] = {}  # by (lock, holder)
         self._invalid_seen: set[bytes] = set()
         self._down_since: float | None = None
         self.redis_error: str | None = None  # set while Redis is unreachable
@@ -178,7 +178,7 @@ class Monitor:
         verdicts = evaluate(observations, self.settings)
         report.verdicts = verdicts
         stored = {o.key: o.record for o in observations}
-        live = {(v.holding.key, v.holding.holder, v.holding.record.since_ms) for v in verdicts}
+        live = {(v.holding.key, v.holding.holder) for v in verdicts if not v.holding.new}
         self._failures = {k: f for k, f in self._failures.items() if k in live}
         writes: dict[bytes, bytes] = {}
         keep: set[bytes] = set()
@@ -250,7 +250,7 @@ class Monitor:
 
     def _release(self, verdict: Verdict, report: PassReport) -> Record | None:
         h, d = verdict.holding, verdict.decision
-        fid = (h.key, h.holder, h.record.since_ms)
+        fid = (h.key, h.holder)
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
             return h.record
@@ -278,7 +278,7 @@ class Monitor:
         self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
         return None if result.outcome is Outcome.GONE else h.record
 
-    def _release_failed(self, fid: tuple[bytes, bytes, int], fields: dict[str, Any], exc: Exception) -> None:
+    def _release_failed(self, fid: tuple[bytes, bytes], fields: dict[str, Any], exc: Exception) -> None:
         failure = self._failures.setdefault(fid, _Failure())
         failure.attempts += 1
         failure.next_try = self.mono() + self.settings.retry_delay_s

@@ -11,13 +11,12 @@ import redis
 from helpers import build, events, next_message, read_jsonl, wait_for
 
 from monitor import client as client_mod
-from monitor.client import COUNTERS, AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
+from monitor.client import AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
 
 
 @pytest.fixture(autouse=True)
 def fresh_counters(monkeypatch):
     monkeypatch.setattr(client_mod, "COUNTERS", client_mod.Counters())
-    yield
 
 
 def lock(r, key="gpu_lock:0", **kw) -> GpuLock:
@@ -92,7 +91,7 @@ def test_waiter_is_woken_by_the_notice_not_by_polling(r):
 def test_gives_up_after_max_wait(r):
     r.set(b"gpu_lock:0", b"locked_by_forever")
     start = time.monotonic()
-    with pytest.raises(AcquireTimeoutError, match="still held after 0.3 s"):
+    with pytest.raises(AcquireTimeoutError, match=r"still held after 0\.3 s"):
         lock(r, max_wait=0.3, poll_min_s=0.05, poll_max_s=0.1).acquire()
     assert time.monotonic() - start < 3
 

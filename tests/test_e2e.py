@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -104,12 +105,13 @@ def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_
     assert sum(len(v) for v in spans.values()) == 4 * 3 + 1  # every task ran, the victim's included
     for gpu, held in spans.items():
         held.sort()
-        for (s1, e1, v1), (s2, _e2, v2) in zip(held, held[1:]):
+        for (_s1, e1, v1), (s2, _e2, v2) in itertools.pairwise(held):
             assert s2 >= e1 - 0.005, f"gpu {gpu}: {v2} acquired at {s2} while {v1} held it until {e1}"
     after = [s for s, _, v in spans[0] if s >= released_at - 0.005]
     assert after, "no waiter took the recovered GPU"
     print(
-        f"\nkill -> monitor release: {recovery_s * 1000:.0f} ms; release -> next acquire: {(min(after) - released_at) * 1000:.0f} ms"
+        f"\nkill -> monitor release: {recovery_s * 1000:.0f} ms; "
+        f"release -> next acquire: {(min(after) - released_at) * 1000:.0f} ms"
     )
     assert "Traceback" not in out
 

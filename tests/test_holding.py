@@ -166,3 +166,19 @@ def test_record_round_trips_any_bytes():
         notified=frozenset({"a"}),
     )
     assert Record.loads(rec.dumps()) == rec
+
+
+@pytest.mark.parametrize("jitter_ms", [-1, 1, -REACQUIRE_SLACK_MS, REACQUIRE_SLACK_MS])
+def test_millisecond_jitter_leaves_the_record_unchanged(jitter_ms):
+    first = run(obs(pttl=LOCK_MS - 5000, hb=b"1.0", hb_pttl=HB_TTL_MS - 1000))
+    again = run(
+        obs(
+            now=NOW + 7000,
+            pttl=LOCK_MS - 12_000 + jitter_ms,
+            hb=b"1.0",
+            hb_pttl=HB_TTL_MS - 8000 - jitter_ms,
+            record=first.record,
+        )
+    )
+    assert again.record == first.record
+    assert not again.new

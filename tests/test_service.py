@@ -216,8 +216,10 @@ def test_pass_over_1000_locks_takes_bounded_round_trips(r, redis_server, setting
     assert stats["cmdstat_get"]["calls"] == 2000
     # A steady pass: nothing changed, nothing written back, the script already loaded.
     CountingConnection.sends = 0
+    r.config_resetstat()
     monitor.run_pass()
     assert CountingConnection.sends <= scans + reads + 1, CountingConnection.sends
+    assert "cmdstat_hset" not in r.info("commandstats")
 
 
 class RacingReaper(Reaper):
