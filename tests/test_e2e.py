@@ -78,12 +78,13 @@ def holdings(ledger: Path, released_by_monitor: dict[str, float]) -> dict[int, l
 def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     daemon = start_daemon(tmp_path, redis_server.url)
-    workers = [worker(redis_server.url, n % 2, ledger, "--tasks", "3", "--task-s", "0.6") for n in range(4)]
     victim = worker(redis_server.url, 0, ledger, "--tasks", "1", "--task-s", "60", "--name", "victim")
+    workers: list[subprocess.Popen[bytes]] = []
     try:
-        wait_for(
-            lambda: any(e["event"] == "acquire" and "victim" in e["value"] for e in read_jsonl(ledger)), timeout_s=60
-        )
+        wait_for(lambda: read_jsonl(ledger))  # the victim holds GPU 0
+        workers = [worker(redis_server.url, n % 2, ledger, "--tasks", "3", "--task-s", "0.3") for n in range(4)]
+        # GPU 1 changes hands while GPU 0's workers queue behind the victim.
+        wait_for(lambda: sum(e["gpu"] == 1 and e["event"] == "acquire" for e in read_jsonl(ledger)) >= 2)
         victim.send_signal(signal.SIGKILL)
         killed_at = time.time()
         victim.wait()
