@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from monitor import channels
 from monitor.errors import ConfigError
 
 CONFIG_ENV = "GPULOCK_MONITOR_CONFIG"
@@ -52,6 +53,7 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9464"
     nvml_enabled: str = "auto"
     alert_channels: tuple[Mapping[str, Any], ...] = ()
+    redis_down_alert_s: float = 60.0
     log_level: str = "info"
     log_format: str = "auto"
     # Non-fatal findings (unknown sections, risky but legal values), for the caller to log.
@@ -125,7 +127,10 @@ class Settings:
             },
             "metrics": {"enabled": self.metrics_enabled, "listen": self.metrics_listen},
             "nvml": {"enabled": self.nvml_enabled},
-            "alerts": {"channels": [_redact_channel(c) for c in self.alert_channels]},
+            "alerts": {
+                "channels": [_redact_channel(c) for c in self.alert_channels],
+                "redis_down_after": self.redis_down_alert_s,
+            },
             "logging": {"level": self.log_level, "format": self.log_format},
         }
 
@@ -285,12 +290,13 @@ def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
             raise ConfigError(f"{where}: expected a mapping, got {channel!r}")
         _choice(*ALERT_CHANNEL_TYPES)(channel.get("type"), f"{where}.type")
         _choice(*SEVERITIES)(channel.get("min_severity", "warning"), f"{where}.min_severity")
+        channels.validate(channel, where)
     return tuple(value)
 
 
 def _redact_channel(channel: Mapping[str, Any]) -> dict[str, Any]:
-    secret_words = ("secret", "password", "token", "url")
-    return {k: "***" if any(w in k.lower() for w in secret_words) and v else v for k, v in channel.items()}
+    """Secrets (and headers, which carry tokens) masked; *_file and *_env names kept."""
+    return {k: "***" if (k in channels.SECRETS or k == "headers") and v else v for k, v in channel.items()}
 
 
 def _expand(name: str, env: Mapping[str, str]) -> str:
@@ -328,7 +334,7 @@ _SECTIONS: dict[str, Spec] = {
     },
     "metrics": {"enabled": ("metrics_enabled", _bool), "listen": ("metrics_listen", _listen)},
     "nvml": {"enabled": ("nvml_enabled", _nvml)},
-    "alerts": {"channels": ("alert_channels", _channels)},
+    "alerts": {"channels": ("alert_channels", _channels), "redis_down_after": ("redis_down_alert_s", _seconds)},
     "logging": {
         "level": ("log_level", _choice("debug", "info", "warning", "error")),
         "format": ("log_format", _choice("auto", "json", "console")),

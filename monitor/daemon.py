@@ -6,6 +6,7 @@ Signals: SIGTERM/SIGINT finish the pass in progress and stop; SIGHUP reopens the
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from monitor import systemd
+from monitor import channels, keys, systemd
+from monitor.alerts import Alerts
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.connection import connect
@@ -48,9 +50,15 @@ def build_monitor(settings: Settings, *, dry_run: bool) -> Monitor:
 class Runner:
     """Wraps each pass: keeps time of completed passes, feeds metrics, tells systemd."""
 
-    def __init__(self, monitor: Monitor, observe: Callable[[PassReport | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        observe: Callable[[PassReport | None], None] | None = None,
+        alerts: Alerts | None = None,
+    ) -> None:
         self.monitor = monitor
         self.observe = observe
+        self.alerts = alerts
         self.ready = threading.Event()
         self.last_end = monitor.mono()
 
@@ -59,6 +67,8 @@ class Runner:
         self.last_end = self.monitor.mono()
         if self.observe is not None:
             self.observe(report)
+        if self.alerts is not None:
+            self.alerts.redis_down(self.monitor.down_for_s(), self.monitor.redis_error)
         if report is None:
             log.debug("pass_skipped", reason="backing off while Redis is unavailable")
             return
@@ -120,16 +130,15 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
             return 1
         return 0
 
-    observe = None
+    alerts = start_alerts(monitor)
     stop_http: Callable[[], None] | None = None
-    runner = Runner(monitor)
+    runner = Runner(monitor, alerts=alerts)
     if settings.metrics_enabled:
         from monitor import metrics  # noqa: PLC0415 - prometheus_client only where metrics are on
 
-        exporter = metrics.Metrics(monitor)
+        exporter = metrics.Metrics(monitor, alerts)
         stop_http = metrics.serve(settings.metrics_listen, exporter, runner.health)
-        observe = exporter.observe
-    runner.observe = observe
+        runner.observe = exporter.observe
     _lifecycle(monitor, "monitor_started")
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(
@@ -158,9 +167,32 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
         _lifecycle(monitor, "monitor_stopped")
+        if alerts is not None:
+            alerts.stop(timeout_s=5.0)
         if stop_http is not None:
             stop_http()
     return 0
+
+
+def start_alerts(monitor: Monitor) -> Alerts | None:
+    """Alert delivery for the configured channels (None without any), listening to the monitor."""
+    settings = monitor.settings
+    if not settings.alert_channels:
+        return None
+    client = monitor.client
+
+    def claim(digest: str) -> bool:
+        # Replicas and restarts share this: the first to claim an alert sends it.
+        return bool(client.set(keys.MONITOR_PREFIX + b"alerted:" + digest.encode(), b"1", nx=True, ex=86400))
+
+    alerts = Alerts(
+        settings,
+        channels.build(settings.alert_channels, os.environ),
+        host=str(monitor.audit.identity["host"]),
+        claim=claim,
+    ).start()
+    monitor.listeners.append(alerts.on_event)
+    return alerts
 
 
 def _lifecycle(monitor: Monitor, event: str) -> None:

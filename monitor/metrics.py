@@ -14,10 +14,11 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from monitor import __version__, keys
+from monitor.alerts import Alerts
 from monitor.errors import MonitorError
 from monitor.health import Health, State
 from monitor.service import Monitor, PassReport
@@ -56,10 +57,25 @@ class _Locks(Collector):
         yield from (held, age, count)
 
 
+class _Alerts(Collector):
+    def __init__(self, alerts: Alerts) -> None:
+        self.alerts = alerts
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            name: CounterMetricFamily(f"{PREFIX}_alerts_{name}", f"Alerts {name}, by channel.", labels=["channel"])
+            for name in ("sent", "failed", "dropped")
+        }
+        for channel, stats in self.alerts.stats().items():
+            for name, family in families.items():
+                family.add_metric([channel], getattr(stats, name))
+        yield from families.values()
+
+
 class Metrics:
     """The daemon's metrics; `observe` after each pass, `on_event` for every audited event."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitor, alerts: Alerts | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events = Counter(f"{PREFIX}_events", "Audited events, by name.", ["event"], registry=r)
@@ -83,6 +99,8 @@ class Metrics:
         )
         Info(f"{PREFIX}_build", "Version of gpulock-monitor.", registry=r).info({"version": __version__})
         r.register(_Locks(monitor))
+        if alerts is not None:
+            r.register(_Alerts(alerts))
         self.monitor = monitor
         monitor.listeners.append(self.on_event)
 

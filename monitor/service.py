@@ -108,6 +108,8 @@ def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
         "tier": d.tier.value,
         "reason": d.reason.value,
         "dry_run": dry_run,
+        # Which holding: Redis-clock ms when it began. Values repeat across holdings; this does not.
+        "holding": h.record.since_ms,
     }
 
 
@@ -234,8 +236,12 @@ class Monitor:
         if action is Action.WARN:
             return self._once(record, verdict, "lock_warning", "warning")
         if action is Action.KEEP:
-            if reason is Reason.LONG_TASK_PROTECTED:
-                return self._once(record, verdict, "long_task_protected", "info")
+            if reason is not Reason.LONG_TASK_PROTECTED:
+                return record
+            record = self._once(record, verdict, "long_task_protected", "info")
+            if self.settings.hard_timeout_s is None and verdict.holding.held_s >= 2 * self.settings.soft_timeout_s:
+                # No cap will ever end it: say so once, loudly enough to alert on.
+                record = self._once(record, verdict, "long_task_overrun", "warning")
             return record
         if self.dry_run:
             return self._once(record, verdict, "lock_released", "warning", outcome="dry_run")
@@ -338,6 +344,10 @@ class Monitor:
         if self._down_since is None:
             self._down_since = self.wall()
             self.record("redis_unavailable", "error", error=str(exc))
+
+    def down_for_s(self) -> float | None:
+        """How long Redis has been unreachable, or None while it answers."""
+        return None if self._down_since is None else max(0.0, self.wall() - self._down_since)
 
     def _redis_back(self) -> None:
         self._down_passes = 0

@@ -175,17 +175,21 @@ def test_redaction():
         {
             "redis": {"url": "redis://:pw@h/0"},
             "alerts": {
-                "channels": [{"type": "dingtalk", "secret": "abc", "url": "https://x", "min_severity": "critical"}]
+                "channels": [
+                    {"type": "dingtalk", "access_token": "T0KEN-VALUE", "secret": "abc", "min_severity": "critical"},
+                    {"type": "webhook", "url": "https://hooks/x", "headers": {"Authorization": "Bearer q"}},
+                    {"type": "email", "host": "smtp", "from": "a@b", "to": ["c@d"], "password_file": "/run/pw"},
+                ]
             },
         },
         env={},
     ).redacted()
     assert shown["redis"]["url"] == "redis://:***@h/0"
-    assert shown["alerts"]["channels"][0] == {
-        "type": "dingtalk",
-        "secret": "***",
-        "url": "***",
-        "min_severity": "critical",
-    }
+    dingtalk, webhook, email = shown["alerts"]["channels"]
+    assert dingtalk == {"type": "dingtalk", "access_token": "***", "secret": "***", "min_severity": "critical"}
+    assert webhook == {"type": "webhook", "url": "***", "headers": "***"}
+    assert email["password_file"] == "/run/pw"
+    assert "T0KEN-VALUE" not in repr(shown)
+    assert "Bearer" not in repr(shown)
     assert "pw" not in repr(shown)
     assert "abc" not in repr(shown)

@@ -1,0 +1,293 @@
+"""Alerts: which audited events page whom, deduplicated, delivered off the scanning path.
+
+The pass only appends to a bounded queue (`submit` never blocks). A thread per channel sends,
+with a timeout, retries with backoff and a rate limit, so a hung webhook delays nothing but
+its own later alerts. When a queue is full the oldest warning is dropped, never a critical.
+Deduplication is per holding and event, and goes through Redis (SET NX) when it can, so
+monitor replicas and restarts do not page twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from monitor.channels import Channel
+from monitor.config import Settings
+from monitor.logs import get_logger
+from monitor.report import human
+
+log = get_logger("gpulock_monitor.alerts")
+
+QUEUE_CAPACITY = 1000
+DEDUP_MEMORY = 10_000
+MAX_BACKOFF_S = 10.0
+
+
+@dataclass(frozen=True)
+class Alert:
+    severity: str  # warning | critical
+    event: str
+    summary: str
+    host: str
+    ts: float
+    lock_key: str | None = None
+    holder: str | None = None
+    held_s: float | None = None
+    heartbeat: str | None = None
+    decision: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dedup_key(self) -> str:
+        return f"{self.event}|{self.lock_key}|{self.holder}|{self.details.get('holding', '')}"
+
+    def document(self) -> dict[str, Any]:
+        """The webhook payload, schema version 1."""
+        return {
+            "version": 1,
+            "source": "gpulock-monitor",
+            "severity": self.severity,
+            "event": self.event,
+            "summary": self.summary,
+            "ts": datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="milliseconds"),
+            "host": self.host,
+            "lock_key": self.lock_key,
+            "holder": self.holder,
+            "held_s": self.held_s,
+            "heartbeat": self.heartbeat,
+            "decision": self.decision,
+            "details": self.details,
+        }
+
+
+def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> Alert | None:
+    """The alert an audited event raises, if any. Pure."""
+    severity = _severity(event, fields)
+    if severity is None:
+        return None
+    lock, holder = fields.get("lock_key"), fields.get("holder")
+    held, heartbeat = fields.get("held_s"), fields.get("heartbeat")
+    decision: dict[str, Any] | None = {k: fields[k] for k in ("tier", "reason", "outcome") if k in fields} or None
+    where = f"{lock} held by {holder} for {_ago(held)}, heartbeat {heartbeat}" if lock and holder else str(lock or "")
+    summaries = {
+        "lock_warning": f"{where}: past the warning threshold",
+        "long_task_overrun": f"{where}: protected long task still running",
+        "lock_released": f"{where}: released ({fields.get('reason')})"
+        + (" [dry run: not released]" if fields.get("dry_run") else ""),
+        "release_skipped": f"{where}: heartbeat came back just before release",
+        "release_failed": f"{where}: RELEASE FAILED after {fields.get('attempt')} attempts: {fields.get('error')}",
+        "invalid_lock": f"{lock}: not a lock ({fields.get('reason')})",
+        "redis_unavailable_long": f"Redis unreachable for {_ago(fields.get('down_s'))}: {fields.get('error')}",
+    }
+    details = {k: v for k, v in fields.items() if k not in ("lock_key", "holder", "held_s", "heartbeat")}
+    return Alert(
+        severity=severity,
+        event=event,
+        summary=f"{host}: {summaries.get(event, event)}",
+        host=host,
+        ts=now,
+        lock_key=lock,
+        holder=holder,
+        held_s=held,
+        heartbeat=heartbeat,
+        decision=decision,
+        details=details,
+    )
+
+
+def _severity(event: str, fields: dict[str, Any]) -> str | None:
+    if event in ("lock_warning", "long_task_overrun", "invalid_lock"):
+        return "warning"
+    if event == "lock_released":
+        return "critical" if fields.get("reason") == "hard_timeout" and not fields.get("dry_run") else "warning"
+    if event == "release_skipped" and fields.get("outcome") == "heartbeat_revived":
+        return "warning"  # a heartbeat that died and came back: a worker in trouble
+    if event == "release_failed" and fields.get("retries_spent"):
+        return "critical"
+    if event == "redis_unavailable_long":
+        return "critical"
+    return None
+
+
+def _ago(seconds: object) -> str:
+    return human(float(seconds)) if isinstance(seconds, (int, float)) else "?"
+
+
+@dataclass
+class ChannelStats:
+    sent: int = 0
+    failed: int = 0
+    dropped: int = 0
+
+
+class _Outbox:
+    """One channel's bounded queue and sender thread."""
+
+    def __init__(self, channel: Channel, capacity: int, sleep: Callable[[float], None]) -> None:
+        self.channel = channel
+        self.capacity = capacity
+        self.stats = ChannelStats()
+        self._sleep = sleep
+        self._queue: collections.deque[Alert] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._tokens = channel.rate_per_minute
+        self._refilled = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"alerts {channel.name}", daemon=True)
+
+    def put(self, alert: Alert) -> None:
+        with self._cond:
+            if len(self._queue) >= self.capacity:
+                victim = next((a for a in self._queue if a.severity == "warning"), None)
+                if victim is not None:
+                    self._queue.remove(victim)
+                    self.stats.dropped += 1
+                elif alert.severity == "warning":
+                    self.stats.dropped += 1
+                    return
+                # A critical is never dropped: the queue may outgrow its bound for it.
+            self._queue.append(alert)
+            self._cond.notify()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._busy
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                alert = self._queue.popleft()
+                self._busy = True
+            try:
+                self._deliver(alert)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _deliver(self, alert: Alert) -> None:
+        self._take_token()
+        for attempt in range(self.channel.retries + 1):
+            try:
+                self.channel.send(alert)
+            except Exception as exc:  # noqa: BLE001 - any channel failure is logged and counted, never raised
+                log.warning("alert_send_failed", channel=self.channel.name, attempt=attempt + 1, error=str(exc))
+                if attempt < self.channel.retries and not self._closing:
+                    self._sleep(min(MAX_BACKOFF_S, 0.5 * 2**attempt))
+                    continue
+                self.stats.failed += 1
+                log.error(
+                    "alert_undelivered", channel=self.channel.name, alert_event=alert.event, summary=alert.summary
+                )
+                return
+            self.stats.sent += 1
+            return
+
+    def _take_token(self) -> None:
+        rate_per_s = self.channel.rate_per_minute / 60
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.channel.rate_per_minute, self._tokens + (now - self._refilled) * rate_per_s)
+            self._refilled = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            self._sleep((1 - self._tokens) / rate_per_s)
+
+
+class Alerts:
+    """Turns audited events into alerts and hands them to the channels' outboxes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        channels: list[Channel],
+        *,
+        host: str,
+        claim: Callable[[str], bool] | None = None,
+        capacity: int = QUEUE_CAPACITY,
+        sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self._claim = claim
+        self._wall = wall
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen_lock = threading.Lock()
+        self.outboxes = [_Outbox(c, capacity, sleep) for c in channels]
+        self._down_alerted = False
+
+    def start(self) -> Alerts:
+        for box in self.outboxes:
+            box._thread.start()
+        return self
+
+    def on_event(self, event: str, fields: dict[str, Any]) -> None:
+        """A Monitor listener: called on the scanning path, so it only enqueues."""
+        alert = alert_for(event, fields, host=self.host, now=self._wall())
+        if alert is not None:
+            self.submit(alert)
+
+    def redis_down(self, down_s: float | None, error: str | None) -> None:
+        """Called after each pass: page once per outage once it lasts `alerts.redis_down_after`."""
+        if down_s is None:
+            self._down_alerted = False
+        elif down_s >= self.settings.redis_down_alert_s and not self._down_alerted:
+            self._down_alerted = True
+            self.on_event(
+                "redis_unavailable_long", {"down_s": round(down_s, 1), "error": error, "holding": self._wall()}
+            )
+
+    def submit(self, alert: Alert) -> None:
+        if not self._first_time(alert):
+            return
+        for box in self.outboxes:
+            if box.channel.wants(alert.severity):
+                box.put(alert)
+
+    def _first_time(self, alert: Alert) -> bool:
+        with self._seen_lock:
+            if alert.dedup_key in self._seen:
+                return False
+            self._seen[alert.dedup_key] = None
+            if len(self._seen) > DEDUP_MEMORY:
+                self._seen.popitem(last=False)
+        if self._claim is None:
+            return True
+        try:
+            return self._claim(hashlib.sha1(alert.dedup_key.encode(), usedforsecurity=False).hexdigest())
+        except Exception as exc:  # noqa: BLE001 - Redis down: better a duplicate page than a lost one
+            log.warning("alert_dedup_unavailable", error=str(exc))
+            return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once every queued alert was sent or given up on (for shutdown and tests)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(box.idle() for box in self.outboxes):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush for up to `timeout_s`, then let the (daemon) threads go."""
+        self.wait_idle(timeout_s)
+        for box in self.outboxes:
+            with box._cond:
+                box._closing = True
+                box._cond.notify()
+
+    def stats(self) -> dict[str, ChannelStats]:
+        return {box.channel.name: box.stats for box in self.outboxes}
