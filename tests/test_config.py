@@ -178,7 +178,7 @@ def test_redaction():
                 "channels": [
                     {"type": "dingtalk", "access_token": "T0KEN-VALUE", "secret": "abc", "min_severity": "critical"},
                     {"type": "webhook", "url": "https://hooks/x", "headers": {"Authorization": "Bearer q"}},
-                    {"type": "email", "host": "smtp", "from": "a@b", "to": ["c@d"], "password_file": "/run/pw"},
+                    {"type": "email", "host": "smtp", "from": "a@b", "to": ["c@d"], "password_file": "/run/smtp-password"},
                 ]
             },
         },
@@ -188,7 +188,7 @@ def test_redaction():
     dingtalk, webhook, email = shown["alerts"]["channels"]
     assert dingtalk == {"type": "dingtalk", "access_token": "***", "secret": "***", "min_severity": "critical"}
     assert webhook == {"type": "webhook", "url": "***", "headers": "***"}
-    assert email["password_file"] == "/run/pw"
+    assert email["password_file"] == "/run/smtp-password"
     assert "T0KEN-VALUE" not in repr(shown)
     assert "Bearer" not in repr(shown)
     assert "pw" not in repr(shown)
