@@ -130,17 +130,20 @@ class ChannelStats:
 class _Outbox:
     """One channel's bounded queue and sender thread."""
 
-    def __init__(self, channel: Channel, capacity: int, sleep: Callable[[float], None]) -> None:
+    def __init__(
+        self, channel: Channel, capacity: int, sleep: Callable[[float], None], mono: Callable[[], float]
+    ) -> None:
         self.channel = channel
         self.capacity = capacity
         self.stats = ChannelStats()
         self._sleep = sleep
+        self._mono = mono
         self._queue: collections.deque[Alert] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
         self._tokens = channel.rate_per_minute
-        self._refilled = time.monotonic()
+        self._refilled = mono()
         self._thread = threading.Thread(target=self._run, name=f"alerts {channel.name}", daemon=True)
 
     def put(self, alert: Alert) -> None:
@@ -197,7 +200,7 @@ class _Outbox:
     def _take_token(self) -> None:
         rate_per_s = self.channel.rate_per_minute / 60
         while True:
-            now = time.monotonic()
+            now = self._mono()
             self._tokens = min(self.channel.rate_per_minute, self._tokens + (now - self._refilled) * rate_per_s)
             self._refilled = now
             if self._tokens >= 1:
@@ -219,6 +222,7 @@ class Alerts:
         capacity: int = QUEUE_CAPACITY,
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -226,7 +230,7 @@ class Alerts:
         self._wall = wall
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
-        self.outboxes = [_Outbox(c, capacity, sleep) for c in channels]
+        self.outboxes = [_Outbox(c, capacity, sleep, mono) for c in channels]
         self._down_alerted = False
 
     def start(self) -> Alerts:

@@ -14,6 +14,7 @@ import queue
 import tempfile
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,22 @@ SETTINGS = {
     "nvml": {"enabled": False},
     "logging": {"level": "error"},
 }
+
+
+class _AlertInbox(BaseHTTPRequestHandler):
+    """A local webhook: the demo's alert channel points here."""
+
+    tour: Tour
+
+    def do_POST(self) -> None:
+        alert = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.tour.say("alert", f"{alert['severity']:<8} {alert['summary']}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the demo prints what it received."""
 
 
 class Tour:
@@ -108,6 +125,22 @@ def describe(event: dict[str, object]) -> str:
     return "  ".join(parts)
 
 
+COLOURS = {"worker": "cyan", "notice": "magenta", "audit": "yellow", "alert": "red"}
+
+
+def _start_inbox(tour: Tour) -> tuple[ThreadingHTTPServer, str]:
+    inbox = ThreadingHTTPServer(("127.0.0.1", 0), type("Inbox", (_AlertInbox,), {"tour": tour}))
+    threading.Thread(target=inbox.serve_forever, daemon=True).start()
+    return inbox, f"http://127.0.0.1:{inbox.server_address[1]}/alerts"
+
+
+def _flush(tour: Tour) -> None:
+    while not tour.out.empty():
+        source, text = tour.out.get()
+        stamp = f"  t+{time.monotonic() - tour.t0:5.1f}s  "
+        click.echo(stamp + click.style(f"{source:<7}", fg=COLOURS[source]) + f" {text}")
+
+
 def run(timeout_s: float = TIMEOUT_S) -> int:
     logs.configure("error", "console")
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="gpulock-demo-") as tmp:
@@ -117,11 +150,14 @@ def run(timeout_s: float = TIMEOUT_S) -> int:
             "redis": {"url": server.url},
             "audit": {"path": str(audit_path), "critical_path": str(Path(tmp) / "critical.jsonl")},
         }
-        settings = Settings.from_mapping(raw, env={})
         client = redis.Redis.from_url(server.url, protocol=2)
         tour = Tour(client, audit_path)
+        inbox, webhook = _start_inbox(tour)
+        raw["alerts"] = {"channels": [{"type": "webhook", "url": webhook}]}
+        settings = Settings.from_mapping(raw, env={})
         click.secho("gpulock-monitor demo", bold=True)
         click.echo(f"  throwaway redis-server on {server.url}; audit log {audit_path}")
+        click.echo(f"  alerts go to a local webhook at {webhook}")
         click.echo(
             f"  timeouts: warning {settings.warning_s:g}s, soft {settings.soft_timeout_s:g}s, "
             f"hard {settings.hard_timeout_s:g}s; heartbeat every {settings.heartbeat_interval_s:g}s "
@@ -145,7 +181,6 @@ def run(timeout_s: float = TIMEOUT_S) -> int:
         released: set[str] = set()
         offset = 0
         deadline = time.monotonic() + timeout_s
-        colours = {"worker": "cyan", "notice": "magenta", "audit": "yellow"}
         while time.monotonic() < deadline and not ({"gpu_lock:0", "gpu_lock:1", "gpu_lock:3"} <= released):
             time.sleep(0.1)
             events, offset = tour.audit_lines(offset)
@@ -153,17 +188,14 @@ def run(timeout_s: float = TIMEOUT_S) -> int:
                 tour.say("audit", describe(event))
                 if event["event"] == "lock_released":
                     released.add(str(event["lock_key"]))
-            while not tour.out.empty():
-                source, text = tour.out.get()
-                click.echo(
-                    f"  t+{time.monotonic() - tour.t0:5.1f}s  "
-                    + click.style(f"{source:<7}", fg=colours[source])
-                    + f" {text}"
-                )
+            _flush(tour)
         tour.stop.set()
         stop.set()
         runner.join(timeout=10)
         threads[0].join(timeout=2)
+        inbox.shutdown()
+        inbox.server_close()
+        _flush(tour)
         events, _ = tour.audit_lines(0)
         click.echo(f"\n{len(events)} audit events written to {audit_path} (deleted with the demo). The last one:")
         click.echo("  " + json.dumps(events[-1]) if events else "  (none)")

@@ -178,7 +178,13 @@ def test_redaction():
                 "channels": [
                     {"type": "dingtalk", "access_token": "T0KEN-VALUE", "secret": "abc", "min_severity": "critical"},
                     {"type": "webhook", "url": "https://hooks/x", "headers": {"Authorization": "Bearer q"}},
-                    {"type": "email", "host": "smtp", "from": "a@b", "to": ["c@d"], "password_file": "/run/smtp-password"},
+                    {
+                        "type": "email",
+                        "host": "smtp",
+                        "from": "a@b",
+                        "to": ["c@d"],
+                        "password_file": "/run/smtp-password",
+                    },
                 ]
             },
         },
