@@ -195,7 +195,7 @@ def test_email_over_smtp():
     received = []
 
     class Handler:
-        async def handle_DATA(self, server, session, envelope):
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd calls it by this name
             received.append(envelope)
             return "250 OK"
 
@@ -287,7 +287,8 @@ def test_rate_limit_spaces_sends(http):
         alerts.on_event("lock_warning", {"lock_key": f"gpu_lock:{n}", "holder": "h", "held_s": 301, "holding": n})
     assert alerts.wait_idle(10)
     assert len(http.requests) == 3
-    assert naps and 25 < sum(naps) <= 31  # the third waited for a token at 2 per minute
+    assert naps
+    assert 25 < sum(naps) <= 31
 
 
 class Gate(Channel):
@@ -363,7 +364,8 @@ def test_replicas_share_dedup_through_redis(r, http):
     a, b = manager(s, claim=claim), manager(s, claim=claim)
     a.on_event("lock_released", RELEASED)
     b.on_event("lock_released", RELEASED)
-    assert a.wait_idle(10) and b.wait_idle(10)
+    assert a.wait_idle(10)
+    assert b.wait_idle(10)
     assert len(http.requests) == 1
 
 
@@ -414,11 +416,10 @@ def test_hung_webhook_does_not_delay_a_release(r, redis_server, tmp_path, http):
         report = monitor.run_pass()
         timings[label] = time.perf_counter() - t0
         assert report.released == 1
-    assert http.requests == [] or len(http.requests) <= 1
+    assert http.requests == []  # the webhook is still hanging on the first alert
     assert timings["with"] < timings["without"] + 0.5, timings
-    print(
-        f"\nrelease pass: {timings['without'] * 1000:.1f} ms without alerts, {timings['with'] * 1000:.1f} ms with a hung webhook"
-    )
+    without, hung = timings["without"] * 1000, timings["with"] * 1000
+    print(f"\nrelease pass: {without:.1f} ms without alerts, {hung:.1f} ms with a hung webhook")
 
 
 # --- config -----------------------------------------------------------------------------------------

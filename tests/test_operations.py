@@ -139,7 +139,13 @@ def scrape(port: int, path: str) -> tuple[int, str]:
 
 def test_metrics_and_healthz(r, redis_server, tmp_path):
     port = free_port()
-    settings = make_settings(redis_server.url, tmp_path, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    dead_hook = {"type": "webhook", "url": f"http://127.0.0.1:{free_port()}/", "retries": 0}
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
+        alerts={"channels": [dead_hook]},
+    )
     key = hold(r, 0, "tts", age_s=10)
     beat(r, key, age_s=3)
     hold(r, 1, "legacy", age_s=450)
@@ -149,6 +155,7 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
     try:
         wait_for(lambda: events(settings.audit_path, "lock_released"))
         wait_for(lambda: "gpulock_monitor_releases_total" in scrape(port, "/metrics")[1])
+        wait_for(lambda: 'gpulock_monitor_alerts_failed_total{channel="webhook[0]"} 1.0' in scrape(port, "/metrics")[1])
         code, body = scrape(port, "/metrics")
         health_code, health_body = scrape(port, "/healthz")
         missing_code, _ = scrape(port, "/nope")
@@ -165,6 +172,7 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
     )
     assert samples[("gpulock_monitor_events_total", (("event", "lock_released"),))] == 1
     assert samples[("gpulock_monitor_redis_up", ())] == 1
+    assert samples[("gpulock_monitor_alerts_sent_total", (("channel", "webhook[0]"),))] == 0
     assert 10 <= samples[("gpulock_monitor_lock_held_seconds", (("lock", "gpu_lock:0"), ("tier", "ok")))] < 60
     assert 3 <= samples[("gpulock_monitor_lock_heartbeat_age_seconds", (("lock", "gpu_lock:0"),))] < 60
     assert samples[("gpulock_monitor_locks_held", (("heartbeat", "alive"),))] >= 1
