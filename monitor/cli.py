@@ -22,6 +22,7 @@ from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
 from monitor.connection import REDIS_DOWN, connect
 from monitor.errors import MonitorError
+from monitor.gpu import Nvml
 from monitor.health import Health, assess
 from monitor.reaper import Outcome
 from monitor.service import status_ttl_ms
@@ -91,7 +92,8 @@ def run(config_path: str | None, once: bool, dry_run: bool) -> None:
 def status(config_path: str | None, as_json: bool) -> None:
     """Every lock: holder, held time, heartbeat, tier, and what the monitor would do. Read-only."""
     settings = load_settings(config_path)
-    snapshot = report.take(connect(settings), settings)
+    logs.configure("warning", "console", stream=sys.stderr)  # keep stdout for the table or JSON
+    snapshot = report.take(connect(settings), settings, Nvml(settings.nvml_enabled))
     if as_json:
         click.echo(json.dumps(report.as_json(snapshot), indent=2, ensure_ascii=False))
     else:

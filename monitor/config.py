@@ -52,6 +52,8 @@ class Settings:
     metrics_enabled: bool = True
     metrics_listen: str = "127.0.0.1:9464"
     nvml_enabled: str = "auto"
+    nvml_devices: Mapping[str, int | str] = field(default_factory=dict)
+    nvml_busy_grace_s: float = 60.0
     alert_channels: tuple[Mapping[str, Any], ...] = ()
     redis_down_alert_s: float = 60.0
     log_level: str = "info"
@@ -126,7 +128,11 @@ class Settings:
                 "backups": self.audit_backups,
             },
             "metrics": {"enabled": self.metrics_enabled, "listen": self.metrics_listen},
-            "nvml": {"enabled": self.nvml_enabled},
+            "nvml": {
+                "enabled": self.nvml_enabled,
+                "devices": dict(self.nvml_devices),
+                "busy_grace": self.nvml_busy_grace_s,
+            },
             "alerts": {
                 "channels": [_redact_channel(c) for c in self.alert_channels],
                 "redis_down_after": self.redis_down_alert_s,
@@ -281,6 +287,18 @@ def _nvml(value: Any, path: str) -> str:
     return str(_choice("auto", "true", "false")(value, path))
 
 
+def _devices(value: Any, path: str) -> dict[str, int | str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of lock key to device index or UUID, got {value!r}")
+    for key, target in value.items():
+        ok = (isinstance(target, int) and not isinstance(target, bool) and target >= 0) or (
+            isinstance(target, str) and target.startswith(("GPU-", "MIG-"))
+        )
+        if not isinstance(key, str) or not ok:
+            raise ConfigError(f"{path}.{key}: expected a device index (0, 1, ...) or a UUID (GPU-...), got {target!r}")
+    return dict(value)
+
+
 def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{path}: expected a list of channels, got {value!r}")
@@ -333,7 +351,11 @@ _SECTIONS: dict[str, Spec] = {
         "backups": ("audit_backups", _count(0)),
     },
     "metrics": {"enabled": ("metrics_enabled", _bool), "listen": ("metrics_listen", _listen)},
-    "nvml": {"enabled": ("nvml_enabled", _nvml)},
+    "nvml": {
+        "enabled": ("nvml_enabled", _nvml),
+        "devices": ("nvml_devices", _devices),
+        "busy_grace": ("nvml_busy_grace_s", _seconds),
+    },
     "alerts": {"channels": ("alert_channels", _channels), "redis_down_after": ("redis_down_alert_s", _seconds)},
     "logging": {
         "level": ("log_level", _choice("debug", "info", "warning", "error")),

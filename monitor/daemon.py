@@ -22,6 +22,8 @@ from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.connection import connect
 from monitor.errors import MonitorError
+from monitor.gpu import Nvml
+from monitor.gpuwatch import GpuWatch
 from monitor.health import Health, assess
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
@@ -44,7 +46,8 @@ def open_logs(settings: Settings, *, dry_run: bool) -> tuple[AuditLog, JsonlFile
 
 def build_monitor(settings: Settings, *, dry_run: bool) -> Monitor:
     audit, critical = open_logs(settings, dry_run=dry_run)
-    return Monitor(settings, connect(settings), audit, critical)
+    gpus = GpuWatch(Nvml(settings.nvml_enabled), settings.nvml_devices, settings.nvml_busy_grace_s)
+    return Monitor(settings, connect(settings), audit, critical, gpus=gpus)
 
 
 class Runner:

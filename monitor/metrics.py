@@ -57,6 +57,30 @@ class _Locks(Collector):
         yield from (held, age, count)
 
 
+class _Gpus(Collector):
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        gpus = self.monitor.gpus.last if self.monitor.gpus is not None else {}
+        labels = ["gpu", "uuid"]
+        used = GaugeMetricFamily(f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=labels)
+        total = GaugeMetricFamily(f"{PREFIX}_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=labels)
+        util = GaugeMetricFamily(f"{PREFIX}_gpu_utilization_ratio", "GPU busy fraction, 0 to 1 (NVML).", labels=labels)
+        procs = GaugeMetricFamily(f"{PREFIX}_gpu_processes", "Compute processes on the GPU (NVML).", labels=labels)
+        for index, g in sorted(gpus.items()):
+            key = [str(index), g.uuid or ""]
+            if g.memory_used_bytes is not None:
+                used.add_metric(key, g.memory_used_bytes)
+            if g.memory_total_bytes is not None:
+                total.add_metric(key, g.memory_total_bytes)
+            if g.utilization_pct is not None:
+                util.add_metric(key, g.utilization_pct / 100)
+            if g.processes is not None:
+                procs.add_metric(key, len(g.processes))
+        yield from (used, total, util, procs)
+
+
 class _Alerts(Collector):
     def __init__(self, alerts: Alerts) -> None:
         self.alerts = alerts
@@ -99,6 +123,7 @@ class Metrics:
         )
         Info(f"{PREFIX}_build", "Version of gpulock-monitor.", registry=r).info({"version": __version__})
         r.register(_Locks(monitor))
+        r.register(_Gpus(monitor))
         if alerts is not None:
             r.register(_Alerts(alerts))
         self.monitor = monitor

@@ -5,7 +5,8 @@ Read-only: it runs the same observation and rules as a pass and writes nothing t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,6 +14,7 @@ import redis
 
 from monitor import keys
 from monitor.config import Settings
+from monitor.gpu import GpuInfo, Nvml, device_for
 from monitor.scanner import Observation, read_locks, scan_candidates
 from monitor.service import Verdict, evaluate
 
@@ -25,15 +27,24 @@ class Snapshot:
     verdicts: list[Verdict]
     invalid: list[Observation]
     dry_run: bool
+    gpus: dict[int, GpuInfo] = field(default_factory=dict)
+    nvml_reason: str | None = None  # why there is no GPU data
+    devices: Mapping[str, int | str] = field(default_factory=dict)
+
+    def gpu_of(self, verdict: Verdict) -> GpuInfo | None:
+        return device_for(verdict.holding.key, self.devices, self.gpus)
 
 
-def take(client: redis.Redis, settings: Settings) -> Snapshot:
+def take(client: redis.Redis, settings: Settings, nvml: Nvml | None = None) -> Snapshot:
     observations = read_locks(client, scan_candidates(client, settings.key_pattern))
     return Snapshot(
         redis_time_ms=observations[0].now_ms if observations else None,
         verdicts=sorted(evaluate(observations, settings), key=lambda v: v.holding.key),
         invalid=[o for o in observations if o.invalid],
         dry_run=not settings.auto_recovery,
+        gpus=nvml.snapshot() if nvml is not None else {},
+        nvml_reason=nvml.reason if nvml is not None else "not queried",
+        devices=settings.nvml_devices,
     )
 
 
@@ -60,37 +71,65 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
                 "tier": v.decision.tier.value,
                 "action": v.decision.action.value,
                 "reason": v.decision.reason.value,
+                "gpu": None if (g := snapshot.gpu_of(v)) is None else g.as_dict(),
             }
             for v in snapshot.verdicts
             for h in (v.holding,)
         ],
         "invalid": [{"lock_key": keys.text(o.key), "reason": o.invalid} for o in snapshot.invalid],
+        "nvml": {"available": bool(snapshot.gpus), "reason": None if snapshot.gpus else snapshot.nvml_reason},
+        "gpus": [g.as_dict() for _, g in sorted(snapshot.gpus.items())],
     }
 
 
 def as_table(snapshot: Snapshot) -> str:
     if not snapshot.verdicts and not snapshot.invalid:
         return "no locks held"
-    header = ("LOCK", "HOLDER", "HELD", "HEARTBEAT", "TIER", "WOULD DO", "WHY")
+    with_gpus = bool(snapshot.gpus)
+    header: tuple[str, ...] = ("LOCK", "HOLDER", "HELD", "HEARTBEAT", "TIER", "WOULD DO", "WHY")
+    if with_gpus:
+        header += ("GPU", "MEM", "UTIL", "PROCS")
     rows = [header]
     for v in snapshot.verdicts:
         h = v.holding
         heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({human(h.hb_age_s)} ago)"
-        rows.append(
-            (
-                _cell(keys.text(h.key)),
-                _cell(keys.text(h.holder)),
-                human(h.held_s),
-                heartbeat,
-                v.decision.tier.value,
-                would_do(v, snapshot.dry_run),
-                v.decision.reason.value,
-            )
+        row: tuple[str, ...] = (
+            _cell(keys.text(h.key)),
+            _cell(keys.text(h.holder)),
+            human(h.held_s),
+            heartbeat,
+            v.decision.tier.value,
+            would_do(v, snapshot.dry_run),
+            v.decision.reason.value,
         )
+        if with_gpus:
+            row += gpu_cells(snapshot.gpu_of(v))
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines += [f"not a lock: {_cell(keys.text(o.key))} ({o.invalid})" for o in snapshot.invalid]
+    locked = {g.index for v in snapshot.verdicts if (g := snapshot.gpu_of(v)) is not None}
+    for index, g in sorted(snapshot.gpus.items()):
+        if index not in locked:
+            mem, util, procs = gpu_cells(g)[1:]
+            busy = " <- busy with no lock held" if g.processes else ""
+            lines.append(f"gpu {index} ({g.name or '?'}): no lock; {mem}, util {util}, {procs} processes{busy}")
     return "\n".join(lines)
+
+
+def gpu_cells(g: GpuInfo | None) -> tuple[str, str, str, str]:
+    """GPU, MEM, UTIL, PROCS for one table row; '-' where there is no local GPU or no data."""
+    if g is None:
+        return ("-", "-", "-", "-")
+    gib = 1024**3
+    mem = (
+        "-"
+        if g.memory_used_bytes is None or g.memory_total_bytes is None
+        else f"{g.memory_used_bytes / gib:.1f}/{g.memory_total_bytes / gib:.0f}G"
+    )
+    util = "-" if g.utilization_pct is None else f"{g.utilization_pct}%"
+    procs = "-" if g.processes is None else str(len(g.processes))
+    return (str(g.index), mem, util, procs)
 
 
 def human(seconds: float) -> str:

@@ -22,6 +22,7 @@ from monitor.audit import AuditLog, JsonlFile, utc_iso
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN
 from monitor.errors import AuditWriteError, ReleaseError
+from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, track
 from monitor.logs import get_logger
 from monitor.policy import Action, Decision, Reason, Tiers, decide
@@ -124,6 +125,7 @@ class Monitor:
         critical: JsonlFile,
         *,
         reaper: Reaper | None = None,
+        gpus: GpuWatch | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -132,6 +134,7 @@ class Monitor:
         self.audit = audit
         self.critical = critical
         self.reaper = reaper or Reaper(client)
+        self.gpus = gpus
         self.dry_run = audit.dry_run or not settings.auto_recovery
         self.wall = wall
         self.mono = mono
@@ -179,6 +182,8 @@ class Monitor:
         self._invalid_seen &= {o.key for o in observations if o.invalid}
         verdicts = evaluate(observations, self.settings)
         report.verdicts = verdicts
+        if self.gpus is not None:
+            self.gpus.refresh()
         stored = {o.key: o.record for o in observations}
         live = {(v.holding.key, v.holding.holder) for v in verdicts if not v.holding.new}
         self._failures = {k: f for k, f in self._failures.items() if k in live}
@@ -192,9 +197,26 @@ class Monitor:
                     data = record.dumps()
                     if data != stored.get(verdict.holding.key):
                         writes[verdict.holding.key] = data
+            if self.gpus is not None:
+                self._gpu_findings(verdicts, report)
         finally:
             # Keep what was learned even if a release lost Redis part-way.
             self._remember(writes, keep, self._status(report))
+
+    def _gpu_findings(self, verdicts: list[Verdict], report: PassReport) -> None:
+        assert self.gpus is not None
+        released = report.released_keys
+        held = [v.holding.key for v in verdicts if v.holding.key not in released]
+        gone = [(v.holding.key, v.holding.holder) for v in verdicts if v.holding.key in released]
+        for event, fields in self.gpus.findings(held, gone):
+            self.record(event, "warning", **fields)
+
+    def _fields(self, verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
+        """An event's lock fields, with what NVML shows of the lock's GPU when it is local."""
+        fields = lock_fields(verdict, dry_run=dry_run)
+        if self.gpus is not None:
+            fields.update(self.gpus.fields(verdict.holding.key))
+        return fields
 
     @property
     def failing_releases(self) -> int:
@@ -251,7 +273,7 @@ class Monitor:
         """Audit `event` once per holding; the record remembers that it was sent."""
         if event in record.notified:
             return record
-        self.record(event, level, **lock_fields(verdict, dry_run=self.dry_run), **extra)
+        self.record(event, level, **self._fields(verdict, dry_run=self.dry_run), **extra)
         return replace(record, notified=record.notified | {event})
 
     def _release(self, verdict: Verdict, report: PassReport) -> Record | None:
@@ -266,7 +288,7 @@ class Monitor:
             check = HeartbeatCheck.ABSENT
         else:
             check = HeartbeatCheck.EQUAL
-        fields = lock_fields(verdict, dry_run=False)
+        fields = self._fields(verdict, dry_run=False)
         try:
             result = self.reaper.release(h.key, h.holder, heartbeat=check, hb_value=h.hb_value, seen_pttl_ms=h.pttl_ms)
         except (ReleaseError, redis.RedisError) as exc:
