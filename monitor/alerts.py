@@ -84,9 +84,13 @@ def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> A
         "release_skipped": f"{where}: heartbeat came back just before release",
         "release_failed": f"{where}: RELEASE FAILED after {fields.get('attempt')} attempts: {fields.get('error')}",
         "invalid_lock": f"{lock}: not a lock ({fields.get('reason')})",
+        "gpu_busy_unlocked": f"GPU {_gpu(fields)} busy with no lock held for {_ago(fields.get('busy_s'))}",
+        "released_gpu_busy": f"{lock} released, but GPU {_gpu(fields)} still has processes",
         "redis_unavailable_long": f"Redis unreachable for {_ago(fields.get('down_s'))}: {fields.get('error')}",
     }
     details = {k: v for k, v in fields.items() if k not in ("lock_key", "holder", "held_s", "heartbeat")}
+    if event == "gpu_busy_unlocked":
+        details["holding"] = f"gpu{(fields.get('gpu') or {}).get('index')}@{round(now)}"  # one page per episode
     return Alert(
         severity=severity,
         event=event,
@@ -103,7 +107,7 @@ def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> A
 
 
 def _severity(event: str, fields: dict[str, Any]) -> str | None:
-    if event in ("lock_warning", "long_task_overrun", "invalid_lock"):
+    if event in ("lock_warning", "long_task_overrun", "invalid_lock", "gpu_busy_unlocked", "released_gpu_busy"):
         return "warning"
     if event == "lock_released":
         return "critical" if fields.get("reason") == "hard_timeout" and not fields.get("dry_run") else "warning"
@@ -114,6 +118,12 @@ def _severity(event: str, fields: dict[str, Any]) -> str | None:
     if event == "redis_unavailable_long":
         return "critical"
     return None
+
+
+def _gpu(fields: dict[str, Any]) -> str:
+    gpu = fields.get("gpu") or {}
+    procs = gpu.get("processes") or []
+    return f"{gpu.get('index')} ({len(procs)} process(es): {', '.join(str(p.get('pid')) for p in procs)})"
 
 
 def _ago(seconds: object) -> str:

@@ -109,6 +109,8 @@ RELEASED = {
         ("long_task_protected", {"lock_key": "k"}, None),
         ("monitor_started", {}, None),
         ("redis_unavailable", {}, None),
+        ("gpu_busy_unlocked", {"busy_s": 61, "gpu": {"index": 1, "processes": [{"pid": 7}]}}, "warning"),
+        ("released_gpu_busy", {"lock_key": "gpu_lock:1", "gpu": {"index": 1, "processes": []}}, "warning"),
     ],
 )
 def test_alert_table(event, fields, severity):
@@ -462,3 +464,13 @@ def test_non_http_url_fails_the_send():
     (hook,) = channels.build(settings_with({"type": "webhook", "url": "file:///etc/passwd"}).alert_channels, {})
     with pytest.raises(OSError, match="not an http"):
         hook.send(Alert("critical", "e", "s", "h", 0.0))
+
+
+def test_gpu_finding_summary():
+    alert = alert_for(
+        "gpu_busy_unlocked",
+        {"busy_s": 61, "gpu": {"index": 1, "processes": [{"pid": 7}, {"pid": 9}]}},
+        host="n",
+        now=5.0,
+    )
+    assert alert.summary == "n: GPU 1 (2 process(es): 7, 9) busy with no lock held for 1m01s"

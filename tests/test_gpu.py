@@ -1,0 +1,285 @@
+"""GPU awareness: the real no-driver path on this machine, the logic against a fake pynvml,
+and a real-GPU check that runs only where a driver is present."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
+from helpers import build, events, hold, make_settings
+
+from monitor import logs, report
+from monitor.cli import main
+from monitor.gpu import GpuInfo, Nvml, device_for
+from monitor.gpuwatch import GpuWatch
+
+GIB = 1 << 30
+
+
+def nvml_of(fake: FakeNvml, mode: str = "auto") -> Nvml:
+    return Nvml(mode, load=lambda: fake.module)
+
+
+# --- NVML itself ------------------------------------------------------------------------------------
+
+
+def test_snapshot_reads_every_device_once():
+    fake = FakeNvml([Device("GPU-aaa", processes=[(os.getpid(), 2 * GIB)]), Device("GPU-bbb", util=0)])
+    nvml = nvml_of(fake)
+    gpus = nvml.snapshot()
+    assert sorted(gpus) == [0, 1]
+    g0 = gpus[0]
+    assert (g0.uuid, g0.name, g0.memory_used_bytes, g0.memory_total_bytes, g0.utilization_pct) == (
+        "GPU-aaa", "NVIDIA H100 80GB HBM3", GIB, 80 * GIB, 37
+    )  # fmt: skip
+    (proc,) = g0.processes
+    assert (proc.pid, proc.used_bytes) == (os.getpid(), 2 * GIB)
+    assert proc.name == Path(f"/proc/{os.getpid()}/comm").read_text().strip()  # NVML refused; /proc told
+    assert proc.user  # from /proc/<pid> ownership
+    assert gpus[1].processes == ()
+    assert sorted(c for c in fake.calls if c != "init") == sorted(
+        f"{what}:{i}" for i in (0, 1) for what in ("uuid", "name", "memory", "util", "processes")
+    )
+    assert fake.calls.count("init") == 1
+    nvml.snapshot()
+    assert fake.calls.count("init") == 1  # initialised once, lazily
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (LIBRARY_NOT_FOUND, "no NVIDIA driver on this host (libnvidia-ml not found)"),
+        (DRIVER_NOT_LOADED, "NVIDIA driver not loaded"),
+        (LIB_RM_VERSION_MISMATCH, "NVIDIA driver and library versions differ (a driver upgrade without a reboot?)"),
+        (999, "NVML init failed: NVML error 999"),
+    ],
+)
+def test_init_failures_are_one_info_line_then_silence(code, reason, capsys):
+    logs.configure("info", "json", stream=sys.stdout)
+    fake = FakeNvml([Device("GPU-a")], init_error=code)
+    nvml = nvml_of(fake)
+    for _ in range(5):
+        assert nvml.snapshot() == {}
+    assert nvml.reason == reason
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["event"], x["level"]) for x in lines] == [("nvml_unavailable", "info")]
+    assert fake.calls == ["init"]
+
+
+def test_enabled_true_warns_when_unavailable(capsys):
+    logs.configure("info", "json", stream=sys.stdout)
+    nvml_of(FakeNvml([], init_error=LIBRARY_NOT_FOUND), mode="true").snapshot()
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["level"] == "warning"
+
+
+def test_disabled_never_loads_the_library():
+    def load():
+        raise AssertionError("must not import pynvml")
+
+    nvml = Nvml("false", load=load)
+    assert nvml.snapshot() == {}
+    assert nvml.reason == "disabled in config (nvml.enabled: false)"
+
+
+def test_binding_not_installed():
+    def load():
+        raise ImportError("No module named 'pynvml'")
+
+    nvml = Nvml("auto", load=load)
+    assert not nvml.available
+    assert nvml.reason == "nvidia-ml-py is not installed"
+
+
+def test_per_call_errors_become_not_available():
+    fake = FakeNvml([Device("GPU-a", unsupported={"util", "processes", "memory"})])
+    (g,) = nvml_of(fake).snapshot().values()
+    assert (g.uuid, g.utilization_pct, g.memory_used_bytes, g.processes) == ("GPU-a", None, None, None)
+
+
+def test_old_driver_falls_back_to_v2_process_call():
+    fake = FakeNvml([Device("GPU-a", processes=[(1, None)])], old_driver=True)
+    nvml = nvml_of(fake)
+    assert [p.pid for p in nvml.snapshot()[0].processes] == [1]
+    assert nvml.snapshot()[0].processes[0].used_bytes is None
+
+
+def test_shutdown_once_and_then_empty():
+    fake = FakeNvml([Device("GPU-a")])
+    nvml = nvml_of(fake)
+    assert nvml.available
+    nvml.shutdown()
+    nvml.shutdown()
+    assert fake.shutdowns == 1
+    assert nvml.snapshot() == {}
+
+
+# --- which lock guards which GPU ----------------------------------------------------------------
+
+
+GPUS = {i: GpuInfo(i, f"GPU-{i}", None, None, None, None, ()) for i in range(2)}
+
+
+@pytest.mark.parametrize(
+    ("key", "devices", "index"),
+    [
+        (b"gpu_lock:0", {}, 0),
+        (b"gpu_lock:1", {}, 1),
+        (b"gpu_lock:2", {}, None),  # no such local device
+        (b"gpu_lock:node7", {}, None),
+        (b"gpu_lock:node7-0", {"gpu_lock:node7-0": 1}, 1),
+        (b"gpu_lock:x", {"gpu_lock:x": "GPU-0"}, 0),
+        (b"gpu_lock:0", {"gpu_lock:x": "GPU-0"}, None),  # an explicit map names the local locks
+        (b"gpu_lock:y", {"gpu_lock:y": "GPU-missing"}, None),
+    ],
+)
+def test_device_for(key, devices, index):
+    info = device_for(key, devices, GPUS)
+    assert (info.index if info else None) == index
+
+
+# --- findings, audit and status with a fake GPU host -----------------------------------------------
+
+
+def test_busy_unlocked_after_grace_and_released_gpu_busy(r, settings):
+    fake = FakeNvml([Device("GPU-a", processes=[(4242, GIB)]), Device("GPU-b")])
+    clock = [0.0]
+    watch = GpuWatch(nvml_of(fake), {}, busy_grace_s=30, mono=lambda: clock[0])
+    monitor = build(settings, gpus=watch)
+    monitor.run_pass()
+    clock[0] = 29
+    monitor.run_pass()
+    assert events(settings.audit_path, "gpu_busy_unlocked") == []
+    clock[0] = 31
+    monitor.run_pass()
+    monitor.run_pass()
+    (busy,) = events(settings.audit_path, "gpu_busy_unlocked")
+    assert busy["gpu"]["index"] == 0
+    assert busy["gpu"]["processes"][0]["pid"] == 4242
+    assert busy["busy_s"] == 31
+    # GPU 1: a hung holder past the cap is released, but its process stays on the GPU.
+    fake.devices[1].processes = [(777, 3 * GIB)]
+    hold(r, 1, "hung", age_s=550)
+    monitor.run_pass()
+    (released,) = events(settings.audit_path, "lock_released")
+    assert released["gpu"]["uuid"] == "GPU-b"
+    assert released["gpu"]["memory_total_bytes"] == 80 * GIB
+    monitor.run_pass()
+    (still,) = events(settings.audit_path, "released_gpu_busy")
+    assert (still["lock_key"], still["holder"]) == ("gpu_lock:1", "locked_by_hung")
+    assert still["gpu"]["processes"][0]["pid"] == 777
+
+
+def test_busy_gpu_with_its_lock_held_is_fine(r, settings):
+    fake = FakeNvml([Device("GPU-a", processes=[(1, GIB)])])
+    watch = GpuWatch(nvml_of(fake), {}, busy_grace_s=0)
+    hold(r, 0, age_s=301)
+    monitor = build(settings, gpus=watch)
+    monitor.run_pass()
+    assert events(settings.audit_path, "gpu_busy_unlocked") == []
+    (warning,) = events(settings.audit_path, "lock_warning")
+    assert warning["gpu"]["utilization_pct"] == 37
+
+
+def test_explicit_map_limits_findings_to_named_gpus(r, settings):
+    fake = FakeNvml([Device("GPU-a", processes=[(1, GIB)]), Device("GPU-b", processes=[(2, GIB)])])
+    watch = GpuWatch(nvml_of(fake), {"gpu_lock:mine": "GPU-b"}, busy_grace_s=0)
+    build(settings, gpus=watch).run_pass()
+    assert [e["gpu"]["uuid"] for e in events(settings.audit_path, "gpu_busy_unlocked")] == ["GPU-b"]
+
+
+def test_status_shows_gpu_columns(r, settings):
+    fake = FakeNvml([Device("GPU-a", processes=[(1, GIB)], used=12 * GIB), Device("GPU-b", processes=[(9, GIB)])])
+    hold(r, 0, "tts", age_s=10)
+    snap = report.take(r, settings, nvml_of(fake))
+    table = report.as_table(snap)
+    lines = table.splitlines()
+    assert lines[0].split()[-4:] == ["GPU", "MEM", "UTIL", "PROCS"]
+    assert lines[1].split()[-4:] == ["0", "12.0/80G", "37%", "1"]
+    assert (
+        lines[2] == "gpu 1 (NVIDIA H100 80GB HBM3): no lock; 1.0/80G, util 37%, 1 processes <- busy with no lock held"
+    )
+    doc = report.as_json(snap)
+    assert doc["nvml"] == {"available": True, "reason": None}
+    assert doc["locks"][0]["gpu"]["uuid"] == "GPU-a"
+    assert [g["uuid"] for g in doc["gpus"]] == ["GPU-a", "GPU-b"]
+
+
+def test_gpu_metrics(r, settings):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitor.metrics import Metrics
+
+    fake = FakeNvml(
+        [Device("GPU-a", processes=[(1, GIB)], used=5 * GIB, util=50), Device("GPU-b", unsupported={"util"})]
+    )
+    monitor = build(settings, gpus=GpuWatch(nvml_of(fake), {}, busy_grace_s=60))
+    metrics = Metrics(monitor)
+    monitor.run_pass()
+    text = generate_latest(metrics.registry).decode()
+    samples = {(s.name, s.labels.get("gpu")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("gpulock_monitor_gpu_memory_used_bytes", "0")] == 5 * GIB
+    assert samples[("gpulock_monitor_gpu_memory_total_bytes", "1")] == 80 * GIB
+    assert samples[("gpulock_monitor_gpu_utilization_ratio", "0")] == 0.5
+    assert ("gpulock_monitor_gpu_utilization_ratio", "1") not in samples
+    assert samples[("gpulock_monitor_gpu_processes", "0")] == 1
+
+
+# --- the real no-driver path on this machine ---------------------------------------------------------
+
+no_driver = pytest.mark.skipif(Nvml("auto").available, reason="this host has an NVIDIA driver")
+
+
+@no_driver
+def test_daemon_and_status_without_driver_report_it_once(r, redis_server, tmp_path):
+    raw = make_settings(redis_server.url, tmp_path).redacted()
+    raw["redis"]["url"] = redis_server.url
+    raw["logging"]["format"] = "json"
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump(raw))
+    hold(r, 0, age_s=10)
+    proc = subprocess.run(
+        [sys.executable, "-m", "monitor", "run", "-c", str(cfg), "--once"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    nvml_lines = [x for x in lines if x["event"].startswith("nvml")]
+    assert [(x["event"], x["level"]) for x in nvml_lines] == [("nvml_unavailable", "info")]
+    result = CliRunner().invoke(main, ["status", "--json", "-c", str(cfg)])
+    doc = json.loads(result.stdout)
+    assert doc["nvml"]["available"] is False
+    assert "driver" in doc["nvml"]["reason"] or "not installed" in doc["nvml"]["reason"]
+    assert doc["locks"][0]["gpu"] is None
+    table = CliRunner().invoke(main, ["status", "-c", str(cfg)]).stdout
+    assert "GPU" not in table.splitlines()[0]
+
+
+# --- a real GPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not Nvml("auto").available or shutil.which("nvidia-smi") is None, reason="no NVIDIA driver here")
+def test_real_gpu_matches_nvidia_smi():
+    gpus = Nvml("auto").snapshot()
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid,memory.total,name", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [[c.strip() for c in line.split(",")] for line in out.strip().splitlines()]
+    assert len(rows) == len(gpus)
+    for index, uuid, total_mib, name in rows:
+        g = gpus[int(index)]
+        assert g.uuid == uuid
+        assert g.name == name
+        assert abs(g.memory_total_bytes / (1024 * 1024) - int(total_mib)) < 1  # nvidia-smi rounds to MiB
+        assert 0 <= g.utilization_pct <= 100
+        assert g.processes is not None
