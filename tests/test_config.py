@@ -82,6 +82,11 @@ def test_fleet_sections_and_fractional_seconds():
         ({"logging": {"level": "loud"}}, "logging.level: expected one of"),
         ({"logging": {"format": True}}, "logging.format: expected one of"),
         ({"gpu_lock": {1: 2}}, "gpu_lock.1: unknown key"),
+        ({"nvml": {"devices": [0]}}, "nvml.devices: expected a mapping of lock key to device index or UUID"),
+        ({"nvml": {"devices": {"gpu_lock:a": "card0"}}}, "nvml.devices.gpu_lock:a: expected a device index"),
+        ({"nvml": {"devices": {"gpu_lock:a": -1}}}, "nvml.devices.gpu_lock:a: expected a device index"),
+        ({"nvml": {"devices": {"gpu_lock:a": True}}}, "nvml.devices.gpu_lock:a: expected a device index"),
+        ({"nvml": {"busy_grace": 0}}, "nvml.busy_grace: must be a positive number"),
     ],
 )
 def test_invalid_values_name_the_key(raw, message):
@@ -95,6 +100,11 @@ def test_warnings_for_unknown_sections_and_useless_hard_cap():
     s = Settings.from_mapping({"celery": {}, "gpu_lock": {"lock_timeout": 900}}, env={})
     assert any(w.startswith("celery: unknown section") for w in s.warnings)
     assert any("hard_timeout" in w and "lock_timeout" in w for w in s.warnings)
+
+
+def test_nvml_devices_by_index_or_uuid():
+    s = Settings.from_mapping({"nvml": {"devices": {"gpu_lock:n7-0": 0, "gpu_lock:n7-1": "GPU-8a1e"}}}, env={})
+    assert s.nvml_devices == {"gpu_lock:n7-0": 0, "gpu_lock:n7-1": "GPU-8a1e"}
 
 
 def test_nvml_accepts_yaml_booleans():
