@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import threading
+import traceback
 from collections import deque
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -155,6 +156,26 @@ def _end_with_newline(fd: int) -> None:
     size = os.lseek(fd, 0, os.SEEK_END)
     if size and os.pread(fd, 1, size - 1) != b"\n":
         os.write(fd, b"\n")
+
+
+def critical_record(
+    *, lock_key: str, holder: str, exc: BaseException, attempts: int, now: float, **extra: Any
+) -> dict[str, Any]:
+    """One critical-failure line (DESIGN.md section 5), for the daemon and the worker client."""
+    return {
+        "v": SCHEMA_VERSION,
+        "ts": utc_iso(now),
+        "timestamp": now,
+        "event": "release_failed",
+        "lock_key": lock_key,
+        "holder": holder,
+        "error": str(exc),
+        "error_type": exc.__class__.__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "hostname": socket.gethostname(),
+        "attempts": attempts,
+        **extra,
+    }
 
 
 class AuditLog:

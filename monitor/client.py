@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import functools
 import random
-import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 
 from monitor import keys
-from monitor.audit import JsonlFile, utc_iso
+from monitor.audit import JsonlFile, critical_record
 from monitor.errors import AuditWriteError, MonitorError
 from monitor.logs import get_logger
 from monitor.reaper import notice
@@ -259,21 +257,14 @@ class GpuLock:
             fresh.close()
 
     def _critical(self, exc: Exception) -> None:
-        now = time.time()
-        record = {
-            "v": 1,
-            "ts": utc_iso(now),
-            "timestamp": now,
-            "event": "release_failed",
-            "source": "client",
-            "lock_key": keys.text(self.key),
-            "holder": keys.text(self.value),
-            "error": str(exc),
-            "error_type": exc.__class__.__name__,
-            "traceback": "".join(traceback.format_exception(exc)),
-            "hostname": socket.gethostname(),
-            "attempts": 2,
-        }
+        record = critical_record(
+            lock_key=keys.text(self.key),
+            holder=keys.text(self.value),
+            exc=exc,
+            attempts=2,
+            now=time.time(),
+            source="client",
+        )
         log.critical("release_failed_critical", lock_key=record["lock_key"], error=record["error"])
         if self.critical_path:
             try:

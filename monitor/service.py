@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import redis
 
 from monitor import keys
-from monitor.audit import AuditLog, JsonlFile, utc_iso
+from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN
 from monitor.errors import AuditWriteError, ReleaseError
@@ -327,22 +326,15 @@ class Monitor:
             self._write_critical(fields, exc, failure.attempts)
 
     def _write_critical(self, fields: dict[str, Any], exc: Exception, attempts: int) -> None:
-        now = self.wall()
-        record = {
-            "v": 1,
-            "ts": utc_iso(now),
-            "timestamp": now,
-            "event": "release_failed",
-            "lock_key": fields["lock_key"],
-            "holder": fields["holder"],
-            "error": str(exc),
-            "error_type": exc.__class__.__name__,
-            "traceback": "".join(traceback.format_exception(exc)),
-            "hostname": self.audit.identity["host"],
-            "attempts": attempts,
-            "reason": fields["reason"],
-            "monitor": self.audit.identity,
-        }
+        record = critical_record(
+            lock_key=fields["lock_key"],
+            holder=fields["holder"],
+            exc=exc,
+            attempts=attempts,
+            now=self.wall(),
+            reason=fields["reason"],
+            monitor=self.audit.identity,
+        )
         log.critical("release_failed_critical", lock_key=fields["lock_key"], attempts=attempts, error=str(exc))
         try:
             self.critical.write(record, sync=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import yaml
 
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
@@ -95,3 +96,13 @@ def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:
         if message is not None:
             return dict(message)
     return None
+
+
+def config_file(tmp: Path, url: str, **sections: Any) -> Path:
+    """A monitor.yml for the command line: `make_settings` written out, JSON logs."""
+    raw = make_settings(url, tmp, **sections).redacted()
+    raw["redis"]["url"] = url  # redacted() masks a password in the URL
+    raw["logging"]["format"] = "json"
+    path = tmp / "monitor.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

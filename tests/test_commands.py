@@ -11,23 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis
-import yaml
 from click.testing import CliRunner
-from helpers import beat, build, events, hold, make_settings
+from helpers import beat, build, config_file, events, hold, make_settings
 
 from monitor import keys
 from monitor.cli import main
 from monitor.redis_server import RedisServer, free_port
 from monitor.report import human
-
-
-def write_config(tmp_path: Path, url: str, **sections) -> Path:
-    settings = make_settings(url, tmp_path, **sections)
-    raw = settings.redacted()
-    raw["redis"]["url"] = url
-    path = tmp_path / "monitor.yml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def cli(*args: str, input: str | None = None):
@@ -36,7 +26,7 @@ def cli(*args: str, input: str | None = None):
 
 @pytest.fixture
 def cfg(redis_server, tmp_path) -> Path:
-    return write_config(tmp_path, redis_server.url)
+    return config_file(tmp_path, redis_server.url)
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -100,7 +90,7 @@ def test_human_durations(seconds, text):
 
 
 def test_status_without_redis_is_one_line(tmp_path):
-    cfg = write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    cfg = config_file(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
     result = cli("status", "-c", str(cfg))
     assert result.exit_code == 1
     assert len(result.output.splitlines()) == 1
@@ -194,7 +184,7 @@ def test_release_same_name_reacquired_after_confirmation(r, cfg, redis_server, t
 
 def test_release_refuses_without_writable_audit(r, redis_server, tmp_path):
     (tmp_path / "file").write_text("")
-    cfg = write_config(tmp_path, redis_server.url, audit={"path": str(tmp_path / "file" / "a.jsonl")})
+    cfg = config_file(tmp_path, redis_server.url, audit={"path": str(tmp_path / "file" / "a.jsonl")})
     hold(r, 0)
     result = cli("release", "gpu_lock:0", "--yes", "-c", str(cfg))
     assert result.exit_code == 1
@@ -290,7 +280,7 @@ def test_health_critical_without_daemon_then_healthy_after_pass(r, redis_server,
 
 
 def test_health_degraded_by_zombie_in_dry_run(r, redis_server, tmp_path):
-    cfg = write_config(tmp_path, redis_server.url, gpu_lock_monitor={"auto_recovery": False})
+    cfg = config_file(tmp_path, redis_server.url, gpu_lock_monitor={"auto_recovery": False})
     hold(r, 3, age_s=450)  # 50 s past soft with no heartbeat, and the monitor may not release
     build(make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"auto_recovery": False})).run_pass()
     result = cli("health", "-c", str(cfg))
@@ -299,7 +289,7 @@ def test_health_degraded_by_zombie_in_dry_run(r, redis_server, tmp_path):
 
 
 def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
-    cfg = write_config(tmp_path, redis_server.url)
+    cfg = config_file(tmp_path, redis_server.url)
     r.set(keys.monitor_status_key(os.uname().nodename), json.dumps({"failing_releases": 2}), px=600_000)
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
@@ -307,7 +297,7 @@ def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
 
 
 def test_health_critical_when_last_pass_is_old(r, redis_server, tmp_path):
-    cfg = write_config(tmp_path, redis_server.url)
+    cfg = config_file(tmp_path, redis_server.url)
     r.set(keys.monitor_status_key(os.uname().nodename), b"{}", px=600_000 - 30_000)  # written 30 s ago
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
@@ -318,7 +308,7 @@ def test_health_critical_when_last_pass_is_old(r, redis_server, tmp_path):
 
 def test_health_critical_when_redis_down(tmp_path):
     with RedisServer() as own:
-        cfg = write_config(tmp_path, own.url)
+        cfg = config_file(tmp_path, own.url)
         own.stop()
         result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-import yaml
-from helpers import beat, build, events, hold, make_settings, wait_for
+from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import daemon, systemd
@@ -28,15 +27,6 @@ from monitor.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "gpulock-monitor.service"
-
-
-def config_file(tmp_path: Path, url: str, **sections) -> Path:
-    raw = make_settings(url, tmp_path, **sections).redacted()
-    raw["redis"]["url"] = url
-    raw["logging"]["format"] = "json"
-    path = tmp_path / "monitor.yml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 # --- sd_notify --------------------------------------------------------------------------------
