@@ -3,8 +3,8 @@
 The pass only appends to a bounded queue (`submit` never blocks). A thread per channel sends,
 with a timeout, retries with backoff and a rate limit, so a hung webhook delays nothing but
 its own later alerts. When a queue is full the oldest warning is dropped, never a critical.
-Deduplication is per holding and event, and goes through Redis (SET NX) when it can, so
-monitor replicas and restarts do not page twice.
+Deduplication is per holding and event: in memory on the scanning path, then through Redis
+(SET NX, from the sender threads) so monitor replicas and restarts do not page twice.
 """
 
 from __future__ import annotations
@@ -141,9 +141,15 @@ class _Outbox:
     """One channel's bounded queue and sender thread."""
 
     def __init__(
-        self, channel: Channel, capacity: int, sleep: Callable[[float], None], mono: Callable[[], float]
+        self,
+        channel: Channel,
+        capacity: int,
+        sleep: Callable[[float], None],
+        mono: Callable[[], float],
+        gate: Callable[[Alert], bool],
     ) -> None:
         self.channel = channel
+        self._gate = gate
         self.capacity = capacity
         self.stats = ChannelStats()
         self._sleep = sleep
@@ -184,7 +190,8 @@ class _Outbox:
                 alert = self._queue.popleft()
                 self._busy = True
             try:
-                self._deliver(alert)
+                if self._gate(alert):
+                    self._deliver(alert)
             finally:
                 with self._cond:
                     self._busy = False
@@ -240,7 +247,9 @@ class Alerts:
         self._wall = wall
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
-        self.outboxes = [_Outbox(c, capacity, sleep, mono) for c in channels]
+        self._claims: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._claims_lock = threading.Lock()
+        self.outboxes = [_Outbox(c, capacity, sleep, mono, self._claimed) for c in channels]
         self._down_alerted = False
 
     def start(self) -> Alerts:
@@ -272,19 +281,33 @@ class Alerts:
                 box.put(alert)
 
     def _first_time(self, alert: Alert) -> bool:
+        """In-memory dedup, on the scanning path: no I/O here."""
         with self._seen_lock:
             if alert.dedup_key in self._seen:
                 return False
             self._seen[alert.dedup_key] = None
             if len(self._seen) > DEDUP_MEMORY:
                 self._seen.popitem(last=False)
+        return True
+
+    def _claimed(self, alert: Alert) -> bool:
+        """Cross-replica dedup, in the outbox threads: the first channel to get here asks Redis
+        once for the alert, the others reuse the answer."""
         if self._claim is None:
             return True
-        try:
-            return self._claim(hashlib.sha1(alert.dedup_key.encode(), usedforsecurity=False).hexdigest())
-        except Exception as exc:  # noqa: BLE001 - Redis down: better a duplicate page than a lost one
-            log.warning("alert_dedup_unavailable", error=str(exc))
-            return True
+        with self._claims_lock:
+            if alert.dedup_key in self._claims:
+                return self._claims[alert.dedup_key]
+            try:
+                digest = hashlib.sha1(alert.dedup_key.encode(), usedforsecurity=False).hexdigest()
+                mine = self._claim(digest)
+            except Exception as exc:  # noqa: BLE001 - Redis down: better a duplicate page than a lost one
+                log.warning("alert_dedup_unavailable", error=str(exc))
+                mine = True
+            self._claims[alert.dedup_key] = mine
+            if len(self._claims) > DEDUP_MEMORY:
+                self._claims.popitem(last=False)
+            return mine
 
     def wait_idle(self, timeout_s: float) -> bool:
         """True once every queued alert was sent or given up on (for shutdown and tests)."""

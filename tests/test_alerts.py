@@ -474,3 +474,16 @@ def test_gpu_finding_summary():
         now=5.0,
     )
     assert alert.summary == "n: GPU 1 (2 process(es): 7, 9) busy with no lock held for 1m01s"
+
+
+def test_slow_dedup_store_stays_off_the_scanning_path(http):
+    def slow_claim(_digest):
+        time.sleep(1.0)  # a Redis that answers slowly
+        return True
+
+    alerts = manager(settings_with({"type": "webhook", "url": http.url}), claim=slow_claim)
+    t0 = time.perf_counter()
+    alerts.on_event("lock_released", RELEASED)
+    assert time.perf_counter() - t0 < 0.2
+    assert alerts.wait_idle(10)
+    assert len(http.requests) == 1
