@@ -25,7 +25,21 @@ def test_version_everywhere():
     assert invoke("--version").output.strip() == f"gpulock-monitor, version {__version__}"
 
 
-@pytest.mark.parametrize("args", [[], ["run"], ["config"], ["config", "check"], ["config", "show"], ["demo"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["run"],
+        ["status"],
+        ["release"],
+        ["audit"],
+        ["health"],
+        ["config"],
+        ["config", "check"],
+        ["config", "show"],
+        ["demo"],
+    ],
+)
 def test_help_everywhere(args):
     result = invoke(*args, "--help")
     assert result.exit_code == 0
