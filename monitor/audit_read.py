@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,9 +87,18 @@ def read(path: Path) -> Iterator[dict[str, Any]]:
         yield from parse_lines(data[: data.rfind(b"\n") + 1])
 
 
-def follow(path: Path, *, stop: Callable[[], bool], poll_s: float = 0.2) -> Iterator[dict[str, Any]]:
-    """New records appended from now on, across rotations (by rename, or truncation)."""
-    handle, ino = _open_at_end(path)
+def follow(
+    path: Path, *, stop: Callable[[], bool], history: bool = True, poll_s: float = 0.2
+) -> Iterator[dict[str, Any]]:
+    """Records as they are appended, across rotations (by rename, or truncation). With
+    `history`, first everything already there: the rotated files, then the live file read on
+    from the very handle that follows it, so nothing written in between is missed."""
+    handle, ino = _open_live(path, at_end=not history)
+    if history:
+        for file in log_files(path)[: -1 if handle else None]:
+            with contextlib.suppress(FileNotFoundError):
+                data = file.read_bytes()
+                yield from parse_lines(data[: data.rfind(b"\n") + 1])
     pending = b""
     while not stop():
         chunk = handle.read() if handle else b""
@@ -116,12 +126,13 @@ def follow(path: Path, *, stop: Callable[[], bool], poll_s: float = 0.2) -> Iter
         handle.close()
 
 
-def _open_at_end(path: Path) -> tuple[Any, int]:
+def _open_live(path: Path, *, at_end: bool) -> tuple[Any, int]:
     try:
         handle = path.open("rb")
     except FileNotFoundError:
         return None, -1
-    handle.seek(0, os.SEEK_END)
+    if at_end:
+        handle.seek(0, os.SEEK_END)
     return handle, os.fstat(handle.fileno()).st_ino
 
 

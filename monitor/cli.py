@@ -164,13 +164,10 @@ def audit(
         if keep(record):
             click.echo(json.dumps(record, ensure_ascii=False) if as_json else audit_read.describe(record))
 
+    records = audit_read.follow(path, stop=lambda: False) if follow else audit_read.read(path)
     try:
-        if not follow or audit_read.log_files(path):
-            for record in audit_read.read(path):
-                show(record)
-        if follow:
-            for record in audit_read.follow(path, stop=lambda: False):
-                show(record)
+        for record in records:
+            show(record)
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # `audit | head`

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,34 @@ def test_health_as_a_subprocess_for_nagios(r, cfg):
     assert result.returncode == 2
     assert len(result.stdout.splitlines()) == 1
     assert result.stderr == ""
+
+
+def test_follow_misses_nothing_written_while_history_is_read(tmp_path):
+    from monitor import audit_read
+
+    path = tmp_path / "audit.jsonl"
+    audit_lines(path.with_name("audit.jsonl.1"), [{"event": "rotated"}])
+    audit_lines(path, [{"event": "old"}])
+    done = []
+    records = audit_read.follow(path, stop=lambda: bool(done), poll_s=0.01)
+    assert next(records)["event"] == "rotated"
+    assert next(records)["event"] == "old"
+    with path.open("a") as f:  # written the instant after the history was shown
+        f.write(json.dumps({"event": "in_between"}) + "\n" + '{"event": "tor')
+    assert next(records)["event"] == "in_between"
+    with path.open("a") as f:
+        f.write('n"}\n')  # the torn line completes
+    assert next(records)["event"] == "torn"
+    path.write_text(json.dumps({"event": "after_truncation"}) + "\n")  # copytruncate-style rotation
+    assert next(records)["event"] == "after_truncation"
+    done.append(True)
+    assert list(records) == []
+
+
+def test_follow_waits_for_a_log_that_does_not_exist_yet(tmp_path):
+    from monitor import audit_read
+
+    path = tmp_path / "audit.jsonl"
+    records = audit_read.follow(path, stop=lambda: False, poll_s=0.01)
+    threading.Timer(0.1, lambda: audit_lines(path, [{"event": "first"}])).start()
+    assert next(records)["event"] == "first"
