@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -251,17 +252,24 @@ def test_audit_follow_across_rotation(cfg, tmp_path):
         [sys.executable, "-m", "monitor", "audit", "--follow", "--json", "-c", str(cfg)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def next_event() -> str:
+        return json.loads(lines.get(timeout=20))["event"]  # a missed line fails here, never hangs
+
     try:
-        assert json.loads(proc.stdout.readline())["event"] == "old"
+        assert next_event() == "old"
         with path.open("a") as f:
             f.write(json.dumps({"ts": "2026-01-01T00:00:01+00:00", "event": "appended"}) + "\n")
-        assert json.loads(proc.stdout.readline())["event"] == "appended"
+        assert next_event() == "appended"
         path.rename(path.with_name("audit.jsonl.1"))  # logrotate
         audit_lines(path, [{"ts": "2026-01-01T00:00:02+00:00", "event": "after_rotation"}])
-        assert json.loads(proc.stdout.readline())["event"] == "after_rotation"
+        assert next_event() == "after_rotation"
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        err = proc.stderr.read()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
 
