@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -249,19 +250,24 @@ def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor", "run", "-c", str(config)], stdout=subprocess.PIPE, text=True
     )
+    logged: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [logged.put(x) for x in proc.stdout], daemon=True)
+    reader.start()
     try:
         wait_for(lambda: events(audit, "monitor_started"))
         audit.rename(tmp_path / "audit.jsonl.1")  # logrotate's rename
         hold(r, 0, age_s=450)
         wait_for(lambda: not r.exists(b"gpu_lock:0"))
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "audit_reopened" in (proc.stdout.readline() or "audit_reopened"))
+        while "audit_reopened" not in logged.get(timeout=20):  # fails at the timeout, never hangs
+            pass
         hold(r, 1, age_s=450)
         wait_for(lambda: events(audit, "lock_released"))
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
+        proc.wait(timeout=20)
+        reader.join(timeout=5)
+    assert proc.returncode == 0
     rotated = [e["event"] for e in events(tmp_path / "audit.jsonl.1")]
     current = [e["event"] for e in events(audit)]
     assert rotated == ["monitor_started", "lock_released"]
