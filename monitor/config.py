@@ -33,6 +33,8 @@ class Settings:
 
     redis_url: str = "redis://localhost:6379/0"
     redis_password_file: str | None = None
+    sentinel_service: str | None = None
+    sentinel_nodes: tuple[str, ...] = ()
     key_pattern: str = "gpu_lock:*"
     lock_timeout_s: float = 600.0
     monitor_interval_s: float = 30.0
@@ -89,6 +91,8 @@ class Settings:
                 "gpu_lock_monitor.heartbeat.timeout: must be greater than heartbeat.interval "
                 f"({self.heartbeat_interval_s:g})"
             )
+        if bool(self.sentinel_service) != bool(self.sentinel_nodes):
+            raise ConfigError("redis.sentinel: give both service and nodes, or neither")
         extra = []
         if self.hard_timeout_s is not None and self.hard_timeout_s >= self.lock_timeout_s:
             extra.append(
@@ -107,7 +111,11 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """The effective config as `monitor.yml` sections, with secrets masked."""
         return {
-            "redis": {"url": redact_url(self.redis_url), "password_file": self.redis_password_file},
+            "redis": {
+                "url": redact_url(self.redis_url),
+                "password_file": self.redis_password_file,
+                "sentinel": {"service": self.sentinel_service, "nodes": list(self.sentinel_nodes)},
+            },
             "gpu_lock": {"key_pattern": self.key_pattern, "lock_timeout": self.lock_timeout_s},
             "gpu_lock_monitor": {
                 "monitor_interval": self.monitor_interval_s,
@@ -254,6 +262,12 @@ def _redis_url(value: Any, path: str) -> str:
     return url
 
 
+def _nodes(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list of HOST:PORT, got {value!r}")
+    return tuple(_listen(node, f"{path}[{i}]") for i, node in enumerate(value))
+
+
 def _key_pattern(value: Any, path: str) -> str:
     pattern = _string(value, path)
     if not pattern.endswith("*"):
@@ -327,7 +341,11 @@ def _expand(name: str, env: Mapping[str, str]) -> str:
 Spec = Mapping[str, "tuple[str, Converter] | Spec"]
 
 _SECTIONS: dict[str, Spec] = {
-    "redis": {"url": ("redis_url", _redis_url), "password_file": ("redis_password_file", _optional_string)},
+    "redis": {
+        "url": ("redis_url", _redis_url),
+        "password_file": ("redis_password_file", _optional_string),
+        "sentinel": {"service": ("sentinel_service", _optional_string), "nodes": ("sentinel_nodes", _nodes)},
+    },
     "gpu_lock": {"key_pattern": ("key_pattern", _key_pattern), "lock_timeout": ("lock_timeout_s", _seconds)},
     "gpu_lock_monitor": {
         "monitor_interval": ("monitor_interval_s", _seconds),

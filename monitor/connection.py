@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from monitor.config import Settings, read_password
 
@@ -16,9 +18,12 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 def connect(settings: Settings, env: Mapping[str, str] | None = None) -> redis.Redis:
-    """A client for `redis.url`; no I/O happens until the first command."""
+    """A client for `redis.url` (or the master that `redis.sentinel` names); no I/O happens
+    until the first command."""
     password = read_password(settings, env)
     extra = {"password": password} if password is not None else {}
+    if settings.sentinel_service:
+        return _through_sentinel(settings, extra)
     return redis.Redis.from_url(
         settings.redis_url,
         # RESP2 works on every Redis the fleet may run; redis-py 8 would send HELLO 3.
@@ -32,3 +37,27 @@ def connect(settings: Settings, env: Mapping[str, str] | None = None) -> redis.R
         client_name="gpulock-monitor",
         **extra,
     )
+
+
+def _through_sentinel(settings: Settings, extra: dict[str, str]) -> redis.Redis:
+    """The master of `redis.sentinel.service`, found (and re-found after a failover) through the
+    sentinels; `redis.url` still gives the database, user and password."""
+    url = urlsplit(settings.redis_url)
+    options = {
+        "db": int(url.path.strip("/") or 0),
+        "username": url.username,
+        "password": url.password,
+        **extra,
+    }
+    nodes = [(host, int(port)) for host, _, port in (n.rpartition(":") for n in settings.sentinel_nodes)]
+    sentinel = Sentinel(nodes, socket_timeout=5, socket_connect_timeout=5, protocol=2)  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.sentinel_service,
+        protocol=2,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        client_name="gpulock-monitor",
+        **options,
+    )
+    return master

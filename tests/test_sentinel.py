@@ -1,0 +1,72 @@
+"""Redis Sentinel: the monitor finds the master through a real sentinel process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import redis
+from helpers import config_file, events, hold, wait_for
+
+from monitor.config import Settings
+from monitor.errors import ConfigError
+from monitor.redis_server import RedisServer, find_binary, free_port
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    with RedisServer() as master:
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"  # sentinel rewrites its own config: a file of ours
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+            f"sentinel monitor gpulocks 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds gpulocks 1000\n"
+        )
+        proc = subprocess.Popen([find_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+        try:
+            probe = redis.Redis(port=port, protocol=2)
+            wait_for(lambda: _knows_master(probe))
+            yield master, port
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _knows_master(probe: redis.Redis) -> bool:
+    try:
+        return probe.sentinel_get_master_addr_by_name("gpulocks") is not None
+    except redis.ConnectionError:
+        return False
+
+
+def test_monitor_reaches_the_master_through_sentinel(sentinel, tmp_path):
+    master, port = sentinel
+    client = redis.Redis.from_url(master.url, protocol=2)
+    hold(client, 0, age_s=450)
+    cfg = config_file(
+        tmp_path,
+        "redis://127.0.0.1:1/0",  # host and port come from the sentinel; the URL gives the DB
+        redis={"sentinel": {"service": "gpulocks", "nodes": [f"127.0.0.1:{port}"]}},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "run", "--once", "-c", str(cfg)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not client.exists(b"gpu_lock:0")
+    assert [e["lock_key"] for e in events(tmp_path / "audit.jsonl", "lock_released")] == ["gpu_lock:0"]
+
+
+@pytest.mark.parametrize(
+    ("sentinel_cfg", "message"),
+    [
+        ({"service": "gpulocks"}, "redis.sentinel: give both service and nodes, or neither"),
+        ({"nodes": ["127.0.0.1:26379"]}, "redis.sentinel: give both service and nodes, or neither"),
+        ({"service": "s", "nodes": "127.0.0.1:26379"}, "redis.sentinel.nodes: expected a list of HOST:PORT"),
+        ({"service": "s", "nodes": ["nowhere"]}, r"redis.sentinel.nodes\[0\]: expected HOST:PORT"),
+    ],
+)
+def test_sentinel_config_errors(sentinel_cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_mapping({"redis": {"sentinel": sentinel_cfg}}, env={})
