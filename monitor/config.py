@@ -33,6 +33,7 @@ class Settings:
 
     redis_url: str = "redis://localhost:6379/0"
     redis_password_file: str | None = None
+    redis_cluster: bool = False
     sentinel_service: str | None = None
     sentinel_nodes: tuple[str, ...] = ()
     key_pattern: str = "gpu_lock:*"
@@ -93,6 +94,8 @@ class Settings:
             )
         if bool(self.sentinel_service) != bool(self.sentinel_nodes):
             raise ConfigError("redis.sentinel: give both service and nodes, or neither")
+        if self.redis_cluster and self.sentinel_service:
+            raise ConfigError("redis.cluster: a cluster is not reached through sentinels; use one or the other")
         extra = []
         if self.hard_timeout_s is not None and self.hard_timeout_s >= self.lock_timeout_s:
             extra.append(
@@ -114,6 +117,7 @@ class Settings:
             "redis": {
                 "url": redact_url(self.redis_url),
                 "password_file": self.redis_password_file,
+                "cluster": self.redis_cluster,
                 "sentinel": {"service": self.sentinel_service, "nodes": list(self.sentinel_nodes)},
             },
             "gpu_lock": {"key_pattern": self.key_pattern, "lock_timeout": self.lock_timeout_s},
@@ -344,6 +348,7 @@ _SECTIONS: dict[str, Spec] = {
     "redis": {
         "url": ("redis_url", _redis_url),
         "password_file": ("redis_password_file", _optional_string),
+        "cluster": ("redis_cluster", _bool),
         "sentinel": {"service": ("sentinel_service", _optional_string), "nodes": ("sentinel_nodes", _nodes)},
     },
     "gpu_lock": {"key_pattern": ("key_pattern", _key_pattern), "lock_timeout": ("lock_timeout_s", _seconds)},

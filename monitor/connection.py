@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -16,14 +18,26 @@ from monitor.config import Settings, read_password
 # refusal (e.g. ACL) and is reported as such.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
+# What every module takes: a plain (or Sentinel-found) Redis, or a Redis Cluster.
+Client: TypeAlias = "redis.Redis | RedisCluster"
 
-def connect(settings: Settings, env: Mapping[str, str] | None = None) -> redis.Redis:
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def connect(settings: Settings, env: Mapping[str, str] | None = None) -> Client:
     """A client for `redis.url` (or the master that `redis.sentinel` names); no I/O happens
     until the first command."""
     password = read_password(settings, env)
     extra = {"password": password} if password is not None else {}
     if settings.sentinel_service:
         return _through_sentinel(settings, extra)
+    if settings.redis_cluster:
+        # The URL names any one node; the client discovers the others and follows MOVED.
+        return RedisCluster.from_url(
+            settings.redis_url, protocol=2, socket_timeout=5, socket_connect_timeout=5, **extra
+        )
     return redis.Redis.from_url(
         settings.redis_url,
         # RESP2 works on every Redis the fleet may run; redis-py 8 would send HELLO 3.

@@ -7,11 +7,10 @@ import os
 import time
 from collections.abc import Callable
 
-import redis
-
 from monitor import keys
 from monitor.audit import AuditLog
 from monitor.config import Settings
+from monitor.connection import Client
 from monitor.errors import MonitorError
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
 from monitor.scanner import read_locks
@@ -36,7 +35,7 @@ def operator_name() -> str:
 
 
 def release(
-    client: redis.Redis,
+    client: Client,
     settings: Settings,
     audit: AuditLog,
     lock_key: bytes,

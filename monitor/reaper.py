@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from enum import Enum
 
 import redis
+from redis.crc import key_slot
 
 from monitor import keys
+from monitor.connection import Client, is_cluster
 from monitor.errors import ReleaseError
 
-# KEYS[1] lock, KEYS[2] heartbeat.
+# KEYS[1] lock, KEYS[2] heartbeat (absent in the cluster fallback, see Reaper.release).
 # ARGV[1] holder that must still hold the lock.
 # ARGV[2] heartbeat check: "any" (do not check), "absent" (must not exist), "equal" (must equal ARGV[3]).
 # ARGV[4] channel, ARGV[5] notice to publish on it.
@@ -34,10 +36,13 @@ if seen_pttl then
     return {'holder_changed', value}
   end
 end
-local hb = redis.pcall('GET', KEYS[2])
-if type(hb) == 'table' then hb = false end
-if (ARGV[2] == 'absent' and hb) or (ARGV[2] == 'equal' and hb ~= ARGV[3]) then
-  return {'heartbeat_revived', value}
+local hb = false
+if #KEYS > 1 then
+  hb = redis.pcall('GET', KEYS[2])
+  if type(hb) == 'table' then hb = false end
+  if (ARGV[2] == 'absent' and hb) or (ARGV[2] == 'equal' and hb ~= ARGV[3]) then
+    return {'heartbeat_revived', value}
+  end
 end
 -- PUBLISH first: nobody can observe the order inside a script, and if it is refused
 -- (ACL) the script stops before deleting anything, so a failure never half-releases.
@@ -83,7 +88,9 @@ def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> byt
 class Reaper:
     """Runs the release script through redis-py's Script (EVALSHA, reloaded on NOSCRIPT)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cluster = is_cluster(client)
         self._script = client.register_script(RELEASE_SCRIPT)
 
     def release(
@@ -110,8 +117,16 @@ class Reaper:
             notice(lock_key, holder, reason, time.time()),
             b"" if seen_pttl_ms is None else str(seen_pttl_ms).encode(),
         ]
+        script_keys = [lock_key, keys.heartbeat_key(lock_key)]
+        if self._cluster and key_slot(lock_key) != key_slot(script_keys[1]):
+            # Redis Cluster, keys not hash-tagged: lock and heartbeat live in different slots and
+            # no script may touch both. The lock's checks stay atomic; the heartbeat is checked
+            # just before (a refresh in the gap of one round trip goes unseen) and left to expire.
+            if heartbeat is not HeartbeatCheck.ANY and self._client.get(script_keys[1]) != hb_value:
+                return ReleaseResult(Outcome.HEARTBEAT_REVIVED, None)
+            script_keys = script_keys[:1]
         try:
-            code, current = self._script(keys=[lock_key, keys.heartbeat_key(lock_key)], args=args)
+            code, current = self._script(keys=script_keys, args=args)
         except redis.ResponseError as exc:
             raise ReleaseError(f"release script failed: {exc}") from exc
         return ReleaseResult(Outcome(code.decode()), current or None)

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import redis
-
 from monitor import keys
 from monitor.config import Settings
+from monitor.connection import Client
 from monitor.gpu import GpuInfo, Nvml, device_for
 from monitor.scanner import Observation, read_locks, scan_candidates
 from monitor.service import Verdict, evaluate
@@ -35,7 +34,7 @@ class Snapshot:
         return device_for(verdict.holding.key, self.devices, self.gpus)
 
 
-def take(client: redis.Redis, settings: Settings, nvml: Nvml | None = None) -> Snapshot:
+def take(client: Client, settings: Settings, nvml: Nvml | None = None) -> Snapshot:
     observations = read_locks(client, scan_candidates(client, settings.key_pattern))
     return Snapshot(
         redis_time_ms=observations[0].now_ms if observations else None,

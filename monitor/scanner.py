@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from monitor import keys
+from monitor.connection import Client, is_cluster
 
 SCAN_COUNT = 5000
 READ_BATCH = 500
@@ -59,7 +60,7 @@ class Observation:
     invalid: str | None = None  # why this key is not a lock (e.g. wrong type)
 
 
-def scan_candidates(client: redis.Redis, pattern: str) -> list[bytes]:
+def scan_candidates(client: Client, pattern: str) -> list[bytes]:
     """Every key matching `pattern` that could be a lock, deduplicated, in SCAN order."""
     seen: dict[bytes, None] = {}
     for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
@@ -68,25 +69,67 @@ def scan_candidates(client: redis.Redis, pattern: str) -> list[bytes]:
     return list(seen)
 
 
-def read_locks(client: redis.Redis, candidates: Iterable[bytes]) -> list[Observation]:
-    """Read every candidate, READ_BATCH keys per script call; connection errors propagate."""
-    script = client.register_script(READ_SCRIPT)
+def read_locks(client: Client, candidates: Iterable[bytes]) -> list[Observation]:
+    """Read every candidate, READ_BATCH keys per round trip; connection errors propagate."""
+    read = _read_cluster_batch if is_cluster(client) else _read_batch
     observations: list[Observation] = []
     for batch in _batches(list(candidates), READ_BATCH):
-        script_keys = [keys.HOLDINGS_HASH]
-        for key in batch:
-            script_keys += [key, keys.heartbeat_key(key)]
-        reply: list[Any] = script(keys=script_keys)
-        now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
-        for i, key in enumerate(batch):
-            value, pttl, hb_value, hb_pttl, record = reply[2 + i * _PER_KEY : 2 + (i + 1) * _PER_KEY]
-            if value == 0:  # a hash or list under the lock pattern is not a lock
-                observations.append(Observation(key, now_ms, None, -2, None, -2, record, "not a string key"))
-                continue
-            if hb_value == 0:  # a non-string heartbeat key proves nothing
-                hb_value, hb_pttl = None, -2
-            observations.append(Observation(key, now_ms, value, int(pttl), hb_value, int(hb_pttl), record))
+        observations += read(client, batch)
     return observations
+
+
+def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
+    script_keys = [keys.HOLDINGS_HASH]
+    for key in batch:
+        script_keys += [key, keys.heartbeat_key(key)]
+    reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys)
+    now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
+    return [_observation(key, now_ms, reply[2 + i * _PER_KEY : 2 + (i + 1) * _PER_KEY]) for i, key in enumerate(batch)]
+
+
+def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]:
+    """In a cluster a script may only touch keys of one slot, and a lock, its heartbeat and the
+    monitor's hash rarely share one: a pipeline instead, which redis-py splits by node (one
+    round trip per node), after TIME from one node: cluster nodes' clocks agree to NTP accuracy,
+    and a clock read just before the keys errs towards a younger lock."""
+    seconds, micros = client.time()  # not allowed in a cluster pipeline; read just before it
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    pipe = client.pipeline()
+    for key in batch:
+        pipe.get(key)
+        pipe.pttl(key)
+        pipe.get(keys.heartbeat_key(key))
+        pipe.pttl(keys.heartbeat_key(key))
+    pipe.hmget(keys.HOLDINGS_HASH, batch)
+    replies = pipe.execute(raise_on_error=False)
+    records = _raise_if_error(replies[-1])
+    observations = []
+    for i, key in enumerate(batch):
+        value, pttl, hb_value, hb_pttl = (_as_script_reply(r) for r in replies[i * 4 : (i + 1) * 4])
+        observations.append(_observation(key, now_ms, [value, pttl, hb_value, hb_pttl, records[i]]))
+    return observations
+
+
+def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
+    value, pttl, hb_value, hb_pttl, record = fields
+    if value == 0:  # a hash or list under the lock pattern is not a lock
+        return Observation(key, now_ms, None, -2, None, -2, record, "not a string key")
+    if hb_value == 0:  # a non-string heartbeat key proves nothing
+        hb_value, hb_pttl = None, -2
+    return Observation(key, now_ms, value, int(pttl), hb_value, int(hb_pttl), record)
+
+
+def _as_script_reply(reply: Any) -> Any:
+    """A pipeline reply as the read script would give it: WRONGTYPE becomes 0."""
+    if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+        return 0
+    return _raise_if_error(reply)
+
+
+def _raise_if_error(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:

@@ -19,7 +19,7 @@ import redis
 from monitor import keys
 from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
-from monitor.connection import REDIS_DOWN
+from monitor.connection import REDIS_DOWN, Client, is_cluster
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, track
@@ -119,7 +119,7 @@ class Monitor:
     def __init__(
         self,
         settings: Settings,
-        client: redis.Redis,
+        client: Client,
         audit: AuditLog,
         critical: JsonlFile,
         *,
@@ -245,8 +245,17 @@ class Monitor:
         pipe.hkeys(keys.HOLDINGS_HASH)
         known = pipe.execute()[-1]
         stale = [k for k in known if k not in keep]
-        if stale:
+        if stale and not is_cluster(self.client):
             self._forget(keys=[keys.HOLDINGS_HASH], args=stale)
+        elif stale:
+            # A cluster script cannot reach lock keys in other slots: check, then forget. A lock
+            # re-created in between loses its record and is timed afresh from its TTL.
+            pipe = self.client.pipeline()
+            for key in stale:
+                pipe.exists(key)
+            gone = [key for key, exists in zip(stale, pipe.execute(), strict=True) if not exists]
+            if gone:
+                self.client.hdel(keys.HOLDINGS_HASH, *gone)
 
     # --- actions ----------------------------------------------------------------------------
 

@@ -1,0 +1,151 @@
+"""Redis Cluster: three real redis-server nodes, slots assigned, the monitor working across them.
+
+Lock keys that are not hash-tagged put a lock (`gpu_lock:0`) and its heartbeat
+(`gpu_lock:0:heartbeat`) in different slots: the release then checks the lock atomically in a
+single-key script and the heartbeat just before (see README "Redis Cluster"). Hash-tagged keys
+(`gpu_lock:{0}`) keep both in one slot and get the full script.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis
+from click.testing import CliRunner
+from helpers import beat, build, config_file, events, hold, make_settings, wait_for
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from monitor import keys
+from monitor.cli import main
+from monitor.reaper import HeartbeatCheck, Outcome, Reaper
+from monitor.redis_server import RedisServer, free_port
+
+SLOTS = 16384
+
+
+def node_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free and below 65536 too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536 and not {port, port + 10000} & taken:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            taken.update({port, port + 10000})
+            return port
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisServer]]:
+    taken: set[int] = set()
+    nodes = [
+        RedisServer(node_port(taken), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000") for _ in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        clients = [redis.Redis(port=n.port, protocol=2) for n in nodes]
+        bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
+        for client, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
+        for node in nodes[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        wait_for(lambda: all(c.execute_command("CLUSTER", "INFO").find(b"cluster_state:ok") >= 0 for c in clients))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.fixture
+def rc(cluster) -> Iterator[RedisCluster]:
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port, protocol=2)
+    for node in cluster:
+        redis.Redis(port=node.port, protocol=2).flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def csettings(cluster, tmp_path):
+    return make_settings(f"redis://127.0.0.1:{cluster[0].port}/0", tmp_path, redis={"cluster": True})
+
+
+def test_untagged_keys_really_are_in_different_slots():
+    assert key_slot(b"gpu_lock:0") != key_slot(b"gpu_lock:0:heartbeat")
+    assert key_slot(b"gpu_lock:{0}") == key_slot(b"gpu_lock:{0}:heartbeat")
+
+
+def test_a_pass_across_the_cluster(rc, csettings):
+    from monitor.connection import connect
+
+    client = connect(csettings)
+    assert isinstance(client, RedisCluster)
+    legacy = hold(rc, 0, "legacy", age_s=450)  # untagged, no heartbeat, past soft
+    alive = hold(rc, 1, "alive", age_s=450)
+    beat(rc, alive)
+    tagged = hold(rc, "{2}", "tagged", age_s=10)
+    beat(rc, tagged)
+    crashed = hold(rc, 3, "crashed", age_s=10)
+    beat(rc, crashed)
+    rc.hset(b"gpu_lock:weird", "a", "b")
+    for i in range(300):
+        rc.set(f"celery-task-meta-{i}", "x")  # unrelated keys on every node
+    monitor = build(csettings, client)
+    first = monitor.run_pass()
+    assert first.error is None
+    assert first.invalid == 1
+    assert len(first.verdicts) == 4
+    assert not rc.exists(legacy)
+    rc.delete(crashed + b":heartbeat")  # the crashed worker's heartbeat expires
+    rc.delete(tagged + b":heartbeat")  # so does the tagged one's
+    second = monitor.run_pass()
+    assert second.error is None
+    assert second.released_keys == {crashed, tagged}
+    assert rc.exists(alive)
+    assert not rc.exists(tagged + b":heartbeat")
+    released = {e["lock_key"]: e for e in events(csettings.audit_path, "lock_released")}
+    assert set(released) == {"gpu_lock:0", "gpu_lock:3", "gpu_lock:{2}"}
+    assert released["gpu_lock:3"]["reason"] == "heartbeat_dead"
+    assert set(rc.hkeys(keys.HOLDINGS_HASH)) == {alive}  # records of released locks forgotten
+
+
+def test_release_fallback_keeps_its_owner_and_heartbeat_checks(rc, csettings):
+    reaper = Reaper(RedisCluster(host="127.0.0.1", port=rc.get_default_node().port, protocol=2))
+    key = hold(rc, 0, "new_holder")
+    assert reaper.release(key, b"locked_by_old").outcome is Outcome.HOLDER_CHANGED
+    assert reaper.release(key, b"locked_by_new_holder", seen_pttl_ms=1000).outcome is Outcome.HOLDER_CHANGED
+    beat(rc, key, value="2.0")
+    result = reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.EQUAL, hb_value=b"1.0")
+    assert result.outcome is Outcome.HEARTBEAT_REVIVED
+    assert (
+        reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.ABSENT).outcome
+        is Outcome.HEARTBEAT_REVIVED
+    )
+    assert rc.exists(key)
+    pubsub = rc.pubsub()
+    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+    wait_for(lambda: (m := pubsub.get_message(timeout=1)) is not None and m["type"] == "subscribe")
+    assert reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.ANY).outcome is Outcome.RELEASED
+    assert not rc.exists(key)
+    assert rc.exists(key + b":heartbeat")  # in another slot: left to expire
+    message = wait_for(lambda: pubsub.get_message(timeout=1))
+    assert json.loads(message["data"])["release_reason"] == "forced_by_monitor"
+    assert reaper.release(key, b"locked_by_new_holder").outcome is Outcome.GONE
+    pubsub.close()
+
+
+def test_status_over_a_cluster(rc, cluster, tmp_path):
+    hold(rc, 0, "tts", age_s=450)
+    cfg = config_file(tmp_path, f"redis://127.0.0.1:{cluster[1].port}/0", redis={"cluster": True})
+    result = CliRunner().invoke(main, ["status", "--json", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    (lock,) = json.loads(result.stdout)["locks"]
+    assert (lock["lock_key"], lock["action"]) == ("gpu_lock:0", "release")
+    assert rc.exists(b"gpu_lock:0")
