@@ -65,8 +65,10 @@ def test_monitor_reaches_the_master_through_sentinel(sentinel, tmp_path):
         ({"nodes": ["127.0.0.1:26379"]}, "redis.sentinel: give both service and nodes, or neither"),
         ({"service": "s", "nodes": "127.0.0.1:26379"}, "redis.sentinel.nodes: expected a list of HOST:PORT"),
         ({"service": "s", "nodes": ["nowhere"]}, r"redis.sentinel.nodes\[0\]: expected HOST:PORT"),
+        ({"service": "s", "nodes": ["h:26379"], "cluster": True}, "redis.cluster: a cluster is not reached through"),
     ],
 )
 def test_sentinel_config_errors(sentinel_cfg, message):
+    cluster = sentinel_cfg.pop("cluster", False)
     with pytest.raises(ConfigError, match=message):
-        Settings.from_mapping({"redis": {"sentinel": sentinel_cfg}}, env={})
+        Settings.from_mapping({"redis": {"sentinel": sentinel_cfg, "cluster": cluster}}, env={})
