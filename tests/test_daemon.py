@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from helpers import events, hold, next_message, wait_for
+from helpers import config_file, events, hold, next_message, wait_for
 
 from monitor.redis_server import RedisServer
 
@@ -26,22 +26,17 @@ INTERVAL_S = 0.2
 
 
 def write_config(tmp: Path, url: str, **monitor: object) -> Path:
-    cfg = {
-        "redis": {"url": url},
-        "gpu_lock": {"lock_timeout": 600},
-        "gpu_lock_monitor": {
+    return config_file(
+        tmp,
+        url,
+        gpu_lock_monitor={
             "monitor_interval": INTERVAL_S,
             "timeout_levels": {"warning": 100, "soft_timeout": 200, "hard_timeout": 300},
             "heartbeat": {"interval": HB_INTERVAL_S, "timeout": HB_TIMEOUT_S},
             "cleanup": {"max_retry": 2, "retry_delay": 0.1},
             **monitor,
         },
-        "audit": {"path": str(tmp / "audit.jsonl"), "critical_path": str(tmp / "critical.jsonl")},
-        "logging": {"format": "json"},
-    }
-    path = tmp / "monitor.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    )
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-import yaml
-from helpers import events, read_jsonl, wait_for
+from helpers import config_file, events, read_jsonl, wait_for
 
 from monitor.client import GpuLock
 from monitor.redis_server import RedisServer
@@ -28,22 +27,16 @@ INTERVAL_S = 0.2
 
 
 def start_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
-    cfg = {
-        "redis": {"url": url},
-        "gpu_lock": {"lock_timeout": 600},
-        "gpu_lock_monitor": {
+    cfg = config_file(
+        tmp,
+        url,
+        gpu_lock_monitor={
             "monitor_interval": INTERVAL_S,
             "timeout_levels": {"warning": 2, "soft_timeout": 3, "hard_timeout": 30},
             "heartbeat": {"interval": HB_S, "timeout": HB_TIMEOUT_S},
         },
-        "audit": {"path": str(tmp / "audit.jsonl"), "critical_path": str(tmp / "critical.jsonl")},
-        "metrics": {"enabled": False},
-        "logging": {"format": "json"},
-    }
-    (tmp / "monitor.yml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "run", "-c", str(tmp / "monitor.yml")], stdout=subprocess.PIPE, text=True
     )
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "-c", str(cfg)], stdout=subprocess.PIPE, text=True)
     wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started"))
     return proc
 
