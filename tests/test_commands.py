@@ -29,7 +29,8 @@ def cli(*args: str, input: str | None = None):
 
 @pytest.fixture
 def cfg(redis_server, tmp_path) -> Path:
-    return config_file(tmp_path, redis_server.url)
+    # The table tests are about locks, on any host: GPU columns are tested in test_gpu.
+    return config_file(tmp_path, redis_server.url, nvml={"enabled": False})
 
 
 # --- status ---------------------------------------------------------------------------------

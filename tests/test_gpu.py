@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
-from helpers import build, events, hold, make_settings
+from helpers import build, config_file, events, hold, make_settings, wait_for
 
 from monitor import logs, report
 from monitor.cli import main
@@ -266,20 +268,97 @@ def test_daemon_and_status_without_driver_report_it_once(r, redis_server, tmp_pa
 # --- a real GPU -----------------------------------------------------------------------------------------
 
 
+real_gpu = pytest.mark.skipif(
+    not Nvml("auto").available or shutil.which("nvidia-smi") is None, reason="no NVIDIA driver here"
+)
+HOG_MIB = 512
+
+
+def smi(*query: str) -> list[list[str]]:
+    out = subprocess.run(
+        ["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True
+    ).stdout
+    return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def gpu_hog() -> Iterator[subprocess.Popen[str]]:
+    """A real process holding HOG_MIB of GPU memory until the test lets it go."""
+    hog = Path(__file__).with_name("cuda_hog.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(hog), str(HOG_MIB)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if not proc.stdin.closed:
+            proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def gpu_running(nvml: Nvml, pid: int) -> GpuInfo | None:
+    return next((g for g in nvml.snapshot().values() if any(p.pid == pid for p in g.processes or ())), None)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not Nvml("auto").available or shutil.which("nvidia-smi") is None, reason="no NVIDIA driver here")
+@real_gpu
 def test_real_gpu_matches_nvidia_smi():
     gpus = Nvml("auto").snapshot()
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=index,uuid,memory.total,name", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rows = [[c.strip() for c in line.split(",")] for line in out.strip().splitlines()]
+    rows = smi("--query-gpu=index,uuid,memory.total,name,utilization.gpu")
     assert len(rows) == len(gpus)
-    for index, uuid, total_mib, name in rows:
+    for index, uuid, total_mib, name, util in rows:
         g = gpus[int(index)]
         assert g.uuid == uuid
         assert g.name == name
+        assert g.memory_total_bytes is not None
         assert abs(g.memory_total_bytes / (1024 * 1024) - int(total_mib)) < 1  # nvidia-smi rounds to MiB
+        assert g.utilization_pct is not None
         assert 0 <= g.utilization_pct <= 100
+        assert 0 <= int(util) <= 100
         assert g.processes is not None
+
+
+@pytest.mark.gpu
+@real_gpu
+def test_real_gpu_process_is_seen_reported_and_found(r, settings, tmp_path, gpu_hog):
+    nvml = Nvml("auto")
+    pid = gpu_hog.pid
+    gpu = wait_for(lambda: gpu_running(nvml, pid))  # the driver may list a new context a moment late
+    (proc,) = [p for p in gpu.processes if p.pid == pid]
+    assert proc.used_bytes is not None
+    assert proc.used_bytes >= HOG_MIB << 20
+    assert proc.name is not None
+    assert "python" in proc.name
+    assert proc.user == pwd.getpwuid(os.getuid()).pw_name
+    apps = {int(row[0]): row for row in smi("--query-compute-apps=pid,gpu_uuid,used_memory")}
+    assert apps[pid][1] == gpu.uuid
+    assert abs(int(apps[pid][2]) - proc.used_bytes / (1 << 20)) < 1
+
+    # The daemon: a busy GPU with no lock, then a hung holder capped while its process stays.
+    monitor = build(settings, gpus=GpuWatch(nvml, {}, busy_grace_s=0))
+    monitor.run_pass()
+    (busy,) = [e for e in events(settings.audit_path, "gpu_busy_unlocked") if e["gpu"]["index"] == gpu.index]
+    assert pid in [p["pid"] for p in busy["gpu"]["processes"]]
+    hold(r, gpu.index, "hung", age_s=550)
+    cfg = config_file(tmp_path, settings.redis_url)
+    doc = json.loads(CliRunner().invoke(main, ["status", "--json", "-c", str(cfg)]).stdout)
+    assert doc["nvml"]["available"] is True
+    (row,) = doc["locks"]
+    assert row["gpu"]["uuid"] == gpu.uuid
+    assert pid in [p["pid"] for p in row["gpu"]["processes"]]
+    monitor.run_pass()
+    (released,) = events(settings.audit_path, "lock_released")
+    assert released["gpu"]["uuid"] == gpu.uuid
+    monitor.run_pass()
+    (still,) = events(settings.audit_path, "released_gpu_busy")
+    assert still["holder"] == "locked_by_hung"
+    assert pid in [p["pid"] for p in still["gpu"]["processes"]]
+
+    # The process ends: its memory goes back and NVML stops listing it.
+    assert gpu_hog.stdin is not None
+    gpu_hog.stdin.close()
+    assert gpu_hog.wait(timeout=60) == 0
+    wait_for(lambda: gpu_running(nvml, pid) is None)
