@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +109,44 @@ def config_file(tmp: Path, url: str, **sections: Any) -> Path:
     path = tmp / "monitor.yml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+# --- the daemon as a real process -------------------------------------------------------------------
+
+# A daemon tuned for crash-recovery tests: workers beat every FAST_HB_S (their key lives twice that).
+FAST_HB_S = 0.2
+FAST_HB_TIMEOUT_S = 1.0
+FAST_INTERVAL_S = 0.2
+
+
+def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
+    """`gpulock-monitor run` as a subprocess; its output (stderr too) is collected by `stop_daemon`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "monitor", "run", "-c", str(config), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def stop_daemon(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM (unless it already exited), then its exit code and output."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+def fast_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
+    """A started daemon with the FAST_* heartbeat settings and tiers of a few seconds."""
+    config = config_file(
+        tmp,
+        url,
+        gpu_lock_monitor={
+            "monitor_interval": FAST_INTERVAL_S,
+            "timeout_levels": {"warning": 2, "soft_timeout": 3, "hard_timeout": 30},
+            "heartbeat": {"interval": FAST_HB_S, "timeout": FAST_HB_TIMEOUT_S},
+        },
+    )
+    proc = start_daemon(config)
+    wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started") or proc.poll() is not None)
+    assert proc.poll() is None, stop_daemon(proc)[1]
+    return proc

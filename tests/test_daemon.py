@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from helpers import config_file, events, hold, next_message, wait_for
+from helpers import config_file, events, hold, next_message, start_daemon, stop_daemon, wait_for
 
 from monitor.redis_server import RedisServer
 
@@ -41,20 +41,6 @@ def write_config(tmp: Path, url: str, **monitor: object) -> Path:
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=60, **kw)
-
-
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "monitor", "run", "-c", str(config), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def stop_daemon(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
-    return proc.returncode, out
 
 
 def started(audit: Path) -> bool:

@@ -14,43 +14,26 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import config_file, events, read_jsonl, wait_for
+from helpers import (
+    FAST_HB_S,
+    FAST_HB_TIMEOUT_S,
+    FAST_INTERVAL_S,
+    events,
+    fast_daemon,
+    read_jsonl,
+    stop_daemon,
+    wait_for,
+)
 
 from monitor.client import GpuLock
 from monitor.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
-HB_S = 0.2  # worker heartbeat interval (its key lives 0.4 s)
-HB_TIMEOUT_S = 1.0
-INTERVAL_S = 0.2
-
-
-def start_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
-    cfg = config_file(
-        tmp,
-        url,
-        gpu_lock_monitor={
-            "monitor_interval": INTERVAL_S,
-            "timeout_levels": {"warning": 2, "soft_timeout": 3, "hard_timeout": 30},
-            "heartbeat": {"interval": HB_S, "timeout": HB_TIMEOUT_S},
-        },
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "-c", str(cfg)], stdout=subprocess.PIPE, text=True)
-    wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started"))
-    return proc
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    return out or ""
-
 
 def worker(url: str, gpu: int, ledger: Path, *extra: str) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "monitor.simworker", "--redis", url, "--gpu", str(gpu), "--ledger", str(ledger)]
-    return subprocess.Popen([*args, "--heartbeat-s", str(HB_S), *extra])
+    return subprocess.Popen([*args, "--heartbeat-s", str(FAST_HB_S), *extra])
 
 
 def holdings(ledger: Path, released_by_monitor: dict[str, float]) -> dict[int, list[tuple[float, float, str]]]:
@@ -70,7 +53,7 @@ def holdings(ledger: Path, released_by_monitor: dict[str, float]) -> dict[int, l
 
 def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
-    daemon = start_daemon(tmp_path, redis_server.url)
+    daemon = fast_daemon(tmp_path, redis_server.url)
     victim = worker(redis_server.url, 0, ledger, "--tasks", "1", "--task-s", "60", "--name", "victim")
     workers: list[subprocess.Popen[bytes]] = []
     try:
@@ -85,7 +68,7 @@ def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_
         for w in workers:
             assert w.wait(timeout=60) == 0
     finally:
-        out = stop(daemon)
+        _, out = stop_daemon(daemon)
         for w in [*workers, victim]:
             if w.poll() is None:
                 w.kill()
@@ -94,7 +77,7 @@ def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_
     assert released["holder"].startswith("locked_by_victim#")
     released_at = datetime.fromisoformat(released["ts"]).timestamp()
     recovery_s = released_at - killed_at
-    assert recovery_s <= HB_TIMEOUT_S + INTERVAL_S + 1.0, recovery_s
+    assert recovery_s <= FAST_HB_TIMEOUT_S + FAST_INTERVAL_S + 1.0, recovery_s
     spans = holdings(ledger, {released["holder"]: released_at})
     assert sum(len(v) for v in spans.values()) == 4 * 3 + 1  # every task ran, the victim's included
     for gpu, held in spans.items():
@@ -137,12 +120,12 @@ def test_waiter_woken_by_notice_across_processes(redis_server, r, tmp_path):
 
 def test_long_heartbeating_task_past_soft_is_not_released(redis_server, r, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
-    daemon = start_daemon(tmp_path, redis_server.url)
+    daemon = fast_daemon(tmp_path, redis_server.url)
     long_task = worker(redis_server.url, 1, ledger, "--task-s", "4")  # soft_timeout is 3 s
     try:
         assert long_task.wait(timeout=30) == 0
     finally:
-        stop(daemon)
+        stop_daemon(daemon)
     names = [e["event"] for e in events(tmp_path / "audit.jsonl")]
     assert "long_task_protected" in names
     assert "lock_released" not in names
