@@ -31,12 +31,13 @@ from monitor.errors import ConfigError
 
 DINGTALK_URL = "https://oapi.dingtalk.com/robot/send"
 SECRETS = ("url", "access_token", "secret", "password")
+_SECRET_SOURCES = {f"{secret}_{how}" for secret in SECRETS for how in ("file", "env")}
 _COMMON = {"type", "min_severity", "timeout", "retries", "rate_per_minute"}
 _KEYS = {
     "webhook": {"url", "headers"},
     "slack": {"url"},
     "dingtalk": {"access_token", "secret", "url"},
-    "email": {"host", "port", "tls", "user", "password", "from", "to"},
+    "email": {"host", "port", "tls", "ca_file", "user", "password", "from", "to"},
 }
 _REQUIRED = {
     "webhook": ("url",),
@@ -118,7 +119,8 @@ class Email(Channel):
         message.set_content(_email_body(alert))
         tls = o.get("tls", "starttls")
         port = int(o.get("port", 465 if tls == "ssl" else 587))
-        context = ssl.create_default_context()
+        # The server's certificate is always verified: against the system's CAs, or a private CA's.
+        context = ssl.create_default_context(cafile=o.get("ca_file"))
         smtp: smtplib.SMTP
         if tls == "ssl":
             smtp = smtplib.SMTP_SSL(o["host"], port, timeout=self.timeout_s, context=context)
@@ -163,6 +165,9 @@ def validate(raw: Mapping[str, Any], path: str) -> None:
     if kind == "email":
         if raw.get("tls", "starttls") not in ("starttls", "ssl", "none"):
             raise ConfigError(f"{path}.tls: expected one of starttls|ssl|none, got {raw.get('tls')!r}")
+        ca_file = raw.get("ca_file")
+        if ca_file is not None and not (isinstance(ca_file, str) and Path(ca_file).is_file()):
+            raise ConfigError(f"{path}.ca_file: not a readable file: {ca_file!r}")
         to = raw.get("to")
         if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
             raise ConfigError(f"{path}.to: expected a list of addresses, got {to!r}")
@@ -176,7 +181,7 @@ def build(raw_channels: tuple[Mapping[str, Any], ...], env: Mapping[str, str]) -
     for i, raw in enumerate(raw_channels):
         path = f"alerts.channels[{i}]"
         kind = raw["type"]
-        options = {k: v for k, v in raw.items() if k not in _COMMON and not k.endswith(("_file", "_env"))}
+        options = {k: v for k, v in raw.items() if k not in _COMMON and k not in _SECRET_SOURCES}
         for secret in SECRETS:
             if f"{secret}_file" in raw:
                 name = raw[f"{secret}_file"]

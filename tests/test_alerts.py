@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.policy
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 from helpers import build, hold, make_settings
 
 from monitor import channels
@@ -22,6 +28,7 @@ from monitor.alerts import Alert, Alerts, alert_for
 from monitor.channels import Channel, dingtalk_sign
 from monitor.config import Settings
 from monitor.errors import ConfigError
+from monitor.redis_server import free_port
 
 
 class Receiver:
@@ -192,37 +199,70 @@ def test_dingtalk_refusal_counts_as_failure(http):
     assert len(http.requests) == 2
 
 
-def test_email_over_smtp():
-    aiosmtpd = pytest.importorskip("aiosmtpd.controller")
-    received = []
+class Inbox:
+    """An aiosmtpd handler that keeps every message it accepts."""
 
-    class Handler:
-        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd calls it by this name
-            received.append(envelope)
-            return "250 OK"
+    def __init__(self) -> None:
+        self.received: list = []
 
-    from monitor.redis_server import free_port
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd calls it by this name
+        self.received.append(envelope)
+        return "250 OK"
 
-    port = free_port()
-    controller = aiosmtpd.Controller(Handler(), hostname="127.0.0.1", port=port)
+
+def smtp_login(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"gpulock", b"s3cret")
+    return AuthResult(success=ok)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@contextlib.contextmanager
+def smtp_server(tls: str, ca: trustme.CA) -> Iterator[tuple[int, Inbox]]:
+    """A real SMTP server on loopback: plain, STARTTLS required, or implicit TLS; AUTH only over TLS."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    port, inbox = free_port(), Inbox()
+    # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; implicit TLS is TLS from the first byte.
+    options: dict = {"authenticator": smtp_login, "auth_require_tls": tls == "starttls", "auth_required": tls != "none"}
+    if tls == "ssl":
+        options["ssl_context"] = context
+    elif tls == "starttls":
+        options.update(tls_context=context, require_starttls=True)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **options)
     controller.start()
     try:
-        s = settings_with(
-            {
-                "type": "email",
-                "host": "127.0.0.1",
-                "port": port,
-                "tls": "none",
-                "from": "gpulock@example.org",
-                "to": ["oncall@example.org", "gpu@example.org"],
-            }
-        )
-        alerts = manager(s)
-        alerts.on_event("lock_released", RELEASED)
-        assert alerts.wait_idle(10)
+        yield port, inbox
     finally:
         controller.stop()
-    (envelope,) = received
+
+
+def email_channel(port: int, tls: str, **extra) -> dict:
+    return {
+        "type": "email", "host": "127.0.0.1", "port": port, "tls": tls,
+        "from": "gpulock@example.org", "to": ["oncall@example.org", "gpu@example.org"], **extra,
+    }  # fmt: skip
+
+
+# Implicit TLS is TLS, but aiosmtpd warns as if AUTH went in the clear (see smtp_server).
+implicit_tls_auth = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+
+
+@implicit_tls_auth
+@pytest.mark.parametrize("tls", ["none", "starttls", "ssl"])
+def test_email_over_smtp(tls, ca, tmp_path):
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    login = {} if tls == "none" else {"user": "gpulock", "password": "s3cret", "ca_file": str(ca_file)}
+    with smtp_server(tls, ca) as (port, inbox):
+        alerts = manager(settings_with(email_channel(port, tls, **login)))
+        alerts.on_event("lock_released", RELEASED)
+        assert alerts.wait_idle(10)
+    assert alerts.stats()["email[0]"].sent == 1
+    (envelope,) = inbox.received
     assert envelope.mail_from == "gpulock@example.org"
     assert envelope.rcpt_tos == ["oncall@example.org", "gpu@example.org"]
     message = message_from_bytes(envelope.content, policy=email.policy.default)
@@ -232,6 +272,32 @@ def test_email_over_smtp():
     assert "lock_key: gpu_lock:0" in body
     assert "heartbeat: alive" in body
     assert message.get_content_type() == "text/plain"
+
+
+@implicit_tls_auth
+@pytest.mark.parametrize(
+    ("tls", "extra", "why"),
+    [
+        ("starttls", {}, "certificate of a CA the system does not trust"),
+        ("ssl", {}, "certificate of a CA the system does not trust"),
+        ("starttls", {"user": "gpulock", "password": "wrong"}, "wrong password"),
+    ],
+)
+def test_email_failures_are_counted_never_raised(tls, extra, why, ca, tmp_path):
+    if "password" in extra:
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        extra = {**extra, "ca_file": str(tmp_path / "ca.pem")}
+    with smtp_server(tls, ca) as (port, inbox):
+        alerts = manager(settings_with(email_channel(port, tls, retries=0, **extra)))
+        alerts.on_event("lock_released", RELEASED)
+        assert alerts.wait_idle(10)
+    assert (alerts.stats()["email[0]"].sent, alerts.stats()["email[0]"].failed) == (0, 1), why
+    assert inbox.received == []
+
+
+def test_email_ca_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"alerts.channels\[0\].ca_file: not a readable file"):
+        settings_with(email_channel(25, "starttls", ca_file=str(tmp_path / "missing.pem")))
 
 
 def test_min_severity_routes(http):
