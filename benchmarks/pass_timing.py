@@ -4,7 +4,9 @@
 
 Starts its own throwaway redis-server (as the tests do). Every lock has a heartbeat; the
 keyspace also holds N unrelated keys, as a lock DB shared with Celery does. Prints one row
-per size: median and worst pass time, round trips, and Redis commands per pass.
+per size: median and worst pass time, round trips, Redis commands per pass, and how long the
+longest SCAN and the longest read script held Redis (its single thread serves no one else
+meanwhile), from SLOWLOG in one extra pass.
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def fill(client: redis.Redis, locks: int, other: int) -> None:
     pipe.execute()
 
 
+def longest_commands_us(admin: redis.Redis, monitor: Monitor) -> dict[str, int]:
+    """Server-side duration of the longest SCAN and script call of one pass, in microseconds."""
+    admin.config_set("slowlog-log-slower-than", 0)
+    admin.config_set("slowlog-max-len", 100_000)
+    admin.slowlog_reset()
+    monitor.run_pass()
+    entries = admin.slowlog_get(100_000)
+    admin.config_set("slowlog-log-slower-than", 10_000)
+    longest = {"scan": 0, "script": 0}
+    for entry in entries:
+        name = entry["command"].split(b" ", 1)[0].upper()
+        kind = "scan" if name == b"SCAN" else "script" if name in (b"EVALSHA", b"EVAL") else None
+        if kind is not None:
+            longest[kind] = max(longest[kind], int(entry["duration"]))
+    return longest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--other-keys", type=int, default=100_000)
@@ -56,7 +75,10 @@ def main() -> None:
     logs.configure("error", "console")
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
     print(f"unrelated keys in the keyspace: {args.other_keys:,}; passes per size: {args.repeat}")
-    print(f"{'locks':>7} {'median ms':>10} {'max ms':>8} {'round trips':>12} {'commands':>9}")
+    print(
+        f"{'locks':>7} {'median ms':>10} {'max ms':>8} {'round trips':>12} {'commands':>9}"
+        f" {'longest SCAN us':>16} {'longest script us':>18}"
+    )
     with RedisServer() as server, tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_mapping(
             {"redis": {"url": server.url}, "audit": {"path": f"{tmp}/a.jsonl", "critical_path": f"{tmp}/c.jsonl"}},
@@ -83,8 +105,10 @@ def main() -> None:
                 assert len(report.verdicts) == locks
                 trips.append(CountingConnection.sends)
                 commands.append(int(admin.info("stats")["total_commands_processed"]) - before - 1)
+            longest = longest_commands_us(admin, monitor)
             print(
                 f"{locks:>7,} {statistics.median(times):>10.1f} {max(times):>8.1f} {max(trips):>12} {max(commands):>9,}"
+                f" {longest['scan']:>16,} {longest['script']:>18,}"
             )
 
 

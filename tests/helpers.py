@@ -135,18 +135,23 @@ def stop_daemon(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def fast_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
-    """A started daemon with the FAST_* heartbeat settings and tiers of a few seconds."""
-    config = config_file(
+def fast_config(tmp: Path, url: str, **monitor: Any) -> Path:
+    """A monitor.yml with the FAST_* heartbeat settings and tiers of a few seconds."""
+    return config_file(
         tmp,
         url,
         gpu_lock_monitor={
             "monitor_interval": FAST_INTERVAL_S,
             "timeout_levels": {"warning": 2, "soft_timeout": 3, "hard_timeout": 30},
             "heartbeat": {"interval": FAST_HB_S, "timeout": FAST_HB_TIMEOUT_S},
+            **monitor,
         },
     )
-    proc = start_daemon(config)
+
+
+def fast_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
+    """A started daemon on `fast_config`."""
+    proc = start_daemon(fast_config(tmp, url))
     wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started") or proc.poll() is not None)
     assert proc.poll() is None, stop_daemon(proc)[1]
     return proc

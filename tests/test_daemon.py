@@ -14,29 +14,32 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from helpers import config_file, events, hold, next_message, start_daemon, stop_daemon, wait_for
+from helpers import (
+    FAST_HB_S,
+    FAST_HB_TIMEOUT_S,
+    FAST_INTERVAL_S,
+    events,
+    fast_config,
+    hold,
+    next_message,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+)
 
 from monitor.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
-HB_INTERVAL_S = 0.25
-HB_TIMEOUT_S = 1.0
-INTERVAL_S = 0.2
+HB_INTERVAL_S = FAST_HB_S
+HB_TIMEOUT_S = FAST_HB_TIMEOUT_S
+INTERVAL_S = FAST_INTERVAL_S
 
 
 def write_config(tmp: Path, url: str, **monitor: object) -> Path:
-    return config_file(
-        tmp,
-        url,
-        gpu_lock_monitor={
-            "monitor_interval": INTERVAL_S,
-            "timeout_levels": {"warning": 100, "soft_timeout": 200, "hard_timeout": 300},
-            "heartbeat": {"interval": HB_INTERVAL_S, "timeout": HB_TIMEOUT_S},
-            "cleanup": {"max_retry": 2, "retry_delay": 0.1},
-            **monitor,
-        },
-    )
+    """Tiers far away: these tests are about the heartbeat rule and the daemon's life cycle."""
+    tiers = {"warning": 100, "soft_timeout": 200, "hard_timeout": 300}
+    return fast_config(tmp, url, timeout_levels=tiers, cleanup={"max_retry": 2, "retry_delay": 0.1}, **monitor)
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
