@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import beat, build, events, hold, make_settings, read_jsonl
+from helpers import beat, build, events, hold, make_settings, next_message, read_jsonl
 
 from monitor import keys, logs
 from monitor.audit import monitor_identity
@@ -406,3 +406,33 @@ def test_status_key_summarises_the_last_pass_and_ages_on_redis_clock(r, settings
     assert status["failing_releases"] == 0
     assert status["monitor_interval_s"] == settings.monitor_interval_s
     assert 0 < r.pttl(key) <= 600_000
+
+
+def test_two_replicas_release_each_zombie_once(r, redis_server, tmp_path):
+    # Replica A's whole pass (it releases both zombies, and a waiter takes GPU 0) runs between
+    # replica B's observation and B's releases: B must delete nothing and announce nothing.
+    a = build(make_settings(redis_server.url, tmp_path / "a"))
+    b_settings = make_settings(redis_server.url, tmp_path / "b")
+    zombies = [hold(r, 0, "dead", age_s=450), hold(r, 1, "dead", age_s=450)]
+    pubsub = r.pubsub()
+    pubsub.subscribe(*(keys.release_channel(k) for k in zombies))
+    for _ in zombies:  # both subscriptions are in place before anyone publishes
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    a_done = []
+
+    def replica_a_acts_first() -> None:
+        if not a_done:
+            a_done.append(a.run_pass())
+            hold(r, 0, "waiter")
+
+    b = build(b_settings, reaper=RacingReaper(r, replica_a_acts_first))
+    b.run_pass()
+    released = sorted(e["lock_key"] for e in events(tmp_path / "a" / "audit.jsonl", "lock_released"))
+    assert released == ["gpu_lock:0", "gpu_lock:1"]
+    assert events(b_settings.audit_path, "lock_released") == []
+    outcomes = {e["lock_key"]: e["outcome"] for e in events(b_settings.audit_path, "release_skipped")}
+    assert outcomes == {"gpu_lock:0": "holder_changed", "gpu_lock:1": "gone"}
+    assert r.get(b"gpu_lock:0") == b"locked_by_waiter"
+    notices = list(iter(lambda: next_message(pubsub, 0.5), None))
+    assert sorted(m["channel"] for m in notices) == [b"gpu_lock:gpu_lock:0", b"gpu_lock:gpu_lock:1"]
+    pubsub.close()
