@@ -16,8 +16,12 @@ import os
 from typing import Any
 
 import redis
-from celery import Task
-from celery.exceptions import Retry
+
+try:
+    from celery import Task
+    from celery.exceptions import Retry
+except ImportError as exc:  # the optional extra is not installed: say which one
+    raise ImportError(f"monitor.celery_task needs Celery: pip install 'gpulock-monitor[celery]' ({exc})") from exc
 
 from monitor.client import GpuLock
 from monitor.errors import MonitorError

@@ -174,3 +174,10 @@ def test_redis_url_is_required(eager):
     eager.app.conf.update(gpu_lock_redis_url=None)
     with pytest.raises(MonitorError, match="set gpu_lock_redis_url"):
         eager.hold.apply(kwargs={"gpu_id": 0}, throw=True)
+
+
+def test_without_celery_the_import_says_what_to_install():
+    code = "import sys; sys.modules['celery'] = None; import monitor.celery_task"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "ImportError: monitor.celery_task needs Celery: pip install 'gpulock-monitor[celery]'" in result.stderr
