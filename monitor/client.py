@@ -75,6 +75,7 @@ class Counters:
     emergency_releases: int = 0
     release_script_errors: int = 0
     ownership_violations: int = 0
+    heartbeat_failures: int = 0  # refreshes that hit a Redis error (retried at the next interval)
 
 
 COUNTERS = Counters()
@@ -180,6 +181,7 @@ class GpuLock:
                 owned = self._beat(keys=keys_, args=[self.value, repr(time.time()), hb_ms])
             except redis.RedisError as exc:
                 # A blip: redis-py reconnects on the next call; the key's 2x TTL covers one miss.
+                COUNTERS.heartbeat_failures += 1
                 log.warning("heartbeat_failed", lock_key=keys.text(self.key), error=str(exc))
                 continue
             if not owned:

@@ -12,6 +12,7 @@ from helpers import build, events, next_message, read_jsonl, wait_for
 
 from monitor import client as client_mod
 from monitor.client import AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
+from monitor.redis_server import RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +131,6 @@ def test_normal_release_fails_then_emergency_release_on_fresh_connection(r, redi
 
 
 def test_both_releases_fail_writes_critical_record(tmp_path):
-    from monitor.redis_server import RedisServer
-
     with RedisServer() as own:
         c = redis.Redis.from_url(own.url, protocol=2)
         held = GpuLock(
@@ -187,3 +186,69 @@ def test_retried_try_after_a_lost_reply_finds_its_own_lock(r):
     assert held._try()
     assert lock(r, task_name="other")._try() is False
     assert r.get(b"gpu_lock:0") == held.value
+
+
+# --- faults: Redis away, a failing callback, an unwritable critical log ----------------------------
+
+
+@pytest.fixture
+def own_redis():
+    # Data survives a restart (AOF), as on a production Redis with persistence.
+    with RedisServer(None, "--appendonly", "yes", "--appendfsync", "always") as own:
+        yield own
+
+
+def test_heartbeat_rides_out_a_redis_outage(own_redis):
+    c = redis.Redis.from_url(own_redis.url, protocol=2)
+    held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=0.1).acquire()
+    try:
+        own_redis.stop()
+        wait_for(lambda: client_mod.COUNTERS.heartbeat_failures >= 2)
+        own_redis.start()
+        before = c.get(b"gpu_lock:0:heartbeat")
+        wait_for(lambda: c.get(b"gpu_lock:0:heartbeat") != before)
+        assert not held.lost.is_set()
+    finally:
+        assert held.finish("normal")
+
+
+def test_acquire_waits_out_a_redis_outage_within_max_wait(own_redis):
+    c = redis.Redis.from_url(own_redis.url, protocol=2)
+    own_redis.stop()
+    restarted = threading.Timer(0.5, own_redis.start)
+    restarted.start()
+    try:
+        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, max_wait=30).acquire()
+    finally:
+        restarted.join()
+    assert c.get(b"gpu_lock:0") == held.value
+    assert held.finish("normal")
+
+
+def test_acquire_gives_up_when_redis_stays_down(own_redis):
+    c = redis.Redis.from_url(own_redis.url, protocol=2)
+    own_redis.stop()
+    with pytest.raises(AcquireTimeoutError, match="gpu_lock:0: Redis unreachable"):
+        GpuLock(c, "gpu_lock:0", task_name="tts", max_wait=0.3).acquire()
+
+
+def test_failing_on_lost_callback_is_logged_not_raised(r):
+    def on_lost(_lock):
+        raise RuntimeError("callback bug")
+
+    held = lock(r, on_lost=on_lost).acquire()
+    r.set(b"gpu_lock:0", b"locked_by_someone_else")
+    assert held.lost.wait(5)
+    assert held._thread is not None
+    held._thread.join(5)
+    assert not held._thread.is_alive()  # it ended after reporting, without an unhandled exception
+
+
+def test_unwritable_critical_log_is_logged_not_raised(tmp_path):
+    with RedisServer() as own:
+        c = redis.Redis.from_url(own.url, protocol=2)
+        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path))
+        held.acquire()
+        own.stop()
+        assert not held.finish("normal")  # a directory is no log file: the record goes to the log only
+    assert list(tmp_path.iterdir()) == []
