@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from monitor import audit_read
 from monitor.audit import MAX_PENDING, AuditLog, JsonlFile
 from monitor.errors import AuditWriteError
 
@@ -154,3 +155,73 @@ def test_close_then_write_reopens(tmp_path):
     f.close()
     f.write({"n": 2})
     assert [e["n"] for e in lines(tmp_path / "a.jsonl")] == [1, 2]
+
+
+# --- reading: what `gpulock-monitor audit` is built on -------------------------------------------
+
+
+def test_parse_lines_skips_foreign_and_torn_lines():
+    data = b'{"event": "a"}\nnot json\n[1, 2]\n\xff\xfe\n{"event": "b"}\n{"event": "to'
+    assert [r["event"] for r in audit_read.parse_lines(data)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("record", "kept"),
+    [
+        ({"event": "lock_released", "lock_key": "gpu_lock:0", "ts": "2026-01-02T00:00:00+00:00"}, True),
+        ({"event": "lock_warning", "lock_key": "gpu_lock:0", "ts": "2026-01-02T00:00:00+00:00"}, False),
+        ({"event": "lock_released", "lock_key": "gpu_lock:1", "ts": "2026-01-02T00:00:00+00:00"}, False),
+        ({"event": "lock_released", "lock_key": "gpu_lock:0", "ts": "2025-12-31T23:59:59+00:00"}, False),
+        ({"event": "lock_released", "lock_key": "gpu_lock:0", "ts": "garbage"}, False),
+        ({"event": "lock_released", "lock_key": "gpu_lock:0"}, False),
+    ],
+)
+def test_filter(record, kept):
+    since = audit_read.parse_since("2026-01-01T00:00:00Z", now=0.0)
+    assert audit_read.Filter(since=since, lock="gpu_lock:0", event="lock_released")(record) is kept
+
+
+def test_describe_is_one_line_with_the_fields_an_operator_reads():
+    line = audit_read.describe(
+        {
+            "ts": "2026-01-02T00:00:00+00:00",
+            "event": "lock_released",
+            "lock_key": "gpu_lock:0",
+            "holder": 'locked_by_"x"\nnext',
+            "held_s": 930.5,
+            "heartbeat": "dead",
+            "tier": "hard",
+            "reason": "heartbeat_dead",
+            "outcome": "released",
+            "operator": None,
+        }
+    )
+    assert "\n" not in line
+    assert line == (
+        '2026-01-02T00:00:00+00:00  lock_released         gpu_lock:0  holder="locked_by_\\"x\\"\\nnext"  '
+        'held_s=930.5  heartbeat="dead"  tier="hard"  reason="heartbeat_dead"  outcome="released"'
+    )
+
+
+def test_read_skips_a_file_rotated_away_meanwhile(tmp_path, monkeypatch):
+    live = tmp_path / "audit.jsonl"
+    live.write_text('{"event": "live"}\n')
+    gone = tmp_path / "audit.jsonl.1"  # listed, then removed by the rotation before it was read
+    monkeypatch.setattr(audit_read, "log_files", lambda _path: [gone, live])
+    assert [r["event"] for r in audit_read.read(live)] == ["live"]
+
+
+def test_follow_without_history_starts_at_the_end(tmp_path):
+    live = tmp_path / "audit.jsonl"
+    live.write_text('{"event": "old"}\n')
+    seen = []
+
+    def stop() -> bool:
+        if not seen:
+            with live.open("a") as f:
+                f.write('{"event": "new"}\n')
+        return bool(seen)
+
+    for record in audit_read.follow(live, stop=stop, history=False, poll_s=0.01):
+        seen.append(record["event"])
+    assert seen == ["new"]
