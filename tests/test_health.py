@@ -75,4 +75,3 @@ def test_assess(kw, state, reason):
     health = assess(SETTINGS, **args)
     assert (health.state, health.reason) == (state, reason)
     assert health.line == f"{state.name.lower()}: {reason}"
-
