@@ -20,7 +20,9 @@ class NVMLLibraryMismatchError(Exception):
     pass
 
 
-NOT_SUPPORTED, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND, FUNCTION_NOT_FOUND, LIB_RM_VERSION_MISMATCH = 3, 9, 12, 13, 18
+NOT_SUPPORTED, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND, FUNCTION_NOT_FOUND, GPU_IS_LOST, LIB_RM_VERSION_MISMATCH = (
+    3, 9, 12, 13, 15, 18,
+)  # fmt: skip
 
 
 @dataclass
@@ -32,14 +34,24 @@ class Device:
     util: int = 37
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     unsupported: set[str] = field(default_factory=set)
+    lost: bool = False  # fallen off the bus: even its handle fails
+    process_names: dict[int, str] = field(default_factory=dict)  # what NVML may name (own user's)
 
 
 class FakeNvml:
     """Build one, configure it, then pass `.module` where the real `pynvml` would go."""
 
-    def __init__(self, devices: list[Device], *, init_error: int | None = None, old_driver: bool = False) -> None:
+    def __init__(
+        self,
+        devices: list[Device],
+        *,
+        init_error: int | Exception | None = None,
+        old_driver: bool = False,
+        count_fails: bool = False,
+    ) -> None:
         self.devices = devices
         self.init_error = init_error
+        self.count_fails = count_fails
         self.old_driver = old_driver
         self.calls: list[str] = []
         self.shutdowns = 0
@@ -59,6 +71,8 @@ class FakeNvml:
 
         def init():
             fake.calls.append("init")
+            if isinstance(fake.init_error, Exception):
+                raise fake.init_error
             if fake.init_error is not None:
                 raise NVMLError(fake.init_error)
 
@@ -77,8 +91,19 @@ class FakeNvml:
 
         m.nvmlInit = init
         m.nvmlShutdown = shutdown
-        m.nvmlDeviceGetCount = lambda: len(fake.devices)
-        m.nvmlDeviceGetHandleByIndex = lambda i: i
+
+        def count():
+            if fake.count_fails:
+                raise NVMLError(GPU_IS_LOST)
+            return len(fake.devices)
+
+        def handle(i):
+            if fake.devices[i].lost:
+                raise NVMLError(GPU_IS_LOST)
+            return i
+
+        m.nvmlDeviceGetCount = count
+        m.nvmlDeviceGetHandleByIndex = handle
         m.nvmlDeviceGetUUID = lambda h: call("uuid", h, lambda d: d.uuid)
         m.nvmlDeviceGetName = lambda h: call("name", h, lambda d: d.name.encode())
         m.nvmlDeviceGetMemoryInfo = lambda h: call(
@@ -91,6 +116,9 @@ class FakeNvml:
         m.nvmlDeviceGetComputeRunningProcesses_v2 = processes_v2
 
         def process_name(pid):
+            for d in fake.devices:
+                if pid in d.process_names:
+                    return d.process_names[pid].encode()
             raise NVMLError(NOT_SUPPORTED)  # as for another user's process
 
         m.nvmlSystemGetProcessName = process_name

@@ -114,6 +114,34 @@ def test_old_driver_falls_back_to_v2_process_call():
     assert nvml.snapshot()[0].processes[0].used_bytes is None
 
 
+def test_broken_library_is_unavailable_not_an_error():
+    nvml = nvml_of(FakeNvml([Device("GPU-a")], init_error=OSError("libnvidia-ml.so.1: invalid ELF header")))
+    assert nvml.snapshot() == {}
+    assert nvml.reason == "NVML could not be loaded: libnvidia-ml.so.1: invalid ELF header"
+
+
+def test_lost_gpu_and_failing_count():
+    fake = FakeNvml([Device("GPU-a", lost=True), Device("GPU-b")])
+    gpus = nvml_of(fake).snapshot()
+    assert gpus[0] == GpuInfo(0, None, None, None, None, None, None)
+    assert gpus[1].uuid == "GPU-b"
+    fake.count_fails = True
+    assert nvml_of(fake).snapshot() == {}
+
+
+def test_old_driver_without_process_support():
+    fake = FakeNvml([Device("GPU-a", unsupported={"processes"})], old_driver=True)
+    assert nvml_of(fake).snapshot()[0].processes is None
+
+
+def test_process_name_from_nvml_else_proc():
+    me = os.getpid()
+    fake = FakeNvml([Device("GPU-a", processes=[(me, GIB), (4242, GIB)], process_names={4242: "/usr/bin/python3"})])
+    named = {p.pid: p.name for p in nvml_of(fake).snapshot()[0].processes}
+    assert named[4242] == "/usr/bin/python3"
+    assert named[me] == Path(f"/proc/{me}/comm").read_text().strip()  # NVML would not say: from /proc
+
+
 def test_shutdown_once_and_then_empty():
     fake = FakeNvml([Device("GPU-a")])
     nvml = nvml_of(fake)
