@@ -96,11 +96,13 @@ def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_
 def test_waiter_woken_by_notice_across_processes(redis_server, r, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     holder = GpuLock(r, "gpu_lock:0", task_name="holder", heartbeat_interval=30).acquire()
+    r.config_resetstat()
     # Polling every 30 s: only the release notice can explain a quick acquire.
     waiter = worker(redis_server.url, 0, ledger, "--poll-min-s", "30", "--poll-max-s", "30", "--task-s", "0")
     try:
+        # Subscribed, then its first try (the acquire script) failed: now it waits on the channel.
         wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 1)
-        time.sleep(0.2)  # past its first failed try
+        wait_for(lambda: r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 1)
         pubsub = r.pubsub()
         pubsub.subscribe(b"gpu_lock:gpu_lock:0")
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
