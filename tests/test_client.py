@@ -69,7 +69,8 @@ def test_heartbeat_survives_a_redis_blip(r):
 
 
 def test_waiter_is_woken_by_the_notice_not_by_polling(r):
-    holder = lock(r).acquire()
+    holder = lock(r, heartbeat_interval=30).acquire()  # no heartbeat scripts during the test
+    r.config_resetstat()
     got: list[float] = []
     waiter = lock(r, task_name="asr", poll_min_s=30, poll_max_s=30, max_wait=60)
     thread = threading.Thread(target=lambda: got.append(waiter.acquire().acquired_at))
@@ -78,7 +79,7 @@ def test_waiter_is_woken_by_the_notice_not_by_polling(r):
     pubsub.subscribe(b"gpu_lock:gpu_lock:0")
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 2)  # the waiter listens
-    time.sleep(0.1)  # and has made its first try
+    wait_for(lambda: r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 1)  # and tried
     holder.release()
     notice = json.loads(next_message(pubsub, 5)["data"])
     thread.join(timeout=10)
@@ -173,7 +174,8 @@ def test_decorator_and_failure_callback(r):
 
 def test_monitor_sees_client_holdings_as_alive(r, settings):
     with lock(r, heartbeat_interval=0.1):
-        time.sleep(0.25)
+        first = r.get(b"gpu_lock:0:heartbeat")
+        wait_for(lambda: r.get(b"gpu_lock:0:heartbeat") != first)  # a refresh, not only the first beat
         report = build(settings).run_pass()
     assert report.verdicts[0].holding.heartbeat.value == "alive"
     assert events(settings.audit_path) == []

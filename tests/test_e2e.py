@@ -141,7 +141,7 @@ def test_redis_restart_under_running_workers(tmp_path):
         holder = worker(own.url, 0, ledger, "--task-s", "4")
         wait_for(lambda: client.exists(b"gpu_lock:0"))
         waiter = worker(own.url, 0, ledger, "--task-s", "0.1", "--name", "waiter")
-        time.sleep(0.3)
+        wait_for(lambda: client.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 1)  # it waits for GPU 0
         own.restart()  # data survives (AOF); every connection drops
         client = redis.Redis.from_url(own.url, protocol=2)
         before = client.get(b"gpu_lock:0:heartbeat")
