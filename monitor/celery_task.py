@@ -7,11 +7,13 @@
 The lock wraps `__call__`, the one place Celery runs for every outcome: success, an exception,
 `self.retry()`, and the `Ignore`/`Reject` outcomes after which Celery calls neither `on_failure` nor
 `after_return` (a lock released there would leak, with a live heartbeat, until the hard timeout).
-A hard time limit kills the pool process instead: its heartbeat stops, and the monitor frees the GPU.
+At a hard time limit the pool ends the process (SIGTERM, then SIGKILL): a task that cannot release
+in between (stuck in a CUDA call) stops heartbeating, and the monitor frees the GPU.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -32,9 +34,8 @@ _CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 
 
 class GpuTask(Task):  # type: ignore[misc]
-    """Runs each call holding `gpu_lock_key`, formatted with the call's keyword arguments."""
+    """Runs each call holding `gpu_lock_key`, formatted with the call's arguments by name."""
 
-    abstract = True
     gpu_lock_key: str = "gpu_lock:{gpu_id}"
     gpu_lock_redis_url: str | None = None  # None: the app's `gpu_lock_redis_url` setting
     gpu_lock_options: dict[str, Any] = {}  # noqa: RUF012 - read-only, overridden per task
@@ -47,7 +48,7 @@ class GpuTask(Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lock = GpuLock(
             self._redis(),
-            self._lock_key(kwargs),
+            self._lock_key(args, kwargs),
             task_name=self.name,
             task_id=self.request.id,
             **self.gpu_lock_options,
@@ -65,13 +66,16 @@ class GpuTask(Task):  # type: ignore[misc]
             self.request.gpu_lock = None
             lock.finish(reason)
 
-    def _lock_key(self, kwargs: dict[str, Any]) -> str:
+    def _lock_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # By name, whether the caller passed gpu_id by position or by keyword.
         try:
-            return self.gpu_lock_key.format(**kwargs)
+            named = inspect.signature(self.run).bind_partial(*args, **kwargs).arguments
+        except TypeError:  # arguments the task does not take: Celery's own call reports it
+            named = dict(kwargs)
+        try:
+            return self.gpu_lock_key.format(**named)
         except (KeyError, IndexError) as exc:
-            raise MonitorError(
-                f"{self.name}: gpu_lock_key {self.gpu_lock_key!r} needs keyword argument {exc}"
-            ) from None
+            raise MonitorError(f"{self.name}: gpu_lock_key {self.gpu_lock_key!r} needs argument {exc}") from None
 
     def _redis(self) -> redis.Redis:
         url = self.gpu_lock_redis_url or self.app.conf.get("gpu_lock_redis_url")

@@ -164,8 +164,15 @@ def test_eager_run_holds_and_releases(eager, r):
     assert r.exists(b"gpu_lock:3") == 0
 
 
+def test_key_from_a_positional_argument(eager, r):
+    pubsub = notices(r, 4)
+    eager.hold.apply(args=(4,)).get()  # hold(gpu_id=4), passed by position
+    assert json.loads(next_message(pubsub, 5)["data"])["lock_key"] == "gpu_lock:4"
+    pubsub.close()
+
+
 def test_key_template_needs_its_argument(eager, r):
-    with pytest.raises(MonitorError, match=r"gpu_lock_key 'gpu_lock:\{card\}' needs keyword argument 'card'"):
+    with pytest.raises(MonitorError, match=r"gpu_lock_key 'gpu_lock:\{card\}' needs argument 'card'"):
         eager.wrong_key.apply(kwargs={"gpu_id": 0}, throw=True)
     assert r.keys(b"gpu_lock:*") == []
 
@@ -181,3 +188,9 @@ def test_without_celery_the_import_says_what_to_install():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "ImportError: monitor.celery_task needs Celery: pip install 'gpulock-monitor[celery]'" in result.stderr
+
+
+def test_call_with_arguments_the_task_does_not_take_leaks_no_lock(eager, r):
+    with pytest.raises(TypeError):
+        eager.hold.apply(kwargs={"gpu_id": 5, "bogus": 1}, throw=True)
+    assert r.exists(b"gpu_lock:5") == 0
