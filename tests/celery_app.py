@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore
 
 from monitor.celery_task import GpuTask
@@ -26,6 +26,11 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 FAST = {"heartbeat_interval": 0.2, "max_wait": 30, "poll_max_s": 0.2}
+
+
+@signals.task_prerun.connect
+def _entered(task: Any, **_: Any) -> None:
+    task.request.entered = time.time()  # before GpuTask waits for the lock
 
 
 def _seen(task: Any) -> dict[str, Any]:
@@ -44,7 +49,7 @@ def hold(self: Any, gpu_id: int, seconds: float = 0.0) -> dict[str, Any]:
     start = time.time()
     seen = _seen(self)
     time.sleep(seconds)
-    return {**seen, "start": start, "end": time.time()}
+    return {**seen, "entered": self.request.entered, "start": start, "end": time.time()}
 
 
 @app.task(base=GpuTask, gpu_lock_options=FAST)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
 import os
 import subprocess
@@ -121,11 +120,12 @@ def test_ignored_task_still_releases(app, locks):
 
 
 def test_two_pool_processes_take_one_gpu_in_turn(app, locks):
-    results = [app.hold.delay(gpu_id=1, seconds=0.5) for _ in range(2)]
-    spans = sorted((r["start"], r["end"], r["pid"]) for r in (res.get(timeout=60) for res in results))
-    assert spans[0][2] != spans[1][2], "both ran in one pool process: nothing contended"
-    for (_s1, e1, _p1), (s2, _e2, _p2) in itertools.pairwise(spans):
-        assert s2 >= e1 - 0.005
+    first_result = app.hold.delay(gpu_id=1, seconds=1.0)
+    wait_for(lambda: locks.exists(b"gpu_lock:1"), timeout_s=30)  # the first holds GPU 1: now the second
+    second_result = app.hold.delay(gpu_id=1)  # goes to the other, idle pool process and waits there
+    first, second = first_result.get(timeout=60), second_result.get(timeout=60)
+    assert second["entered"] < first["end"], "the second never waited: nothing contended"
+    assert second["start"] >= first["end"] - 0.005, "both held GPU 1 at once"
 
 
 def test_hard_time_limit_kill_is_recovered_by_the_monitor(app, locks, base_url, tmp_path):
