@@ -7,7 +7,7 @@ from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -17,6 +17,12 @@ from monitor.config import Settings, read_password
 # Failures the daemon rides out (keeps running, backs off); anything else is a bug or a
 # refusal (e.g. ACL) and is reported as such.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# No command is re-sent by redis-py itself: a command whose reply was lost may have run, and
+# re-running a release blindly would mis-report it (DESIGN.md section 4). A connection a Redis
+# restart closed fails one pass, which the daemon audits and retries; the release script answers
+# a repeated call from its tombstone.
+NO_RETRY = Retry(NoBackoff(), 0)
 
 # What every module takes: a plain (or Sentinel-found) Redis, or a Redis Cluster.
 Client: TypeAlias = "redis.Redis | RedisCluster"
@@ -36,7 +42,7 @@ def connect(settings: Settings, env: Mapping[str, str] | None = None) -> Client:
     if settings.redis_cluster:
         # The URL names any one node; the client discovers the others and follows MOVED.
         return RedisCluster.from_url(
-            settings.redis_url, protocol=2, socket_timeout=5, socket_connect_timeout=5, **extra
+            settings.redis_url, protocol=2, socket_timeout=5, socket_connect_timeout=5, retry=NO_RETRY, **extra
         )
     return redis.Redis.from_url(
         settings.redis_url,
@@ -45,9 +51,7 @@ def connect(settings: Settings, env: Mapping[str, str] | None = None) -> Client:
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
-        # One quick retry rides over a pooled connection that a Redis restart closed; longer
-        # outages are the daemon's to handle (audit, back off), not the client's to hide.
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        retry=NO_RETRY,
         client_name="gpulock-monitor",
         **extra,
     )
@@ -70,7 +74,7 @@ def _through_sentinel(settings: Settings, extra: dict[str, str]) -> redis.Redis:
         protocol=2,
         socket_timeout=5,
         socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        retry=NO_RETRY,
         client_name="gpulock-monitor",
         **options,
     )

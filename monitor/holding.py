@@ -1,14 +1,20 @@
-"""Held time and heartbeat state of one lock, from an observation and what was remembered.
+"""Held time and heartbeat state of one holding, from an observation and what was remembered.
 
-All times are Redis `TIME` milliseconds; a worker's own clock is never read. Two sources
-give the start of a holding: the lock's remaining PTTL against `gpu_lock.lock_timeout`
-(workers SET EX lock_timeout and never renew), and the moment the monitor first saw this
-value (kept in Redis, so it survives restarts and is shared by replicas). A PTTL that says
-the lock was set later than the remembered start means the same value acquired it again.
+A holding is one acquisition: the lock's value together with its absolute expiry on Redis's
+clock. Values repeat (task names), expiries do not: a re-acquire by the same task name, however
+soon, has a later expiry and is a new holding with nothing inherited.
 
-A heartbeat is judged by its key, not its content: it is alive while it exists and changed
-(or was set, by its own PTTL) within `heartbeat.timeout`; dead if it was seen during this
-holding and then expired or went stale; none if it was never seen during this holding.
+Held time is a lower bound the monitor can prove, on Redis's clock only. The holding began no
+later than the first time a monitor saw it, and no later than `expiry - lock_timeout` (because
+`gpu_lock.lock_timeout` is the shortest EX any worker uses). When the holding was absent at a
+complete pass that began at T, it began after T; a TTL inference that dates it before T was made
+with too long a `lock_timeout` and is dropped (a lock_timeout_mismatch).
+
+A heartbeat belongs to a holding only when it was provably written at or after the holding
+began: the monitor saw it appear or change during the holding, or its expiry minus the heartbeat
+TTL is no earlier than the latest moment the holding can have begun. A heartbeat that may be the
+previous holder's leftover protects the holding (it counts as alive) but can never make it dead.
+Liveness is read from the key, never from the worker's clock inside it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,9 @@ import json
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from monitor.scanner import Observation
+from monitor.scanner import EXPIRY_SLACK_MS, Observation
 
-# PTTL-derived times jitter by a millisecond between passes; a start this much later is a
-# re-acquire, and smaller moves are not worth a write.
-REACQUIRE_SLACK_MS = 1000
+TOMBSTONE_PREFIX = b"released:"
 
 
 class Heartbeat(str, Enum):
@@ -30,25 +34,52 @@ class Heartbeat(str, Enum):
     NONE = "none"
 
 
+def same_expiry(a: int | None, b: int | None) -> bool:
+    """Whether two reads of a key's expiry (ms, -1 none) show the same write."""
+    if a is None or b is None or a < 0 or b < 0:
+        return a == b
+    return abs(a - b) <= EXPIRY_SLACK_MS
+
+
+def tombstone(holder: bytes, expiry_ms: int) -> bytes:
+    """What the release script leaves in the holding's record key (see reaper.RELEASE_SCRIPT)."""
+    return TOMBSTONE_PREFIX + str(expiry_ms).encode() + b":" + holder
+
+
 @dataclass(frozen=True)
 class Record:
-    """What the monitor remembers about a holding between passes (and restarts)."""
+    """What monitors know about one holding, kept in Redis by the acting monitor.
+
+    Only facts go here (what was seen, when, on Redis's clock), never conclusions that depend on
+    a monitor's config, so replicas with other settings read the same record the same way.
+    """
 
     holder: bytes
-    since_ms: int
-    hb_seen: bool = False
-    hb_value: bytes | None = None
-    hb_refreshed_ms: int | None = None
+    expiry_ms: int  # with `holder`, the holding's identity; -1 for a lock without a TTL
+    first_seen_ms: int
+    after_ms: int | None = None  # absent at a complete pass that began then: began later
+    hb_value: bytes | None = None  # the heartbeat at the last look (None: absent)
+    hb_expiry_ms: int | None = None
+    hb_observed_ms: int | None = None  # when that heartbeat version was first seen
+    hb_seen: bool = False  # a heartbeat of this holding was seen
+    hb_refreshed_ms: int | None = None  # its last write, as late as the evidence allows
     notified: frozenset[str] = field(default_factory=frozenset)
+
+    def is_holding(self, value: bytes, expiry_ms: int) -> bool:
+        return self.holder == value and same_expiry(self.expiry_ms, expiry_ms)
 
     def dumps(self) -> bytes:
         # latin-1 maps bytes to code points one to one, so any value survives JSON.
         return json.dumps(
             {
                 "holder": self.holder.decode("latin-1"),
-                "since_ms": self.since_ms,
-                "hb_seen": self.hb_seen,
+                "expiry_ms": self.expiry_ms,
+                "first_seen_ms": self.first_seen_ms,
+                "after_ms": self.after_ms,
                 "hb_value": None if self.hb_value is None else self.hb_value.decode("latin-1"),
+                "hb_expiry_ms": self.hb_expiry_ms,
+                "hb_observed_ms": self.hb_observed_ms,
+                "hb_seen": self.hb_seen,
                 "hb_refreshed_ms": self.hb_refreshed_ms,
                 "notified": sorted(self.notified),
             },
@@ -57,22 +88,30 @@ class Record:
 
     @classmethod
     def loads(cls, raw: bytes | None) -> Record | None:
-        """The record, or None when absent or unreadable (then the holding starts afresh)."""
-        if raw is None:
+        """The record, or None when absent, a tombstone or unreadable (then nothing is known)."""
+        if raw is None or raw.startswith(TOMBSTONE_PREFIX):
             return None
         try:
             data = json.loads(raw)
             hb_value = data["hb_value"]
             return cls(
                 holder=data["holder"].encode("latin-1"),
-                since_ms=int(data["since_ms"]),
-                hb_seen=bool(data["hb_seen"]),
+                expiry_ms=int(data["expiry_ms"]),
+                first_seen_ms=int(data["first_seen_ms"]),
+                after_ms=_int_or_none(data["after_ms"]),
                 hb_value=None if hb_value is None else hb_value.encode("latin-1"),
-                hb_refreshed_ms=None if data["hb_refreshed_ms"] is None else int(data["hb_refreshed_ms"]),
-                notified=frozenset(data["notified"]),
+                hb_expiry_ms=_int_or_none(data["hb_expiry_ms"]),
+                hb_observed_ms=_int_or_none(data["hb_observed_ms"]),
+                hb_seen=bool(data["hb_seen"]),
+                hb_refreshed_ms=_int_or_none(data["hb_refreshed_ms"]),
+                notified=frozenset(str(n) for n in data["notified"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -82,13 +121,15 @@ class Holding:
     key: bytes
     holder: bytes
     now_ms: int
-    held_ms: int
+    held_ms: int  # a proven lower bound
     heartbeat: Heartbeat
-    hb_age_ms: int | None  # None: never seen during this holding
+    hb_age_ms: int | None  # None: no heartbeat of this holding known
     hb_value: bytes | None  # the heartbeat as observed (the release script re-checks it)
-    pttl_ms: int
+    hb_expiry_ms: int
+    expiry_ms: int  # the lock's, as observed (the release script re-checks it)
     record: Record  # the updated record to persist
-    new: bool  # this pass saw the holding for the first time
+    new: bool  # this look is the first at this holding
+    ttl_mismatch: bool = False  # the lock's TTL contradicts gpu_lock.lock_timeout
 
     @property
     def held_s(self) -> float:
@@ -98,58 +139,89 @@ class Holding:
     def hb_age_s(self) -> float | None:
         return None if self.hb_age_ms is None else self.hb_age_ms / 1000
 
+    @property
+    def pttl_ms(self) -> int:
+        return self.expiry_ms if self.expiry_ms < 0 else max(0, self.expiry_ms - self.now_ms)
 
-def track(obs: Observation, *, lock_timeout_ms: int, hb_ttl_ms: int, hb_timeout_ms: int) -> Holding:
-    """Combine an observation of a present lock with its record. Pure."""
+    @property
+    def id(self) -> int:
+        """Which holding, for audit and alert deduplication: when a monitor first saw it."""
+        return self.record.first_seen_ms
+
+
+def track(
+    obs: Observation,
+    prev: Record | None,
+    *,
+    after_ms: int | None,
+    lock_timeout_ms: int,
+    hb_ttl_ms: int,
+    hb_timeout_ms: int,
+) -> Holding:
+    """Combine an observation of a present lock with what was known of it. Pure.
+
+    `prev` is ignored unless it describes this very holding; `after_ms` is when the last
+    complete pass that would have recorded this holding began (None: no such pass known).
+    """
     assert obs.value is not None
     now = obs.now_ms
-    prev = Record.loads(obs.record)
-    ttl_start = _start_from_ttl(now, obs.pttl_ms, lock_timeout_ms)
-    new = (
-        prev is None
-        or prev.holder != obs.value
-        or (ttl_start is not None and ttl_start > prev.since_ms + REACQUIRE_SLACK_MS)
-    )
-    if new or prev is None:
-        rec = Record(holder=obs.value, since_ms=now if ttl_start is None else ttl_start)
-    elif ttl_start is not None and ttl_start < prev.since_ms - REACQUIRE_SLACK_MS:
-        rec = replace(prev, since_ms=ttl_start)  # first seen without a TTL, older than it looked
-    else:
-        rec = prev  # PTTL-derived starts jitter by a millisecond; a steady holding is not rewritten
-
-    if obs.hb_value is None:
-        state = Heartbeat.DEAD if rec.hb_seen else Heartbeat.NONE
-        refreshed = rec.hb_refreshed_ms
-        rec = replace(rec, hb_value=None)
-    else:
-        ttl_set = _start_from_ttl(now, obs.hb_pttl_ms, hb_ttl_ms)
-        if not rec.hb_seen or obs.hb_value != rec.hb_value:
-            # A new value: refreshed since the last pass; its PTTL tells when, else assume now.
-            refreshed = now if ttl_set is None else ttl_set
-            refreshed = max(refreshed, rec.hb_refreshed_ms or refreshed)
-        else:
-            refreshed = rec.hb_refreshed_ms or now
-            if ttl_set is not None and ttl_set > refreshed + REACQUIRE_SLACK_MS:
-                refreshed = ttl_set  # the same value, re-set later (refreshed by EXPIRE alone)
-        rec = replace(rec, hb_seen=True, hb_value=obs.hb_value, hb_refreshed_ms=refreshed)
-        state = Heartbeat.ALIVE if now - refreshed <= hb_timeout_ms else Heartbeat.DEAD
-
+    if prev is not None and not prev.is_holding(obs.value, obs.expiry_ms):
+        prev = None
+    rec = prev or Record(holder=obs.value, expiry_ms=obs.expiry_ms, first_seen_ms=now, after_ms=after_ms)
+    latest_start = rec.first_seen_ms
+    mismatch = False
+    if obs.expiry_ms >= 0:
+        ttl_start = obs.expiry_ms - lock_timeout_ms
+        mismatch = rec.after_ms is not None and ttl_start < rec.after_ms
+        if not mismatch:
+            latest_start = min(latest_start, ttl_start)
+    state, age, rec = _heartbeat(obs, rec, prev, latest_start, hb_ttl_ms=hb_ttl_ms, hb_timeout_ms=hb_timeout_ms)
     return Holding(
         key=obs.key,
         holder=obs.value,
         now_ms=now,
-        held_ms=max(0, now - rec.since_ms),
+        held_ms=max(0, now - latest_start),
         heartbeat=state,
-        hb_age_ms=None if refreshed is None else max(0, now - refreshed),
+        hb_age_ms=age,
         hb_value=obs.hb_value,
-        pttl_ms=obs.pttl_ms,
+        hb_expiry_ms=obs.hb_expiry_ms,
+        expiry_ms=obs.expiry_ms,
         record=rec,
-        new=new,
+        new=prev is None,
+        ttl_mismatch=mismatch,
     )
 
 
-def _start_from_ttl(now_ms: int, pttl_ms: int, full_ttl_ms: int) -> int | None:
-    """When a key set with EX full_ttl was set, judged by its PTTL; None if PTTL cannot say."""
-    if 0 < pttl_ms <= full_ttl_ms:
-        return now_ms - (full_ttl_ms - pttl_ms)
-    return None
+def _heartbeat(
+    obs: Observation, rec: Record, prev: Record | None, latest_start: int, *, hb_ttl_ms: int, hb_timeout_ms: int
+) -> tuple[Heartbeat, int | None, Record]:
+    now = obs.now_ms
+    if obs.hb_value is None:
+        rec = replace(rec, hb_value=None, hb_expiry_ms=None, hb_observed_ms=None)
+        if not rec.hb_seen:
+            return Heartbeat.NONE, None, rec
+        # Seen during this holding, now gone: dead, whatever timestamp it last held.
+        refreshed = rec.hb_refreshed_ms
+        return Heartbeat.DEAD, None if refreshed is None else max(0, now - refreshed), rec
+    if prev is not None and prev.hb_value == obs.hb_value and same_expiry(prev.hb_expiry_ms, obs.hb_expiry_ms):
+        observed = prev.hb_observed_ms if prev.hb_observed_ms is not None else now
+        seen_change = False
+    else:
+        observed = now
+        # It appeared or changed since a look during this holding: written during it.
+        seen_change = prev is not None
+    # Workers set the key with EX 2 * heartbeat.interval: its expiry dates the last write, as
+    # long as the key does not live longer than that (a worker with a longer interval).
+    written_from_ttl = None
+    if 0 <= obs.hb_expiry_ms - now <= hb_ttl_ms:
+        written_from_ttl = obs.hb_expiry_ms - hb_ttl_ms
+    proven = rec.hb_seen or seen_change or (written_from_ttl is not None and written_from_ttl >= latest_start)
+    refreshed = max(observed, written_from_ttl if written_from_ttl is not None else observed)
+    rec = replace(rec, hb_value=obs.hb_value, hb_expiry_ms=obs.hb_expiry_ms, hb_observed_ms=observed)
+    if proven:
+        rec = replace(rec, hb_seen=True, hb_refreshed_ms=refreshed)
+    age = max(0, now - refreshed)
+    if proven and age > hb_timeout_ms:
+        return Heartbeat.DEAD, age, rec
+    # Not proven: maybe the previous holder's leftover. It protects, it never condemns.
+    return Heartbeat.ALIVE, age, rec

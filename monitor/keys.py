@@ -10,11 +10,38 @@ HEARTBEAT_SUFFIX = b":heartbeat"
 RELEASE_CHANNEL_PREFIX = b"gpu_lock:"
 # Everything the monitor itself remembers lives under this prefix.
 MONITOR_PREFIX = b"gpulock_monitor:"
-HOLDINGS_HASH = MONITOR_PREFIX + b"holdings"
+HOLDING_PREFIX = MONITOR_PREFIX + b"holding:"
+# Redis-clock ms when the last complete pass of an acting monitor began: a holding without a
+# record began after it (DESIGN.md section 3, held time).
+LAST_PASS_KEY = MONITOR_PREFIX + b"last_complete_pass_ms"
+# The last lock_timeout_mismatch an acting monitor found, for `config check` to show.
+MISMATCH_KEY = MONITOR_PREFIX + b"lock_timeout_mismatch"
 
 
 def heartbeat_key(lock_key: bytes) -> bytes:
     return lock_key + HEARTBEAT_SUFFIX
+
+
+def holding_key(lock_key: bytes) -> bytes:
+    """Where the monitor keeps what it knows of the lock's current holding.
+
+    The key hashes to the lock's own Redis Cluster slot (the lock's hash tag, or the whole lock
+    key as one), so the release script can check and delete it with the lock atomically.
+    """
+    if _hash_tag(lock_key) is not None:
+        return HOLDING_PREFIX + lock_key
+    return HOLDING_PREFIX + b"{" + lock_key + b"}"
+
+
+def _hash_tag(key: bytes) -> bytes | None:
+    """The part of `key` Redis Cluster hashes when it is not the whole key."""
+    start = key.find(b"{")
+    if start < 0:
+        return None
+    end = key.find(b"}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
 
 
 def release_channel(lock_key: bytes) -> bytes:

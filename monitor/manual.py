@@ -12,15 +12,20 @@ from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import Client
 from monitor.errors import MonitorError
+from monitor.holding import Heartbeat
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
 from monitor.scanner import read_locks
-from monitor.service import evaluate, lock_fields
+from monitor.service import evaluate, last_complete_pass_ms, lock_fields
 
 RELEASE_REASON = "manual_release"
 
 
 class NotConfirmed(MonitorError):  # noqa: N818 - control flow (the operator said no), not an error
     """The operator answered no; nothing was done (control flow, not a failure)."""
+
+
+class LiveHolderError(MonitorError):
+    """The holder's heartbeat is alive and --force was not given; nothing was done."""
 
 
 def operator_name() -> str:
@@ -42,29 +47,36 @@ def release(
     *,
     holder: bytes | None,
     confirm: Callable[[bytes, str], bool],
+    force: bool = False,
 ) -> ReleaseResult:
-    """Release `lock_key` if it is held by `holder` (or by whoever holds it now, once
-    confirmed). The attempt is audited as `manual_release` whatever its outcome."""
+    """Release the holding of `lock_key` just read, if it is held by `holder` (or by whoever
+    holds it now, once confirmed). The attempt is audited as `manual_release` whatever its
+    outcome. A holder whose heartbeat is alive is refused unless `force`."""
     (obs,) = read_locks(client, [lock_key])
     if obs.invalid:
         raise MonitorError(f"{keys.text(lock_key)} is not a lock ({obs.invalid})")
     if obs.value is None:
         _audit(audit, lock_key, holder, Outcome.GONE, {})
         return ReleaseResult(Outcome.GONE, None)
-    (verdict,) = evaluate([obs], settings)
+    (verdict,) = evaluate([obs], settings, after_ms=last_complete_pass_ms(client))
     fields = lock_fields(verdict, dry_run=False)
+    h = verdict.holding
+    if h.heartbeat is Heartbeat.ALIVE and not force:
+        raise LiveHolderError(f"{_describe(fields)}: its holder looks alive; add --force to release it anyway")
     if not confirm(obs.value, _describe(fields)):
         raise NotConfirmed("not confirmed; nothing released")
-    # Without --holder the operator confirmed what was just read, so the script must find that
-    # very holding: same value, and a TTL that has not been reset since.
+    # The operator confirmed the holding that was just read: the script must find that very
+    # holding (value and expiry), and without --force a heartbeat no livelier than it was.
     result = Reaper(client).release(
         lock_key,
         holder if holder is not None else obs.value,
-        heartbeat=HeartbeatCheck.ANY,
-        seen_pttl_ms=None if holder is not None else obs.pttl_ms,
+        obs.expiry_ms,
+        heartbeat=HeartbeatCheck.ANY if force else HeartbeatCheck.CHECK,
+        hb_value=h.hb_value,
+        hb_expiry_ms=h.hb_expiry_ms,
         reason=RELEASE_REASON,
     )
-    _audit(audit, lock_key, holder, result.outcome, fields, current=result.current)
+    _audit(audit, lock_key, holder, result.outcome, fields, current=result.current, forced=force)
     return result
 
 
@@ -83,6 +95,7 @@ def _audit(
     fields: dict[str, object],
     *,
     current: bytes | None = None,
+    forced: bool = False,
 ) -> None:
     extra: dict[str, object] = {"lock_key": keys.text(lock_key), **fields, "reason": RELEASE_REASON}
     if requested is not None:
@@ -95,5 +108,6 @@ def _audit(
         now=time.time(),
         operator=operator_name(),
         outcome=outcome.value,
+        forced=forced,
         **extra,
     )

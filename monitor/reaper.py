@@ -1,8 +1,14 @@
 """The atomic release (DESIGN.md section 4): one Lua script re-checks and deletes.
 
-The script is the whole owner check. Python never GETs and then DELs: between a pass's
-read and this script, the lock may have been released and re-acquired (possibly by the same
-task name) or its heartbeat refreshed, and only a check inside Redis sees that.
+The script is the whole owner check. Python never GETs and then DELs: between a pass's read
+and this script the lock may have been released and re-acquired (by the same task name, so the
+same value) or its heartbeat refreshed, and only a check inside Redis sees that. The holding is
+checked by identity, value and absolute expiry, so a daemon paused for any length of time
+between its read and this script cannot release a newer holding of the same value.
+
+A release leaves a tombstone (the released identity) in the holding's record key for
+TOMBSTONE_TTL_MS: a call repeated after a lost reply answers `released` again instead of
+`gone`, and a same-value lock without a TTL taken again after the release is `holder_changed`.
 """
 
 from __future__ import annotations
@@ -18,39 +24,56 @@ from redis.crc import key_slot
 from monitor import keys
 from monitor.connection import Client, is_cluster
 from monitor.errors import ReleaseError
+from monitor.holding import same_expiry
+from monitor.scanner import EXPIRY_LUA, EXPIRY_SLACK_MS, READ_SCRIPT
 
-# KEYS[1] lock, KEYS[2] heartbeat (absent in the cluster fallback, see Reaper.release).
-# ARGV[1] holder that must still hold the lock.
-# ARGV[2] heartbeat check: "any" (do not check), "absent" (must not exist), "equal" (must equal ARGV[3]).
-# ARGV[4] channel, ARGV[5] notice to publish on it.
-# ARGV[6] the PTTL observed with the holder, or "" to skip: a TTL only ever falls, so a
-#         higher one (or one that appeared) means the same value acquired the lock again.
-RELEASE_SCRIPT = """
-local value = redis.call('GET', KEYS[1])
-if not value then return {'gone', false} end
-if value ~= ARGV[1] then return {'holder_changed', value} end
-local seen_pttl = tonumber(ARGV[6])
-if seen_pttl then
-  local pttl = redis.call('PTTL', KEYS[1])
-  if (seen_pttl < 0 and pttl >= 0) or (seen_pttl >= 0 and pttl > seen_pttl) then
-    return {'holder_changed', value}
-  end
+TOMBSTONE_TTL_MS = 600_000
+
+# KEYS[1] lock, then the heartbeat and the holding's record, each when ARGV[10] names it ("h",
+# "r"): in Redis Cluster a key in another slot is left out.
+# ARGV[1] holder, ARGV[2] its expiry as observed (-1: no TTL), ARGV[3] "check" or "any" for the
+# heartbeat, ARGV[4] heartbeat value as observed ("" absent), ARGV[5] its expiry, ARGV[6]
+# channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[9] expiry slack ms.
+RELEASE_SCRIPT = (
+    EXPIRY_LUA
+    + """
+local slack = tonumber(ARGV[9])
+local function same(a, b)
+  if a < 0 or b < 0 then return a == b end
+  return math.abs(a - b) <= slack
 end
-local hb = false
-if #KEYS > 1 then
-  hb = redis.pcall('GET', KEYS[2])
+local hb_key, rec_key, n = false, false, 2
+if string.find(ARGV[10], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
+if string.find(ARGV[10], 'r', 1, true) then rec_key = KEYS[n] end
+local tomb = 'released:' .. ARGV[2] .. ':' .. ARGV[1]
+local released_before = rec_key and redis.call('GET', rec_key) == tomb
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then return {'holder_changed', false, false} end
+if not value then
+  if released_before then return {'released', ARGV[1], false} end
+  return {'gone', false, false}
+end
+if released_before or value ~= ARGV[1] or not same(expiry(KEYS[1]), tonumber(ARGV[2])) then
+  return {'holder_changed', value, false}
+end
+if ARGV[3] == 'check' and hb_key then
+  local hb = redis.pcall('GET', hb_key)
   if type(hb) == 'table' then hb = false end
-  if (ARGV[2] == 'absent' and hb) or (ARGV[2] == 'equal' and hb ~= ARGV[3]) then
-    return {'heartbeat_revived', value}
+  -- Gone since the read: still dead. Present: it must be the very write that was judged.
+  if hb and (hb ~= ARGV[4] or not same(expiry(hb_key), tonumber(ARGV[5]))) then
+    return {'heartbeat_revived', value, false}
   end
 end
--- PUBLISH first: nobody can observe the order inside a script, and if it is refused
--- (ACL) the script stops before deleting anything, so a failure never half-releases.
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+-- DEL first: where it is refused (a read-only replica after a failover, an ACL) the script
+-- stops here, and no notice announces a lock that is still held.
 redis.call('DEL', KEYS[1])
-if hb then redis.call('DEL', KEYS[2]) end
-return {'released', value}
+if hb_key then redis.pcall('DEL', hb_key) end
+if rec_key then redis.pcall('SET', rec_key, tomb, 'PX', ARGV[8]) end
+local sent = redis.pcall('PUBLISH', ARGV[6], ARGV[7])
+if type(sent) == 'table' then return {'released', value, sent.err} end
+return {'released', value, false}
 """
+)
 
 
 class Outcome(str, Enum):
@@ -61,15 +84,15 @@ class Outcome(str, Enum):
 
 
 class HeartbeatCheck(str, Enum):
-    ANY = "any"
-    ABSENT = "absent"
-    EQUAL = "equal"
+    ANY = "any"  # the hard cap and operators: whatever the heartbeat does
+    CHECK = "check"  # it must still be the write that was observed, or gone
 
 
 @dataclass(frozen=True)
 class ReleaseResult:
     outcome: Outcome
     current: bytes | None  # the value the script found (the new holder on holder_changed)
+    notice_error: str | None = None  # the lock was deleted but the notice was refused
 
 
 def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> bytes:
@@ -86,7 +109,12 @@ def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> byt
 
 
 class Reaper:
-    """Runs the release script through redis-py's Script (EVALSHA, reloaded on NOSCRIPT)."""
+    """Runs the release script through redis-py's Script (EVALSHA, reloaded on NOSCRIPT).
+
+    The client must not retry commands by itself (connection.connect builds it so): a script
+    whose reply was lost is not re-run blindly; the caller learns `ReplyLost` and a later call
+    answers from the tombstone what the first did.
+    """
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -97,36 +125,57 @@ class Reaper:
         self,
         lock_key: bytes,
         holder: bytes,
+        expiry_ms: int,
         *,
         heartbeat: HeartbeatCheck = HeartbeatCheck.ANY,
         hb_value: bytes | None = None,
-        seen_pttl_ms: int | None = None,
+        hb_expiry_ms: int = -2,
         reason: str = "forced_by_monitor",
     ) -> ReleaseResult:
-        """Release `lock_key` if `holder` still holds it (in the holding seen with
-        `seen_pttl_ms`, when given) and the heartbeat check passes.
+        """Release the holding (`holder`, `expiry_ms`) of `lock_key` if it still holds the lock
+        and, with HeartbeatCheck.CHECK, its heartbeat is gone or unchanged since it was read.
 
-        Connection errors propagate as redis.ConnectionError / TimeoutError (the caller
-        retries); an error raised by Redis for the script becomes ReleaseError.
+        Connection errors propagate as redis.ConnectionError / TimeoutError (the outcome is then
+        unknown); an error raised by Redis for the script becomes ReleaseError.
         """
+        hb_key, record_key = keys.heartbeat_key(lock_key), keys.holding_key(lock_key)
+        layout = {"h": hb_key, "r": record_key}
+        if self._cluster:
+            slot = key_slot(lock_key)
+            if key_slot(record_key) != slot:
+                del layout["r"]  # an odd key that no record key shares a slot with
+            if key_slot(hb_key) != slot:
+                # Keys not hash-tagged: the heartbeat is in another slot, out of the script's
+                # reach. It is re-checked one round trip before (a refresh in that gap goes
+                # unseen) and left to expire (README "Redis Cluster").
+                if heartbeat is HeartbeatCheck.CHECK and self._heartbeat_moved(hb_key, hb_value, hb_expiry_ms):
+                    return ReleaseResult(Outcome.HEARTBEAT_REVIVED, holder)
+                del layout["h"]
         args = [
             holder,
+            str(expiry_ms).encode(),
             heartbeat.value,
             hb_value or b"",
+            str(hb_expiry_ms).encode(),
             keys.release_channel(lock_key),
             notice(lock_key, holder, reason, time.time()),
-            b"" if seen_pttl_ms is None else str(seen_pttl_ms).encode(),
+            TOMBSTONE_TTL_MS,
+            EXPIRY_SLACK_MS,
+            "".join(layout),
         ]
-        script_keys = [lock_key, keys.heartbeat_key(lock_key)]
-        if self._cluster and key_slot(lock_key) != key_slot(script_keys[1]):
-            # Redis Cluster, keys not hash-tagged: lock and heartbeat live in different slots and
-            # no script may touch both. The lock's checks stay atomic; the heartbeat is checked
-            # just before (a refresh in the gap of one round trip goes unseen) and left to expire.
-            if heartbeat is not HeartbeatCheck.ANY and self._client.get(script_keys[1]) != hb_value:
-                return ReleaseResult(Outcome.HEARTBEAT_REVIVED, None)
-            script_keys = script_keys[:1]
         try:
-            code, current = self._script(keys=script_keys, args=args)
+            code, current, notice_error = self._script(keys=[lock_key, *layout.values()], args=args)
         except redis.ResponseError as exc:
             raise ReleaseError(f"release script failed: {exc}") from exc
-        return ReleaseResult(Outcome(code.decode()), current or None)
+        try:
+            outcome = Outcome(code.decode())
+        except ValueError:
+            raise ReleaseError(f"release script answered {code!r}") from None
+        error = notice_error.decode("utf-8", "backslashreplace") if notice_error else None
+        return ReleaseResult(outcome, current or None, error)
+
+    def _heartbeat_moved(self, hb_key: bytes, hb_value: bytes | None, hb_expiry_ms: int) -> bool:
+        _, _, value, expiry = self._client.eval(READ_SCRIPT, 1, hb_key)
+        if value == 0:
+            value = None
+        return value is not None and (value != hb_value or not same_expiry(int(expiry), hb_expiry_ms))

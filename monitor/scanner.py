@@ -1,12 +1,17 @@
 """Observation: find every lock with SCAN and read it in batches, on Redis's clock.
 
-A batch is one read-only Lua script, not a pipeline of five commands per lock: redis-py spends
+A batch is one read-only Lua script, not a pipeline of commands per lock: redis-py spends
 most of a pass packing and parsing commands, and one script reply per 500 locks cuts a pass
 over 10,000 locks several times over (see README "Performance"). The script also reads Redis
 `TIME`, so every observation is stamped by the Redis clock at the moment its batch was read.
 
+A key's expiry is read as an absolute Redis-clock millisecond (PEXPIRETIME where the server
+has it, TIME + PTTL otherwise): together with the value it is the identity of a holding
+(DESIGN.md section 3), which a remaining TTL alone is not.
+
 Round trips for one pass over N candidate keys in a keyspace of K keys:
-ceil(K / SCAN_COUNT) + 1 SCAN calls (at least 1) and ceil(N / READ_BATCH) script calls.
+ceil(K / SCAN_COUNT) + 1 SCAN calls (at least 1, the first with TIME) and ceil(N / READ_BATCH)
+script calls.
 """
 
 from __future__ import annotations
@@ -15,35 +20,51 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+from redis.crc import key_slot
 
 from monitor import keys
 from monitor.connection import Client, is_cluster
 
 SCAN_COUNT = 5000
 READ_BATCH = 500
-_PER_KEY = 5  # lock value, lock PTTL, heartbeat value, heartbeat PTTL, monitor record
+# How far apart two reads of one key's expiry may land on a Redis without PEXPIRETIME (TIME and
+# PTTL are read by separate calls, a millisecond boundary may fall between them). Two holdings of
+# one value whose expiries are this close are taken for one (README "Decisions", limits).
+EXPIRY_SLACK_MS = 5
 
-# KEYS[1] the monitor's holdings hash, then each lock key followed by its heartbeat key.
-# A non-string key reads as the integer 0, which no GET can return.
-READ_SCRIPT = """
+# `expiry(key)`: absolute expiry in Redis-clock ms, -1 without a TTL, -2 when the key is absent.
+# PEXPIRETIME (Redis 7) is exact; before it, TIME read right after PTTL is within a millisecond.
+EXPIRY_LUA = """
+local exact = nil
+local function expiry(key)
+  if exact ~= false then
+    local e = redis.pcall('PEXPIRETIME', key)
+    if type(e) == 'number' then exact = true return e end
+    exact = false
+  end
+  local pttl = redis.call('PTTL', key)
+  if pttl < 0 then return pttl end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl
+end
+"""
+
+# KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
+# and its expiry. Replies start with Redis TIME (seconds, microseconds).
+READ_SCRIPT = (
+    EXPIRY_LUA
+    + """
 local t = redis.call('TIME')
 local out = {t[1], t[2]}
-local function get(key)
-  local v = redis.pcall('GET', key)
-  if type(v) == 'table' then return 0 end
-  return v
-end
-for i = 2, #KEYS, 2 do
-  local lock, hb = KEYS[i], KEYS[i + 1]
-  out[#out + 1] = get(lock)
-  out[#out + 1] = redis.call('PTTL', lock)
-  out[#out + 1] = get(hb)
-  out[#out + 1] = redis.call('PTTL', hb)
-  out[#out + 1] = redis.call('HGET', KEYS[1], lock)
+for i = 1, #KEYS do
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) == 'table' then v = 0 end
+  out[#out + 1] = v
+  out[#out + 1] = expiry(KEYS[i])
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +74,21 @@ class Observation:
     key: bytes
     now_ms: int
     value: bytes | None  # None: gone between SCAN and GET
-    pttl_ms: int  # Redis PTTL: -1 no expiry, -2 gone
+    expiry_ms: int  # absolute Redis-clock ms; -1 no expiry, -2 gone
     hb_value: bytes | None  # None: absent, or not a string
-    hb_pttl_ms: int
-    record: bytes | None  # what the monitor persisted about this lock
+    hb_expiry_ms: int
+    record: bytes | None  # what the monitor persisted about the holding (keys.holding_key)
     invalid: str | None = None  # why this key is not a lock (e.g. wrong type)
+
+    @property
+    def pttl_ms(self) -> int:
+        """The lock's remaining TTL as PTTL would say it."""
+        return self.expiry_ms if self.expiry_ms < 0 else max(0, self.expiry_ms - self.now_ms)
+
+
+def redis_time_ms(client: Client) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def scan_candidates(client: Client, pattern: str) -> list[bytes]:
@@ -78,58 +109,63 @@ def read_locks(client: Client, candidates: Iterable[bytes]) -> list[Observation]
     return observations
 
 
+def _lock_keys(key: bytes) -> list[bytes]:
+    return [key, keys.heartbeat_key(key), keys.holding_key(key)]
+
+
 def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
-    script_keys = [keys.HOLDINGS_HASH]
-    for key in batch:
-        script_keys += [key, keys.heartbeat_key(key)]
+    script_keys = [k for key in batch for k in _lock_keys(key)]
     reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys)
-    now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
-    return [_observation(key, now_ms, reply[2 + i * _PER_KEY : 2 + (i + 1) * _PER_KEY]) for i, key in enumerate(batch)]
+    now_ms = _ms(reply[0], reply[1])
+    return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 
 
 def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]:
-    """In a cluster a script may only touch keys of one slot, and a lock, its heartbeat and the
-    monitor's hash rarely share one: a pipeline instead, which redis-py splits by node (one
-    round trip per node), after TIME from one node: cluster nodes' clocks agree to NTP accuracy,
-    and a clock read just before the keys errs towards a younger lock."""
-    seconds, micros = client.time()  # not allowed in a cluster pipeline; read just before it
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    """In a cluster a script may only touch keys of one slot: one script call per slot's keys of
+    each lock (the lock and its record share a slot; an untagged heartbeat is elsewhere), in a
+    pipeline that redis-py splits by node. Nodes' clocks agree to NTP accuracy."""
     pipe = client.pipeline()
+    groups: list[list[bytes]] = []
     for key in batch:
-        pipe.get(key)
-        pipe.pttl(key)
-        pipe.get(keys.heartbeat_key(key))
-        pipe.pttl(keys.heartbeat_key(key))
-    pipe.hmget(keys.HOLDINGS_HASH, batch)
+        by_slot: dict[int, list[bytes]] = {}
+        for k in _lock_keys(key):
+            by_slot.setdefault(key_slot(k), []).append(k)
+        for group in by_slot.values():
+            groups.append(group)
+            pipe.execute_command("EVAL", READ_SCRIPT, len(group), *group)  # ClusterPipeline has no eval()
     replies = pipe.execute(raise_on_error=False)
-    records = _raise_if_error(replies[-1])
+    found: dict[bytes, tuple[int, Any, Any]] = {}
+    for group, reply in zip(groups, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        for i, k in enumerate(group):
+            found[k] = (_ms(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
     observations = []
-    for i, key in enumerate(batch):
-        value, pttl, hb_value, hb_pttl = (_as_script_reply(r) for r in replies[i * 4 : (i + 1) * 4])
-        observations.append(_observation(key, now_ms, [value, pttl, hb_value, hb_pttl, records[i]]))
+    for key in batch:
+        lock, hb, rec = (found[k] for k in _lock_keys(key))
+        observations.append(_observation(key, lock[0], [lock[1], lock[2], hb[1], hb[2], rec[1], rec[2]]))
     return observations
 
 
 def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
-    value, pttl, hb_value, hb_pttl, record = fields
+    value, expiry, hb_value, hb_expiry, record, _ = fields
     if value == 0:  # a hash or list under the lock pattern is not a lock
-        return Observation(key, now_ms, None, -2, None, -2, record, "not a string key")
+        return Observation(key, now_ms, None, -2, None, -2, None, "not a string key")
     if hb_value == 0:  # a non-string heartbeat key proves nothing
-        hb_value, hb_pttl = None, -2
-    return Observation(key, now_ms, value, int(pttl), hb_value, int(hb_pttl), record)
+        hb_value, hb_expiry = None, -2
+    return Observation(
+        key,
+        now_ms,
+        value,
+        int(expiry),
+        hb_value,
+        int(hb_expiry),
+        record if isinstance(record, bytes) else None,
+    )
 
 
-def _as_script_reply(reply: Any) -> Any:
-    """A pipeline reply as the read script would give it: WRONGTYPE becomes 0."""
-    if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
-        return 0
-    return _raise_if_error(reply)
-
-
-def _raise_if_error(reply: Any) -> Any:
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+def _ms(seconds: Any, micros: Any) -> int:
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:

@@ -3,6 +3,10 @@
 `evaluate` is read-only (the `status` command uses it too); `Monitor.run_pass` adds the
 actions and the bookkeeping. Releases happen only after the whole keyspace was read: a pass
 that loses Redis part-way releases nothing.
+
+Only a monitor that acts (not `--dry-run`, `auto_recovery: true`) writes what it learned to
+Redis, compare-and-set per holding; any other replica keeps its own view in memory, so replicas
+with other settings never overwrite each other's records.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from monitor import keys
 from monitor.audit import AuditLog, JsonlFile, critical_record
@@ -25,20 +30,62 @@ from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, track
 from monitor.logs import get_logger
 from monitor.policy import Action, Decision, Reason, Tiers, decide
-from monitor.reaper import HeartbeatCheck, Outcome, Reaper
-from monitor.scanner import Observation, read_locks, scan_candidates
+from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.scanner import (
+    EXPIRY_LUA,
+    EXPIRY_SLACK_MS,
+    READ_BATCH,
+    Observation,
+    read_locks,
+    redis_time_ms,
+    scan_candidates,
+)
 
 log = get_logger("gpulock_monitor")
 
-# Deletes monitor records whose lock no longer exists; the EXISTS check runs in Redis so a
-# lock re-created since the pass read it keeps its record.
-FORGET_SCRIPT = """
-local n = 0
-for _, lock in ipairs(ARGV) do
-  if redis.call('EXISTS', lock) == 0 then n = n + redis.call('HDEL', KEYS[1], lock) end
+# Compare-and-set of holding records. ARGV[1] "h" when KEYS[1] and KEYS[2] are the last-pass
+# and the monitor-status keys (then ARGV[3] is when this pass began, "" unless the pass was
+# complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] the expiry slack. Then pairs of
+# KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder, expiry, the record as
+# read ("" none), the new record, its ms to live. A record is written only while the lock still
+# has that holding and nobody changed the record since it was read.
+PERSIST_SCRIPT = (
+    EXPIRY_LUA
+    + """
+local first = 1
+if ARGV[1] == 'h' then first = 3 end
+local slack = tonumber(ARGV[2])
+local skipped = 0
+for i = first, #KEYS, 2 do
+  local a = 6 + (i - first) / 2 * 5
+  local e, seen = expiry(KEYS[i]), tonumber(ARGV[a + 1])
+  local ok = redis.pcall('GET', KEYS[i]) == ARGV[a]
+  if ok and (e < 0 or seen < 0) then ok = e == seen elseif ok then ok = math.abs(e - seen) <= slack end
+  local stored = redis.pcall('GET', KEYS[i + 1])
+  if type(stored) ~= 'string' then stored = '' end
+  if ok and stored == ARGV[a + 2] then
+    redis.call('SET', KEYS[i + 1], ARGV[a + 3], 'PX', ARGV[a + 4])
+  else
+    skipped = skipped + 1
+  end
 end
-return n
+if first == 3 then
+  if ARGV[3] ~= '' and tonumber(ARGV[3]) > (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) then
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+end
+return skipped
 """
+)
+RAISE_TO_SCRIPT = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+# A record outlives its lock's expiry by this much; records of locks without a TTL are rewritten
+# every pass and last this long after the last one.
+RECORD_MARGIN_MS = 60_000
+NO_TTL_RECORD_MS = 86_400_000
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
 
@@ -52,6 +99,7 @@ def status_ttl_ms(settings: Settings) -> int:
 class Verdict:
     holding: Holding
     decision: Decision
+    stored: bytes | None = None  # the record as read from Redis (compare-and-set against it)
 
 
 @dataclass
@@ -79,21 +127,46 @@ def tiers(settings: Settings) -> Tiers:
     return Tiers(settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s)
 
 
-def evaluate(observations: list[Observation], settings: Settings) -> list[Verdict]:
-    """Holdings and decisions for every present, valid lock. Pure."""
+def evaluate(
+    observations: list[Observation],
+    settings: Settings,
+    *,
+    after_ms: int | None = None,
+    remembered: dict[bytes, Record] | None = None,
+) -> list[Verdict]:
+    """Holdings and decisions for every present, valid lock. Pure.
+
+    A holding's record is the one read from Redis, else the one in `remembered`; `after_ms` is
+    when the last complete pass that recorded every holding then present began.
+    """
     limits = tiers(settings)
+    remembered = remembered or {}
     verdicts = []
     for obs in observations:
         if obs.invalid or obs.value is None:
             continue
+        prev = Record.loads(obs.record)
+        if prev is None or not prev.is_holding(obs.value, obs.expiry_ms):
+            prev = remembered.get(obs.key)
         holding = track(
             obs,
+            prev,
+            after_ms=after_ms,
             lock_timeout_ms=round(settings.lock_timeout_s * 1000),
             hb_ttl_ms=round(settings.heartbeat_ttl_s * 1000),
             hb_timeout_ms=round(settings.heartbeat_timeout_s * 1000),
         )
-        verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits)))
+        verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
     return verdicts
+
+
+def last_complete_pass_ms(client: Client) -> int | None:
+    """When the last complete pass of an acting monitor began (Redis-clock ms), if known."""
+    raw = client.get(keys.LAST_PASS_KEY)
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
 
 
 def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
@@ -108,8 +181,8 @@ def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
         "tier": d.tier.value,
         "reason": d.reason.value,
         "dry_run": dry_run,
-        # Which holding: Redis-clock ms when it began. Values repeat across holdings; this does not.
-        "holding": h.record.since_ms,
+        # Which holding: Redis-clock ms when a monitor first saw it. Values repeat; this does not.
+        "holding": h.id,
     }
 
 
@@ -137,8 +210,14 @@ class Monitor:
         self.dry_run = audit.dry_run or not settings.auto_recovery
         self.wall = wall
         self.mono = mono
-        self._forget = client.register_script(FORGET_SCRIPT)
-        self._failures: dict[tuple[bytes, bytes], _Failure] = {}  # by (lock, holder)
+        self._persist = client.register_script(PERSIST_SCRIPT)
+        self._failures: dict[tuple[bytes, bytes, int], _Failure] = {}  # by (lock, holder, holding)
+        # What this monitor learned of each present holding, and when its last complete pass
+        # began: the only memory of a monitor that does not act (it writes nothing to Redis).
+        self._known: dict[bytes, Record] = {}
+        self._complete_ms: int | None = None
+        # Releases whose reply was lost: asked again at the next pass, the tombstone answers.
+        self._unsettled: dict[bytes, Verdict] = {}
         self._invalid_seen: set[bytes] = set()
         self._down_since: float | None = None
         self.redis_error: str | None = None  # set while Redis is unreachable
@@ -172,6 +251,8 @@ class Monitor:
         return report
 
     def _pass(self, report: PassReport) -> None:
+        began_ms, persisted_ms = self._pass_start()
+        self._settle_unknown(report)
         observations = read_locks(self.client, scan_candidates(self.client, self.settings.key_pattern))
         self._redis_back()
         for obs in observations:
@@ -179,28 +260,58 @@ class Monitor:
                 report.invalid += 1
                 self._report_invalid(obs)
         self._invalid_seen &= {o.key for o in observations if o.invalid}
-        verdicts = evaluate(observations, self.settings)
+        after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
+        verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
+        if not self.acting:
+            verdicts = [self._own_notified(v) for v in verdicts]
         report.verdicts = verdicts
         if self.gpus is not None:
             self.gpus.refresh()
-        stored = {o.key: o.record for o in observations}
-        live = {(v.holding.key, v.holding.holder) for v in verdicts if not v.holding.new}
+        live = {self._fid(v.holding) for v in verdicts if not v.holding.new}
         self._failures = {k: f for k, f in self._failures.items() if k in live}
-        writes: dict[bytes, bytes] = {}
-        keep: set[bytes] = set()
+        kept: dict[bytes, tuple[Verdict, Record]] = {}
+        complete = False
         try:
             for verdict in verdicts:
                 record = self._act(verdict, report)
                 if record is not None:
-                    keep.add(verdict.holding.key)
-                    data = record.dumps()
-                    if data != stored.get(verdict.holding.key):
-                        writes[verdict.holding.key] = data
+                    kept[verdict.holding.key] = (verdict, record)
             if self.gpus is not None:
                 self._gpu_findings(verdicts, report)
+            complete = True
         finally:
             # Keep what was learned even if a release lost Redis part-way.
-            self._remember(writes, keep, self._status(report))
+            self._known = {key: record for key, (_, record) in kept.items()}
+            if complete:
+                self._complete_ms = began_ms
+            self._remember(kept, began_ms if complete else None, self._status(report))
+
+    @property
+    def acting(self) -> bool:
+        return not self.dry_run
+
+    def _pass_start(self) -> tuple[int, int | None]:
+        """Redis TIME before the SCAN (a holding present then is seen by this pass), and when the
+        last complete pass of an acting monitor began, in one round trip."""
+        if is_cluster(self.client):  # TIME is no keyed command: no cluster pipeline takes it
+            return redis_time_ms(self.client), last_complete_pass_ms(self.client)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(keys.LAST_PASS_KEY)
+        (seconds, micros), raw = pipe.execute()
+        persisted = int(raw) if raw is not None and raw.isdigit() else None
+        return int(seconds) * 1000 + int(micros) // 1000, persisted
+
+    def _own_notified(self, verdict: Verdict) -> Verdict:
+        """A replica that does not act audits for itself: what it already said is its own."""
+        h = verdict.holding
+        mine = self._known.get(h.key)
+        notified = mine.notified if mine is not None and mine.is_holding(h.holder, h.expiry_ms) else frozenset()
+        return replace(verdict, holding=replace(h, record=replace(h.record, notified=notified)))
+
+    @staticmethod
+    def _fid(h: Holding) -> tuple[bytes, bytes, int]:
+        return (h.key, h.holder, h.id)
 
     def _gpu_findings(self, verdicts: list[Verdict], report: PassReport) -> None:
         assert self.gpus is not None
@@ -234,34 +345,56 @@ class Monitor:
             }
         ).encode()
 
-    def _remember(self, writes: dict[bytes, bytes], keep: set[bytes], status: bytes) -> None:
-        """Persist changed records and this monitor's status; forget records of locks that are
-        gone. One round trip, plus one when there is something to forget."""
-        pipe = self.client.pipeline(transaction=False)
-        if writes:
-            pipe.hset(keys.HOLDINGS_HASH, mapping=writes)  # type: ignore[arg-type]
-        # The key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
-        pipe.set(keys.monitor_status_key(self.audit.identity["host"]), status, px=status_ttl_ms(self.settings))
-        pipe.hkeys(keys.HOLDINGS_HASH)
-        known = pipe.execute()[-1]
-        stale = [k for k in known if k not in keep]
-        if stale and not is_cluster(self.client):
-            self._forget(keys=[keys.HOLDINGS_HASH], args=stale)
-        elif stale:
-            # A cluster script cannot reach lock keys in other slots: check, then forget. A lock
-            # re-created in between loses its record and is timed afresh from its TTL.
-            pipe = self.client.pipeline()
-            for key in stale:
-                pipe.exists(key)
-            gone = [key for key, exists in zip(stale, pipe.execute(), strict=True) if not exists]
-            if gone:
-                self.client.hdel(keys.HOLDINGS_HASH, *gone)
+    def _remember(self, kept: dict[bytes, tuple[Verdict, Record]], began_ms: int | None, status: bytes) -> None:
+        """Write this monitor's status; an acting monitor also writes the records that changed
+        (compare-and-set) and, after a complete pass, when it began. One round trip (a script
+        per READ_BATCH records, pipelined); in a cluster, a pipeline split by node."""
+        status_key = keys.monitor_status_key(self.audit.identity["host"])
+        # The status key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
+        status_ttl = status_ttl_ms(self.settings)
+        if not self.acting:
+            self.client.set(status_key, status, px=status_ttl)
+            return
+        writes = []
+        for verdict, record in kept.values():
+            h = verdict.holding
+            data = record.dumps()
+            if data == verdict.stored and h.expiry_ms >= 0:
+                continue
+            life = NO_TTL_RECORD_MS if h.expiry_ms < 0 else max(1, h.expiry_ms - h.now_ms) + RECORD_MARGIN_MS
+            writes.append((h.key, [h.holder, h.expiry_ms, verdict.stored or b"", data, life]))
+        if is_cluster(self.client):
+            self.client.set(status_key, status, px=status_ttl)
+            self._remember_cluster(writes, began_ms)
+            return
+        head = [keys.LAST_PASS_KEY, status_key]
+        for start in range(0, max(1, len(writes)), READ_BATCH):
+            batch = writes[start : start + READ_BATCH]
+            header: list[Any] = ["", EXPIRY_SLACK_MS, "", b"", 0]
+            if start + READ_BATCH >= len(writes):  # the last call also says the pass is done
+                header = ["h", EXPIRY_SLACK_MS, "" if began_ms is None else began_ms, status, status_ttl]
+            script_keys = (head if header[0] else []) + [k for key, _ in batch for k in (key, keys.holding_key(key))]
+            self._persist(keys=script_keys, args=header + [a for _, per in batch for a in per])
+
+    def _remember_cluster(self, writes: list[tuple[bytes, list[Any]]], began_ms: int | None) -> None:
+        """One script per record, in its lock's slot (a record key that cannot share the lock's
+        slot is not written: that holding is timed from first sight by each pass)."""
+        pipe = self.client.pipeline()
+        for key, per in writes:
+            record_key = keys.holding_key(key)
+            if key_slot(record_key) == key_slot(key):
+                pipe.execute_command("EVAL", PERSIST_SCRIPT, 2, key, record_key, "", EXPIRY_SLACK_MS, "", b"", 0, *per)
+        pipe.execute()
+        if began_ms is not None:
+            self.client.eval(RAISE_TO_SCRIPT, 1, keys.LAST_PASS_KEY, began_ms)
 
     # --- actions ----------------------------------------------------------------------------
 
     def _act(self, verdict: Verdict, report: PassReport) -> Record | None:
         """Carry out a decision; the record to keep, or None when the lock was released."""
         record = verdict.holding.record
+        if verdict.holding.ttl_mismatch:
+            record = self._mismatch(record, verdict)
         action, reason = verdict.decision.action, verdict.decision.reason
         if action is Action.WARN:
             return self._once(record, verdict, "lock_warning", "warning")
@@ -275,7 +408,7 @@ class Monitor:
             return record
         if self.dry_run:
             return self._once(record, verdict, "lock_released", "warning", outcome="dry_run")
-        return self._release(verdict, report)
+        return self._release(verdict, report, record)
 
     def _once(self, record: Record, verdict: Verdict, event: str, level: str, **extra: Any) -> Record:
         """Audit `event` once per holding; the record remembers that it was sent."""
@@ -284,37 +417,73 @@ class Monitor:
         self.record(event, level, **self._fields(verdict, dry_run=self.dry_run), **extra)
         return replace(record, notified=record.notified | {event})
 
-    def _release(self, verdict: Verdict, report: PassReport) -> Record | None:
-        h, d = verdict.holding, verdict.decision
-        fid = (h.key, h.holder)
+    def _mismatch(self, record: Record, verdict: Verdict) -> Record:
+        """The lock's TTL says it is older than a complete pass that did not see it: its worker
+        uses a shorter EX than gpu_lock.lock_timeout. Held time is then first sight alone."""
+        if "lock_timeout_mismatch" in record.notified:
+            return record
+        h = verdict.holding
+        assert record.after_ms is not None  # a mismatch needs a pass that did not see the lock
+        details = {
+            "lock_timeout_s": self.settings.lock_timeout_s,
+            "worker_ex_at_most_s": round((h.expiry_ms - record.after_ms) / 1000, 3),
+        }
+        if self.acting:
+            self.client.set(keys.MISMATCH_KEY, json.dumps({"lock_key": keys.text(h.key), **details}))
+        return self._once(record, verdict, "lock_timeout_mismatch", "warning", **details)
+
+    def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
+        h = verdict.holding
+        fid = self._fid(h)
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
-            return h.record
-        if d.reason is Reason.HARD_TIMEOUT:
-            check = HeartbeatCheck.ANY  # the cap applies whatever the heartbeat does
-        elif h.hb_value is None:
-            check = HeartbeatCheck.ABSENT
-        else:
-            check = HeartbeatCheck.EQUAL
+            return record
         fields = self._fields(verdict, dry_run=False)
         try:
-            result = self.reaper.release(h.key, h.holder, heartbeat=check, hb_value=h.hb_value, seen_pttl_ms=h.pttl_ms)
+            result = self._call_reaper(verdict)
+        except REDIS_DOWN as exc:
+            # The script may have run: its outcome is unknown until the next pass asks again.
+            self._unsettled[h.key] = verdict
+            self._release_failed(fid, fields, exc, outcome="unknown")
+            raise
         except (ReleaseError, redis.RedisError) as exc:
             self._release_failed(fid, fields, exc)
-            if isinstance(exc, REDIS_DOWN):
-                raise
-            return h.record
+            return record
         self._failures.pop(fid, None)
+        self._audit_result(result, fields, report, h.key)
+        return record if result.outcome is Outcome.HEARTBEAT_REVIVED else None
+
+    def _call_reaper(self, verdict: Verdict) -> ReleaseResult:
+        h = verdict.holding
+        # The cap applies whatever the heartbeat does; the other rules only while it stays dead.
+        check = HeartbeatCheck.ANY if verdict.decision.reason is Reason.HARD_TIMEOUT else HeartbeatCheck.CHECK
+        return self.reaper.release(
+            h.key, h.holder, h.expiry_ms, heartbeat=check, hb_value=h.hb_value, hb_expiry_ms=h.hb_expiry_ms
+        )
+
+    def _audit_result(self, result: ReleaseResult, fields: dict[str, Any], report: PassReport, key: bytes) -> None:
         if result.outcome is Outcome.RELEASED:
-            report.released_keys.add(h.key)
+            report.released_keys.add(key)
+            if result.notice_error is not None:
+                fields["notice_error"] = result.notice_error
             self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
-            return None
+            return
         if result.current is not None:
             fields["current_holder"] = keys.text(result.current)
         self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
-        return None if result.outcome is Outcome.GONE else h.record
 
-    def _release_failed(self, fid: tuple[bytes, bytes], fields: dict[str, Any], exc: Exception) -> None:
+    def _settle_unknown(self, report: PassReport) -> None:
+        """Ask again about releases whose reply was lost; the script answers what it did."""
+        for key, verdict in list(self._unsettled.items()):
+            result = self._call_reaper(verdict)  # Redis down again: the pass stops, kept for the next
+            del self._unsettled[key]
+            self._failures.pop(self._fid(verdict.holding), None)
+            fields = {**self._fields(verdict, dry_run=False), "settles": "unknown"}
+            self._audit_result(result, fields, report, key)
+
+    def _release_failed(
+        self, fid: tuple[bytes, bytes, int], fields: dict[str, Any], exc: Exception, **extra: Any
+    ) -> None:
         failure = self._failures.setdefault(fid, _Failure())
         failure.attempts += 1
         failure.next_try = self.mono() + self.settings.retry_delay_s
@@ -329,6 +498,7 @@ class Monitor:
             retries_spent=spent,
             error=error,
             **fields,
+            **extra,
         )
         if spent and not failure.critical_written:
             failure.critical_written = True

@@ -23,8 +23,9 @@ def verdict(held_s: float, action: Action, reason: Reason, hb_age_s: float | Non
         heartbeat=Heartbeat.NONE if hb_age_s is None else Heartbeat.DEAD,
         hb_age_ms=None if hb_age_s is None else int(hb_age_s * 1000),
         hb_value=None,
-        pttl_ms=-1,
-        record=Record(holder=b"locked_by_x", since_ms=0),
+        hb_expiry_ms=-2,
+        expiry_ms=-1,
+        record=Record(holder=b"locked_by_x", expiry_ms=-1, first_seen_ms=0),
         new=False,
     )
     return Verdict(holding, Decision(action, Tier.OK, reason))
