@@ -129,8 +129,11 @@ class Settings:
         warnings += _log_format(values)
         if env.get(REDIS_URL_ENV):
             values["redis_url"] = env[REDIS_URL_ENV]
-        if values.get("redis_password") and values.get("redis_password_file"):
-            raise ConfigError("redis.password: give password or password_file, not both")
+        if values.get("redis_password"):
+            if values.get("redis_password_file"):
+                raise ConfigError("redis.password: give password or password_file, not both")
+            if urlsplit(values.get("redis_url", "")).password is not None:
+                raise ConfigError("redis.password: the Redis URL has a password too; give one of them")
         settings = cls(**values, warnings=tuple(warnings))
         return settings._checked()
 

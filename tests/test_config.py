@@ -530,6 +530,7 @@ def test_url_beside_host_form_says_what_is_not_used():
         ({"password": 123456}, "redis.password: expected a string (quote it in YAML), got a int"),
         ({"password": "a\nb"}, "redis.password: must not contain NUL or line breaks"),
         ({"password": "pw", "password_file": "/run/pw"}, "redis.password: give password or password_file"),
+        ({"password": "pw", "url": "redis://:other@h/2"}, "redis.password: the Redis URL has a password too"),
         ({"url": "http://:pw@h/0"}, "redis.url: expected a redis://, rediss:// or unix:// URL, got 'http://:***@h/0'"),
     ],
 )
@@ -539,6 +540,13 @@ def test_redis_form_errors_name_the_key(redis_section, message):
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
     assert "123456" not in str(info.value)
+
+
+def test_fleet_password_beside_a_url_password_from_the_environment_is_an_error():
+    raw = {"redis": {"host": "r", "password": "pw"}}
+    with pytest.raises(ConfigError, match=r"redis\.password: the Redis URL has a password too"):
+        Settings.from_mapping(raw, env={REDIS_URL_ENV: "redis://:pw2@e/2"})
+    assert Settings.from_mapping(raw, env={REDIS_URL_ENV: "redis://u@e/2"}).redis_url == "redis://u@e/2"
 
 
 def test_fleet_password_is_masked_everywhere():
