@@ -248,15 +248,20 @@ class GpuLock:
         except redis.RedisError as exc:
             COUNTERS.normal_release_failures += 1
             log.warning("release_failed", lock_key=keys.text(self.key), error=str(exc))
-        fresh = redis.Redis(connection_pool=redis.ConnectionPool(**self.client.connection_pool.connection_kwargs))
+        COUNTERS.emergency_releases += 1
+        pool: redis.ConnectionPool | None = None
         try:  # 3: the same owner-checked script on a new connection; never a blind DEL
-            COUNTERS.emergency_releases += 1
-            return self.release(reason, client=fresh)
-        except redis.RedisError as exc:
+            pool = _fresh_pool(self.client)
+            return self.release(reason, client=redis.Redis(connection_pool=pool))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it ends in the critical record, not out of `finally`
             self._critical(exc)
             return False
         finally:
-            fresh.close()
+            if pool is not None:
+                try:
+                    pool.disconnect()
+                except Exception:
+                    log.exception("emergency_close_failed", lock_key=keys.text(self.key))
 
     def _critical(self, exc: Exception) -> None:
         record = critical_record(
@@ -295,6 +300,20 @@ def release_for_task(task_id: str, reason: str = "task_failure") -> bool:
     with _BY_TASK_LOCK:
         lock = _BY_TASK.get(task_id)
     return lock.finish(reason) if lock is not None else False
+
+
+def _fresh_pool(client: redis.Redis) -> redis.ConnectionPool:
+    """A new pool that makes connections exactly as `client`'s pool does, sharing none of them.
+
+    `connection_kwargs` alone is not enough: the connection class is kept apart from them, and without it a
+    unix socket path, TLS options or a Sentinel pool's master-discovery proxy reach a plain TCP `Connection`.
+    Given the class, every kind redis-py offers is rebuilt as it was: `UnixDomainSocketConnection` on the same
+    path, `SSLConnection` with the same CA and checks, `SentinelManagedConnection` asking the same Sentinels
+    for the master (its kwargs carry the original pool's proxy). `pool.make_connection()` on the client's own
+    pool would also do, but it takes one of that pool's `max_connections` for good, and fails when it is full.
+    """
+    pool = client.connection_pool
+    return redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs)
 
 
 def _wait_for_message(pubsub: Any, timeout_s: float) -> None:
