@@ -105,16 +105,25 @@ def status(config_path: str | None, as_json: bool) -> None:
 @config_option
 @click.option("--holder", metavar="VALUE", help="Release only if the lock still has this value.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Release even a holder whose heartbeat is alive.")
 @_one_line_errors
-def release(lock_key: str, config_path: str | None, holder: str | None, yes: bool) -> None:
-    """Release LOCK_KEY now: owner-checked, audited as manual_release."""
+def release(lock_key: str, config_path: str | None, holder: str | None, yes: bool, force: bool) -> None:
+    """Release LOCK_KEY now: identity-checked, audited as manual_release.
+
+    Off a terminal (ssh without a tty, cron, Ansible) it needs --yes or --holder: nothing answers
+    a prompt there, and a release nobody confirmed must not happen by default.
+    """
     settings = load_settings(config_path)
     audit, _ = daemon.open_logs(settings, dry_run=False)  # no audit, no release
 
     def confirm(current: bytes, description: str) -> bool:
-        if yes or not _interactive():
+        if yes:
             return True
-        return click.confirm(f"{description}. Release it?", default=False)
+        if _interactive():
+            return click.confirm(f"{description}. Release it?", default=False)
+        if holder is not None:
+            return True  # the operator named the value to release: that is the confirmation
+        raise MonitorError(f"{description}: not a terminal; add --yes (or --holder VALUE) to release it")
 
     result = manual.release(
         connect(settings),
@@ -123,6 +132,7 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
         lock_key.encode(),
         holder=None if holder is None else holder.encode(),
         confirm=confirm,
+        force=force,
     )
     if result.outcome is Outcome.RELEASED:
         click.echo(f"released {lock_key} (was held by {keys.text(result.current or b'')})")

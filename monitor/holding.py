@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from monitor.scanner import EXPIRY_SLACK_MS, Observation
+from monitor.scanner import Observation
 
 TOMBSTONE_PREFIX = b"released:"
 
@@ -32,13 +32,6 @@ class Heartbeat(str, Enum):
     ALIVE = "alive"
     DEAD = "dead"
     NONE = "none"
-
-
-def same_expiry(a: int | None, b: int | None) -> bool:
-    """Whether two reads of a key's expiry (ms, -1 none) show the same write."""
-    if a is None or b is None or a < 0 or b < 0:
-        return a == b
-    return abs(a - b) <= EXPIRY_SLACK_MS
 
 
 def tombstone(holder: bytes, expiry_ms: int) -> bytes:
@@ -66,7 +59,7 @@ class Record:
     notified: frozenset[str] = field(default_factory=frozenset)
 
     def is_holding(self, value: bytes, expiry_ms: int) -> bool:
-        return self.holder == value and same_expiry(self.expiry_ms, expiry_ms)
+        return self.holder == value and self.expiry_ms == expiry_ms
 
     def dumps(self) -> bytes:
         # latin-1 maps bytes to code points one to one, so any value survives JSON.
@@ -203,25 +196,29 @@ def _heartbeat(
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
         refreshed = rec.hb_refreshed_ms
         return Heartbeat.DEAD, None if refreshed is None else max(0, now - refreshed), rec
-    if prev is not None and prev.hb_value == obs.hb_value and same_expiry(prev.hb_expiry_ms, obs.hb_expiry_ms):
+    if prev is not None and prev.hb_value == obs.hb_value and prev.hb_expiry_ms == obs.hb_expiry_ms:
         observed = prev.hb_observed_ms if prev.hb_observed_ms is not None else now
+        hb_expiry = prev.hb_expiry_ms
         seen_change = False
     else:
-        observed = now
+        observed, hb_expiry = now, obs.hb_expiry_ms
         # It appeared or changed since a look during this holding: written during it.
         seen_change = prev is not None
     # Workers set the key with EX 2 * heartbeat.interval: its expiry dates the last write, as
     # long as the key does not live longer than that (a worker with a longer interval).
-    written_from_ttl = None
-    if 0 <= obs.hb_expiry_ms - now <= hb_ttl_ms:
-        written_from_ttl = obs.hb_expiry_ms - hb_ttl_ms
-    proven = rec.hb_seen or seen_change or (written_from_ttl is not None and written_from_ttl >= latest_start)
-    refreshed = max(observed, written_from_ttl if written_from_ttl is not None else observed)
-    rec = replace(rec, hb_value=obs.hb_value, hb_expiry_ms=obs.hb_expiry_ms, hb_observed_ms=observed)
-    if proven:
-        rec = replace(rec, hb_seen=True, hb_refreshed_ms=refreshed)
-    age = max(0, now - refreshed)
-    if proven and age > hb_timeout_ms:
+    written = None
+    if hb_expiry is not None and 0 <= obs.hb_expiry_ms - now <= hb_ttl_ms:
+        written = hb_expiry - hb_ttl_ms
+    # Strictly later: a leftover written in the very millisecond the holding began is not proof.
+    proven = rec.hb_seen or seen_change or (written is not None and written > latest_start)
+    rec = replace(rec, hb_value=obs.hb_value, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
+    age = max(0, now - (written if written is not None else observed))
+    if not proven:
+        # Maybe the previous holder's leftover: it protects, it never condemns.
+        return Heartbeat.ALIVE, age, rec
+    rec = replace(rec, hb_seen=True, hb_refreshed_ms=now - age)
+    # Stale only when watched unchanged past the timeout: never judged by the worker's clock,
+    # nor by an expiry that a worker with a shorter interval would make look older.
+    if now - max(observed, written if written is not None else observed) > hb_timeout_ms:
         return Heartbeat.DEAD, age, rec
-    # Not proven: maybe the previous holder's leftover. It protects, it never condemns.
     return Heartbeat.ALIVE, age, rec

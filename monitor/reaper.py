@@ -24,27 +24,21 @@ from redis.crc import key_slot
 from monitor import keys
 from monitor.connection import Client, is_cluster
 from monitor.errors import ReleaseError
-from monitor.holding import same_expiry
-from monitor.scanner import EXPIRY_LUA, EXPIRY_SLACK_MS, READ_SCRIPT
+from monitor.scanner import EXPIRY_LUA, READ_SCRIPT
 
 TOMBSTONE_TTL_MS = 600_000
 
-# KEYS[1] lock, then the heartbeat and the holding's record, each when ARGV[10] names it ("h",
+# KEYS[1] lock, then the heartbeat and the holding's record, each when ARGV[9] names it ("h",
 # "r"): in Redis Cluster a key in another slot is left out.
 # ARGV[1] holder, ARGV[2] its expiry as observed (-1: no TTL), ARGV[3] "check" or "any" for the
 # heartbeat, ARGV[4] heartbeat value as observed ("" absent), ARGV[5] its expiry, ARGV[6]
-# channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[9] expiry slack ms.
+# channel, ARGV[7] notice, ARGV[8] tombstone ms.
 RELEASE_SCRIPT = (
     EXPIRY_LUA
     + """
-local slack = tonumber(ARGV[9])
-local function same(a, b)
-  if a < 0 or b < 0 then return a == b end
-  return math.abs(a - b) <= slack
-end
 local hb_key, rec_key, n = false, false, 2
-if string.find(ARGV[10], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
-if string.find(ARGV[10], 'r', 1, true) then rec_key = KEYS[n] end
+if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
+if string.find(ARGV[9], 'r', 1, true) then rec_key = KEYS[n] end
 local tomb = 'released:' .. ARGV[2] .. ':' .. ARGV[1]
 local released_before = rec_key and redis.call('GET', rec_key) == tomb
 local value = redis.pcall('GET', KEYS[1])
@@ -53,14 +47,14 @@ if not value then
   if released_before then return {'released', ARGV[1], false} end
   return {'gone', false, false}
 end
-if released_before or value ~= ARGV[1] or not same(expiry(KEYS[1]), tonumber(ARGV[2])) then
+if released_before or value ~= ARGV[1] or expiry(KEYS[1]) ~= tonumber(ARGV[2]) then
   return {'holder_changed', value, false}
 end
 if ARGV[3] == 'check' and hb_key then
   local hb = redis.pcall('GET', hb_key)
   if type(hb) == 'table' then hb = false end
   -- Gone since the read: still dead. Present: it must be the very write that was judged.
-  if hb and (hb ~= ARGV[4] or not same(expiry(hb_key), tonumber(ARGV[5]))) then
+  if hb and (hb ~= ARGV[4] or expiry(hb_key) ~= tonumber(ARGV[5])) then
     return {'heartbeat_revived', value, false}
   end
 end
@@ -160,7 +154,6 @@ class Reaper:
             keys.release_channel(lock_key),
             notice(lock_key, holder, reason, time.time()),
             TOMBSTONE_TTL_MS,
-            EXPIRY_SLACK_MS,
             "".join(layout),
         ]
         try:
@@ -178,4 +171,4 @@ class Reaper:
         _, _, value, expiry = self._client.eval(READ_SCRIPT, 1, hb_key)
         if value == 0:
             value = None
-        return value is not None and (value != hb_value or not same_expiry(int(expiry), hb_expiry_ms))
+        return value is not None and (value != hb_value or int(expiry) != hb_expiry_ms)

@@ -5,8 +5,8 @@ most of a pass packing and parsing commands, and one script reply per 500 locks 
 over 10,000 locks several times over (see README "Performance"). The script also reads Redis
 `TIME`, so every observation is stamped by the Redis clock at the moment its batch was read.
 
-A key's expiry is read as an absolute Redis-clock millisecond (PEXPIRETIME where the server
-has it, TIME + PTTL otherwise): together with the value it is the identity of a holding
+A key's expiry is read as an absolute Redis-clock millisecond, exactly (PEXPIRETIME where the
+server has it, TIME + PTTL otherwise): together with the value it is the identity of a holding
 (DESIGN.md section 3), which a remaining TTL alone is not.
 
 Round trips for one pass over N candidate keys in a keyspace of K keys:
@@ -27,25 +27,28 @@ from monitor.connection import Client, is_cluster
 
 SCAN_COUNT = 5000
 READ_BATCH = 500
-# How far apart two reads of one key's expiry may land on a Redis without PEXPIRETIME (TIME and
-# PTTL are read by separate calls, a millisecond boundary may fall between them). Two holdings of
-# one value whose expiries are this close are taken for one (README "Decisions", limits).
-EXPIRY_SLACK_MS = 5
-
 # `expiry(key)`: absolute expiry in Redis-clock ms, -1 without a TTL, -2 when the key is absent.
-# PEXPIRETIME (Redis 7) is exact; before it, TIME read right after PTTL is within a millisecond.
+# PEXPIRETIME (Redis 7) is exact. Before it, PTTL counts from the server's clock at that call:
+# read between two TIMEs that show the same millisecond, TIME + PTTL is exact too (a millisecond
+# boundary falls between them about once in a thousand reads; the read is then made again).
 EXPIRY_LUA = """
 local exact = nil
+local function ms(t) return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end
 local function expiry(key)
   if exact ~= false then
     local e = redis.pcall('PEXPIRETIME', key)
     if type(e) == 'number' then exact = true return e end
     exact = false
   end
-  local pttl = redis.call('PTTL', key)
-  if pttl < 0 then return pttl end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl
+  local before, pttl, after
+  for _ = 1, 8 do
+    before = ms(redis.call('TIME'))
+    pttl = redis.call('PTTL', key)
+    if pttl < 0 then return pttl end
+    after = ms(redis.call('TIME'))
+    if before == after then break end
+  end
+  return after + pttl
 end
 """
 

@@ -33,7 +33,6 @@ from monitor.policy import Action, Decision, Reason, Tiers, decide
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
 from monitor.scanner import (
     EXPIRY_LUA,
-    EXPIRY_SLACK_MS,
     READ_BATCH,
     Observation,
     read_locks,
@@ -45,7 +44,7 @@ log = get_logger("gpulock_monitor")
 
 # Compare-and-set of holding records. ARGV[1] "h" when KEYS[1] and KEYS[2] are the last-pass
 # and the monitor-status keys (then ARGV[3] is when this pass began, "" unless the pass was
-# complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] the expiry slack. Then pairs of
+# complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] is unused. Then pairs of
 # KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder, expiry, the record as
 # read ("" none), the new record, its ms to live. A record is written only while the lock still
 # has that holding and nobody changed the record since it was read.
@@ -54,13 +53,10 @@ PERSIST_SCRIPT = (
     + """
 local first = 1
 if ARGV[1] == 'h' then first = 3 end
-local slack = tonumber(ARGV[2])
 local skipped = 0
 for i = first, #KEYS, 2 do
   local a = 6 + (i - first) / 2 * 5
-  local e, seen = expiry(KEYS[i]), tonumber(ARGV[a + 1])
-  local ok = redis.pcall('GET', KEYS[i]) == ARGV[a]
-  if ok and (e < 0 or seen < 0) then ok = e == seen elseif ok then ok = math.abs(e - seen) <= slack end
+  local ok = redis.pcall('GET', KEYS[i]) == ARGV[a] and expiry(KEYS[i]) == tonumber(ARGV[a + 1])
   local stored = redis.pcall('GET', KEYS[i + 1])
   if type(stored) ~= 'string' then stored = '' end
   if ok and stored == ARGV[a + 2] then
@@ -370,9 +366,9 @@ class Monitor:
         head = [keys.LAST_PASS_KEY, status_key]
         for start in range(0, max(1, len(writes)), READ_BATCH):
             batch = writes[start : start + READ_BATCH]
-            header: list[Any] = ["", EXPIRY_SLACK_MS, "", b"", 0]
+            header: list[Any] = ["", "", "", b"", 0]
             if start + READ_BATCH >= len(writes):  # the last call also says the pass is done
-                header = ["h", EXPIRY_SLACK_MS, "" if began_ms is None else began_ms, status, status_ttl]
+                header = ["h", "", "" if began_ms is None else began_ms, status, status_ttl]
             script_keys = (head if header[0] else []) + [k for key, _ in batch for k in (key, keys.holding_key(key))]
             self._persist(keys=script_keys, args=header + [a for _, per in batch for a in per])
 
@@ -383,7 +379,7 @@ class Monitor:
         for key, per in writes:
             record_key = keys.holding_key(key)
             if key_slot(record_key) == key_slot(key):
-                pipe.execute_command("EVAL", PERSIST_SCRIPT, 2, key, record_key, "", EXPIRY_SLACK_MS, "", b"", 0, *per)
+                pipe.execute_command("EVAL", PERSIST_SCRIPT, 2, key, record_key, "", "", "", b"", 0, *per)
         pipe.execute()
         if began_ms is not None:
             self.client.eval(RAISE_TO_SCRIPT, 1, keys.LAST_PASS_KEY, began_ms)
