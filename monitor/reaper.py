@@ -40,7 +40,7 @@ local hb_key, rec_key, n = false, false, 2
 if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
 if string.find(ARGV[9], 'r', 1, true) then rec_key = KEYS[n] end
 local tomb = 'released:' .. ARGV[2] .. ':' .. ARGV[1]
-local released_before = rec_key and redis.call('GET', rec_key) == tomb
+local released_before = rec_key and redis.pcall('GET', rec_key) == tomb
 local value = redis.pcall('GET', KEYS[1])
 if type(value) == 'table' then return {'holder_changed', false, false} end
 if not value then
@@ -50,18 +50,16 @@ end
 if released_before or value ~= ARGV[1] or expiry(KEYS[1]) ~= tonumber(ARGV[2]) then
   return {'holder_changed', value, false}
 end
-if ARGV[3] == 'check' and hb_key then
-  local hb = redis.pcall('GET', hb_key)
-  if type(hb) == 'table' then hb = false end
-  -- Gone since the read: still dead. Present: it must be the very write that was judged.
-  if hb and (hb ~= ARGV[4] or expiry(hb_key) ~= tonumber(ARGV[5])) then
-    return {'heartbeat_revived', value, false}
-  end
+local hb = hb_key and redis.pcall('GET', hb_key)
+if type(hb) == 'table' then hb = false end  -- not a string: no heartbeat, and not ours to delete
+-- Gone since the read: still dead. Present: it must be the very write that was judged.
+if ARGV[3] == 'check' and hb and (hb ~= ARGV[4] or expiry(hb_key) ~= tonumber(ARGV[5])) then
+  return {'heartbeat_revived', value, false}
 end
 -- DEL first: where it is refused (a read-only replica after a failover, an ACL) the script
 -- stops here, and no notice announces a lock that is still held.
 redis.call('DEL', KEYS[1])
-if hb_key then redis.pcall('DEL', hb_key) end
+if hb then redis.pcall('DEL', hb_key) end
 if rec_key then redis.pcall('SET', rec_key, tomb, 'PX', ARGV[8]) end
 local sent = redis.pcall('PUBLISH', ARGV[6], ARGV[7])
 if type(sent) == 'table' then return {'released', value, sent.err} end
