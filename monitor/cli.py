@@ -17,7 +17,7 @@ import click
 import redis
 import yaml
 
-from monitor import __version__, audit_read, daemon, keys, logs, manual, report
+from monitor import __version__, audit_read, daemon, keys, logs, manual, report, service
 from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
 from monitor.connection import REDIS_DOWN, connect
@@ -226,9 +226,19 @@ def config() -> None:
 @config_option
 @_one_line_errors
 def config_check(config_path: str | None) -> None:
-    """Validate the config file; exit 0 when it is valid."""
+    """Validate the config file; exit 0 when it is valid.
+
+    Where Redis answers, also say what the daemon found that contradicts the config.
+    """
     settings = load_settings(config_path)
-    for warning in settings.warnings:
+    warnings = list(settings.warnings)
+    try:
+        found = service.mismatch_warning(connect(settings), settings)
+    except (MonitorError, redis.RedisError):
+        found = None  # validating the file must not depend on Redis being up
+    if found is not None:
+        warnings.append(found)
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo("config ok")
 

@@ -156,7 +156,8 @@ class Settings:
         if self.hard_timeout_s is not None and self.hard_timeout_s >= self.lock_timeout_s:
             extra.append(
                 f"{tiers}.hard_timeout: {self.hard_timeout_s:g} s is not below gpu_lock.lock_timeout "
-                f"({self.lock_timeout_s:g} s); Redis expiry frees the lock first, the hard tier never fires"
+                f"({self.lock_timeout_s:g} s): locks set with that EX expire before the cap, which then "
+                "only ends locks set with a longer EX"
             )
         if not extra:
             return self

@@ -82,6 +82,7 @@ if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1]) end
 # every pass and last this long after the last one.
 RECORD_MARGIN_MS = 60_000
 NO_TTL_RECORD_MS = 86_400_000
+MISMATCH_TTL_MS = 7 * 86_400_000
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
 
@@ -154,6 +155,23 @@ def evaluate(
         )
         verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
     return verdicts
+
+
+def mismatch_warning(client: Client, settings: Settings) -> str | None:
+    """What the acting monitor last found of a worker EX shorter than gpu_lock.lock_timeout,
+    while it still applies to this config; None when nothing was found."""
+    raw = client.get(keys.MISMATCH_KEY)
+    try:
+        found = json.loads(raw) if raw is not None else None
+        ex_s, lock = float(found["worker_ex_at_most_s"]), str(found["lock_key"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if ex_s >= settings.lock_timeout_s:
+        return None
+    return (
+        f"gpu_lock.lock_timeout: {settings.lock_timeout_s:g} s is longer than the EX of a worker "
+        f"({lock} was set with at most {ex_s:g} s); it must be the shortest EX in use"
+    )
 
 
 def last_complete_pass_ms(client: Client) -> int | None:
@@ -425,7 +443,8 @@ class Monitor:
             "worker_ex_at_most_s": round((h.expiry_ms - record.after_ms) / 1000, 3),
         }
         if self.acting:
-            self.client.set(keys.MISMATCH_KEY, json.dumps({"lock_key": keys.text(h.key), **details}))
+            found = {"lock_key": keys.text(h.key), "seen_ms": h.now_ms, **details}
+            self.client.set(keys.MISMATCH_KEY, json.dumps(found), px=MISMATCH_TTL_MS)
         return self._once(record, verdict, "lock_timeout_mismatch", "warning", **details)
 
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:

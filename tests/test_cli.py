@@ -46,8 +46,12 @@ def test_help_everywhere(args):
     assert "Usage:" in result.output
 
 
+# `config check` also asks Redis what the daemon found; these configs name no test server.
+NO_REDIS = {"GPULOCK_MONITOR_REDIS_URL": "unix:///nonexistent/redis.sock"}
+
+
 def test_config_check_valid_with_warning():
-    result = CliRunner().invoke(main, ["config", "check", "-c", str(REPO / "monitor.yml")])
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(REPO / "monitor.yml")], env=NO_REDIS)
     assert result.exit_code == 0
     assert result.stdout.strip() == "config ok"
     assert "warning: gpu_lock_monitor.timeout_levels.hard_timeout" in result.stderr
@@ -75,7 +79,7 @@ def test_config_show_redacts_and_round_trips(tmp_path):
     # What `show` prints is itself a valid config (the password aside).
     again = tmp_path / "again.yml"
     again.write_text(result.output)
-    assert invoke("config", "check", "-c", str(again)).exit_code == 0
+    assert CliRunner().invoke(main, ["config", "check", "-c", str(again)], env=NO_REDIS).exit_code == 0
 
 
 def test_unknown_option_is_a_usage_error():

@@ -1,0 +1,169 @@
+"""Never release a live holder: passes under injected interleavings and faults, on a real Redis.
+
+Each test forces the timing a real fleet produces now and then: a daemon paused between its read
+and its release, a reply lost on the network, replicas with other settings taking turns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from helpers import beat, build, events, hold, make_settings, next_message
+from proxy import ReplyDroppingProxy
+
+from monitor import keys
+from monitor.connection import connect
+from monitor.holding import Record
+from monitor.reaper import RELEASE_SCRIPT
+
+
+def subscribed(r, key: bytes):
+    pubsub = r.pubsub()
+    pubsub.subscribe(keys.release_channel(key))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    return pubsub
+
+
+def test_daemon_paused_between_read_and_release_spares_a_same_value_reacquire(r, settings):
+    # The zombie is read, then (while the daemon is paused) its worker's successor, a run of the
+    # same task, takes the lock with the same value. The release must find a new holding.
+    key = hold(r, 0, "tts", age_s=450)  # past soft_timeout, no heartbeat: to be released
+    monitor = build(settings)
+    release = monitor.reaper.release
+
+    def paused_then_release(*args, **kwargs):
+        r.delete(key)
+        r.set(key, b"locked_by_tts", ex=600)
+        return release(*args, **kwargs)
+
+    monitor.reaper.release = paused_then_release  # type: ignore[method-assign]
+    report = monitor.run_pass()
+    assert report is not None
+    assert report.error is None
+    monitor.reaper.release = release  # type: ignore[method-assign]
+    assert r.get(key) == b"locked_by_tts"
+    (skipped,) = events(settings.audit_path, "release_skipped")
+    assert skipped["outcome"] == "holder_changed"
+    assert monitor.run_pass().error is None  # the new holding is young: kept
+    assert r.get(key) == b"locked_by_tts"
+    assert events(settings.audit_path, "lock_released") == []
+
+
+def test_lost_release_reply_is_unknown_then_settled_once(r, redis_server, tmp_path):
+    with ReplyDroppingProxy(redis_server.port) as proxy:
+        settings = make_settings(proxy.url, tmp_path)
+        key = hold(r, 0, "tts", age_s=450)
+        r.script_load(RELEASE_SCRIPT)  # so the EVALSHA whose reply is lost really runs
+        pubsub = subscribed(r, key)
+        monitor = build(settings, connect(settings))
+        proxy.drop_reply_to(hashlib.sha1(RELEASE_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode())
+        first = monitor.run_pass()
+        assert proxy.dropped.is_set()
+        assert first is not None
+        assert first.error is not None
+        assert not r.exists(key)  # it ran: the lock is gone though the reply never came
+        (failed,) = events(settings.audit_path, "release_failed")
+        assert failed["outcome"] == "unknown"
+        assert events(settings.audit_path, "lock_released") == []
+        second = monitor.run_pass()
+        assert second is not None
+        assert second.error is None
+        (released,) = events(settings.audit_path, "lock_released")
+        assert (released["outcome"], released["settles"]) == ("released", "unknown")
+        assert events(settings.audit_path, "release_skipped") == []
+        assert next_message(pubsub, 5) is not None
+        assert pubsub.get_message(timeout=0.2) is None  # announced once
+        pubsub.close()
+
+
+def test_replicas_with_other_settings_share_one_record_and_one_warning(r, redis_server, tmp_path):
+    # An acting monitor, a dry-run replica and an acting replica with another lock_timeout take
+    # turns over a long task with a live heartbeat; then the worker dies.
+    acting = build(make_settings(redis_server.url, tmp_path / "a"))
+    # The dry run's lock_timeout is too long (it would release; it may not); the other acting
+    # replica's is shorter than the workers' EX (a weaker but true lower bound).
+    dry = build(make_settings(redis_server.url, tmp_path / "b", gpu_lock={"lock_timeout": 900}), dry_run=True)
+    other = build(make_settings(redis_server.url, tmp_path / "c", gpu_lock={"lock_timeout": 450}))
+    for path in ("a", "b", "c"):
+        (tmp_path / path).mkdir(exist_ok=True)
+    key = hold(r, 0, "tts", age_s=350)  # past warning (300), heartbeat alive
+    beat(r, key)
+    record_key = keys.holding_key(key)
+    for _ in range(5):
+        assert acting.run_pass().error is None
+        stored = r.get(record_key)
+        assert dry.run_pass().error is None
+        assert r.get(record_key) == stored  # a dry run writes nothing
+        assert other.run_pass().error is None
+        beat(r, key)  # the worker's next beat
+    record = Record.loads(r.get(record_key))
+    assert record is not None
+    warnings = [e for d in ("a", "c") for e in events(tmp_path / d / "audit.jsonl", "lock_warning")]
+    assert len(warnings) == 1  # one holding, one warning, whichever acting replica said it
+    assert len({e["holding"] for e in warnings}) == 1
+    assert len(events(tmp_path / "b" / "audit.jsonl", "lock_released")) == 1  # its own, in dry run
+    assert r.exists(key)
+    r.delete(key + b":heartbeat")  # the worker is killed: its heartbeat is gone
+    assert acting.run_pass().error is None
+    (released,) = events(tmp_path / "a" / "audit.jsonl", "lock_released")
+    assert released["reason"] == "heartbeat_dead"
+    assert not r.exists(key)
+
+
+def test_acting_monitor_never_resurrects_a_released_record(r, redis_server, tmp_path):
+    # Replica A (long tiers) reads the lock and keeps it; before A writes its record back, replica
+    # B (short tiers) releases it. A's compare-and-set finds the holding gone and writes nothing:
+    # the tombstone stays.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = build(make_settings(redis_server.url, tmp_path / "a"))
+    b = build(
+        make_settings(
+            redis_server.url,
+            tmp_path / "b",
+            gpu_lock_monitor={"timeout_levels": {"warning": 10, "soft_timeout": 20, "hard_timeout": 30}},
+        )
+    )
+    key = hold(r, 0, "tts", age_s=100)
+    act = a._act
+
+    def b_releases_first(verdict, report):
+        assert b.run_pass().error is None
+        return act(verdict, report)
+
+    a._act = b_releases_first  # type: ignore[method-assign]
+    assert a.run_pass().error is None
+    assert not r.exists(key)
+    assert len(events(tmp_path / "b" / "audit.jsonl", "lock_released")) == 1
+    assert r.get(keys.holding_key(key)).startswith(b"released:")
+
+
+@pytest.mark.parametrize("lock_timeout", [20, 60])
+def test_mismatch_is_audited_once_and_shown_by_config_check(r, redis_server, tmp_path, lock_timeout):
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+
+    settings = make_settings(redis_server.url, tmp_path, gpu_lock={"lock_timeout": lock_timeout})
+    monitor = build(settings)
+    assert monitor.run_pass().error is None  # complete, no lock
+    r.set(b"gpu_lock:0", b"locked_by_tts", ex=5)  # a worker with a shorter EX than configured
+    for _ in range(3):
+        assert monitor.run_pass().error is None
+    (mismatch,) = events(settings.audit_path, "lock_timeout_mismatch")
+    assert mismatch["lock_timeout_s"] == lock_timeout
+    assert 5 <= mismatch["worker_ex_at_most_s"] < 10
+    assert mismatch["held_s"] < 5
+    assert json.loads(r.get(keys.MISMATCH_KEY))["lock_key"] == "gpu_lock:0"
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"redis: {{url: '{redis_server.url}'}}\ngpu_lock: {{lock_timeout: {lock_timeout}}}\n")
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(cfg)])
+    assert result.exit_code == 0
+    assert "gpu_lock.lock_timeout" in result.stderr
+    assert "gpu_lock:0 was set with at most" in result.stderr
+    fixed = tmp_path / "fixed.yml"
+    fixed.write_text(f"redis: {{url: '{redis_server.url}'}}\ngpu_lock: {{lock_timeout: 5}}\n")
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(fixed)])
+    assert "was set with at most" not in result.stderr
