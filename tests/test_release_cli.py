@@ -1,0 +1,127 @@
+"""`gpulock-monitor release` as operators run it: at a terminal, over a pipe, and against a
+holder that is alive. Real processes: the prompt is answered through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import beat, config_file, events, hold
+
+CLI = [sys.executable, "-m", "monitor"]
+
+
+@pytest.fixture
+def cfg(redis_server, tmp_path) -> Path:
+    return config_file(tmp_path, redis_server.url, nvml={"enabled": False})
+
+
+def piped(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """As over ssh without a tty, from cron or Ansible: stdin is a pipe."""
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False)
+
+
+def at_terminal(*args: str, answer: str) -> tuple[int, str]:
+    """Run with stdin on a pseudo-terminal; answer the prompt once it is shown."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*CLI, *args], stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    out = b""
+    answered = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        if not answered and b"Release it?" in out:
+            os.write(leader, answer.encode() + b"\n")
+            answered = True
+        if proc.poll() is not None and not ready:
+            break
+    os.close(leader)
+    return proc.wait(timeout=10), out.decode(errors="replace")
+
+
+def test_off_a_terminal_without_yes_releases_nothing(r, cfg, tmp_path):
+    hold(r, 4, "tts", age_s=450)  # a zombie by every rule, still not released unasked
+    result = piped("release", "gpu_lock:4", "-c", str(cfg), stdin="no\n")
+    assert result.returncode == 1
+    assert "not a terminal; add --yes (or --holder VALUE)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert r.get(b"gpu_lock:4") == b"locked_by_tts"
+    assert events(tmp_path / "audit.jsonl", "manual_release") == []
+
+
+def test_off_a_terminal_with_yes_releases(r, cfg, tmp_path):
+    hold(r, 4, "tts", age_s=450)
+    result = piped("release", "gpu_lock:4", "--yes", "-c", str(cfg), stdin="")
+    assert result.returncode == 0, result.stderr
+    assert not r.exists(b"gpu_lock:4")
+    (event,) = events(tmp_path / "audit.jsonl", "manual_release")
+    assert (event["outcome"], event["forced"]) == ("released", False)
+
+
+def test_off_a_terminal_holder_is_the_confirmation(r, cfg):
+    hold(r, 4, "tts", age_s=450)
+    result = piped("release", "gpu_lock:4", "--holder", "locked_by_tts", "-c", str(cfg), stdin="")
+    assert result.returncode == 0, result.stderr
+    assert not r.exists(b"gpu_lock:4")
+
+
+def test_live_holder_needs_force(r, cfg, tmp_path):
+    key = hold(r, 4, "tts", age_s=30)
+    beat(r, key)
+    refused = piped("release", "gpu_lock:4", "--yes", "-c", str(cfg), stdin="")
+    assert refused.returncode == 1
+    assert "heartbeat alive" in refused.stderr
+    assert "add --force" in refused.stderr
+    assert r.exists(key)
+    forced = piped("release", "gpu_lock:4", "--yes", "--force", "-c", str(cfg), stdin="")
+    assert forced.returncode == 0, forced.stderr
+    assert not r.exists(key)
+    (event,) = events(tmp_path / "audit.jsonl", "manual_release")
+    assert (event["outcome"], event["forced"], event["heartbeat"]) == ("released", True, "alive")
+
+
+@pytest.mark.parametrize(("answer", "released"), [("n", False), ("y", True)])
+def test_prompt_at_a_terminal(r, cfg, answer, released):
+    hold(r, 4, "tts", age_s=450)
+    code, out = at_terminal("release", "gpu_lock:4", "-c", str(cfg), answer=answer)
+    assert "gpu_lock:4 held by locked_by_tts" in out
+    assert (code == 0) is released, out
+    assert (not r.exists(b"gpu_lock:4")) is released
+
+
+def test_prompt_answered_while_the_same_task_took_the_lock_again(r, cfg):
+    # The operator confirmed the holding that was shown; a new run of the same task that took
+    # the lock while the prompt waited is another holding, and is left alone.
+    hold(r, 4, "tts", age_s=450)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [*CLI, "release", "gpu_lock:4", "-c", str(cfg)], stdin=follower, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    out = b""
+    while b"Release it?" not in out:
+        ready, _, _ = select.select([leader], [], [], 30)
+        assert ready, out
+        out += os.read(leader, 4096)
+    r.delete(b"gpu_lock:4")
+    r.set(b"gpu_lock:4", b"locked_by_tts", ex=600)  # same value, new holding
+    os.write(leader, b"y\n")
+    assert proc.wait(timeout=30) == 1
+    os.close(leader)
+    assert r.get(b"gpu_lock:4") == b"locked_by_tts"
+    assert r.pttl(b"gpu_lock:4") > 590_000
