@@ -28,37 +28,36 @@ import redis
 
 from monitor import keys
 from monitor.audit import JsonlFile, critical_record
-from monitor.errors import AuditWriteError, MonitorError
+from monitor.errors import AuditWriteError, MonitorError, ReleaseError
 from monitor.logs import get_logger
-from monitor.reaper import notice
+from monitor.reaper import Outcome, Reaper
+from monitor.scanner import EXPIRY_LUA
 
 log = get_logger("gpulock_monitor.client")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms.
-# The first heartbeat is written with the lock, so the monitor never sees this holding as "none".
+# KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms. Returns the
+# lock's absolute expiry (with the value, the holding's identity for the release script), or 0.
+# The first heartbeat is written with the lock: the monitor counts it as alive from the start, and
+# its first refresh proves it this holding's (DESIGN.md section 3).
 # Finding our own value means an earlier try succeeded but its reply was lost to a dropped
 # connection: that try's lock is ours, so say so instead of waiting on ourselves.
-ACQUIRE_SCRIPT = """
+ACQUIRE_SCRIPT = (
+    EXPIRY_LUA
+    + """
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] then return 0 end
 if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-return 1
+return expiry(KEYS[1])
 """
+)
 # KEYS lock, heartbeat; ARGV value, heartbeat value, heartbeat ttl ms.
 HEARTBEAT_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
-# KEYS lock, heartbeat; ARGV value, channel, notice.
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """
 
@@ -117,6 +116,7 @@ class GpuLock:
         self.critical_path = critical_path
         self.lost = threading.Event()  # set when the heartbeat finds the lock no longer ours
         self.acquired_at: float | None = None
+        self.expiry_ms = -2  # the lock's absolute expiry on Redis's clock, once acquired
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._acquire = client.register_script(ACQUIRE_SCRIPT)
@@ -169,7 +169,11 @@ class GpuLock:
     def _try(self) -> bool:
         hb_ms = round(2 * self.heartbeat_interval * 1000)
         keys_ = [self.key, keys.heartbeat_key(self.key)]
-        return bool(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
+        expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
+        if expiry == 0:
+            return False
+        self.expiry_ms = expiry
+        return True
 
     # --- heartbeat ----------------------------------------------------------------------------------
 
@@ -203,22 +207,15 @@ class GpuLock:
     # --- release --------------------------------------------------------------------------------------
 
     def release(self, reason: str = "normal", client: redis.Redis | None = None) -> bool:
-        """Owner-checked release; False when the lock was no longer ours (nothing deleted)."""
+        """Identity-checked release, by the monitor's own script; False when the lock was no
+        longer this holding (nothing deleted)."""
         self._stop_heartbeat()
-        client = client or self.client
         try:
-            done = client.eval(
-                RELEASE_SCRIPT,
-                2,
-                self.key,
-                keys.heartbeat_key(self.key),
-                self.value,
-                keys.release_channel(self.key),
-                notice(self.key, self.value, reason, time.time()),
-            )
-        except redis.ResponseError:
+            result = Reaper(client or self.client).release(self.key, self.value, self.expiry_ms, reason=reason)
+        except ReleaseError as exc:
             COUNTERS.release_script_errors += 1
-            raise
+            raise redis.ResponseError(str(exc)) from exc
+        done = result.outcome is Outcome.RELEASED
         if self.task_id is not None:
             with _BY_TASK_LOCK:
                 _BY_TASK.pop(self.task_id, None)

@@ -161,8 +161,10 @@ def mismatch_warning(client: Client, settings: Settings) -> str | None:
     """What the acting monitor last found of a worker EX shorter than gpu_lock.lock_timeout,
     while it still applies to this config; None when nothing was found."""
     raw = client.get(keys.MISMATCH_KEY)
+    if raw is None:
+        return None
     try:
-        found = json.loads(raw) if raw is not None else None
+        found = json.loads(raw)
         ex_s, lock = float(found["worker_ex_at_most_s"]), str(found["lock_key"])
     except (ValueError, TypeError, KeyError):
         return None

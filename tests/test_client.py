@@ -148,13 +148,36 @@ def test_both_releases_fail_writes_critical_record(tmp_path):
     assert client_mod.COUNTERS.emergency_releases == 1
 
 
-def test_release_script_error_is_counted(r):
+def test_release_script_error_is_counted(r, redis_server):
+    # An ACL that refuses DEL: the release script fails inside Redis, and nothing was released.
+    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
+    try:
+        held = lock(limited, heartbeat_interval=30).acquire()
+        with pytest.raises(redis.ResponseError):
+            held.release()
+    finally:
+        limited.close()
+        r.acl_deluser("nodel")
+    assert client_mod.COUNTERS.release_script_errors == 1
+    assert r.get(b"gpu_lock:0") == held.value
+
+
+def test_lock_whose_type_changed_is_not_ours(r):
     held = lock(r, heartbeat_interval=30).acquire()
     r.delete(b"gpu_lock:0")
-    r.hset(b"gpu_lock:0", "x", "y")  # WRONGTYPE inside the script
-    with pytest.raises(redis.ResponseError):
-        held.release()
-    assert client_mod.COUNTERS.release_script_errors == 1
+    r.hset(b"gpu_lock:0", "x", "y")
+    assert not held.release()
+    assert client_mod.COUNTERS.ownership_violations == 1
+    assert r.type(b"gpu_lock:0") == b"hash"
+
+
+def test_same_token_released_once_even_when_asked_twice(r):
+    # A release whose reply was lost is asked again: the second answer is the first's.
+    held = lock(r, heartbeat_interval=30).acquire()
+    assert held.release()
+    assert held.release()
+    assert client_mod.COUNTERS.ownership_violations == 0
 
 
 def test_decorator_and_failure_callback(r):
