@@ -273,5 +273,6 @@ def test_refused_notice_still_reports_the_release(r, redis_server):
         limited.close()
         r.acl_deluser("nopub")
     assert result.outcome is Outcome.RELEASED
-    assert result.notice_error is not None and "can't run this command" in result.notice_error
+    assert result.notice_error is not None
+    assert "can't run this command" in result.notice_error
     assert not r.exists(key)
