@@ -211,7 +211,10 @@ class GpuLock:
         longer this holding (nothing deleted)."""
         self._stop_heartbeat()
         try:
-            result = Reaper(client or self.client).release(self.key, self.value, self.expiry_ms, reason=reason)
+            # No bookkeeping keys: a worker's ACL need not reach the monitor's own keys.
+            result = Reaper(client or self.client).release(
+                self.key, self.value, self.expiry_ms, reason=reason, bookkeeping=False
+            )
         except ReleaseError as exc:
             COUNTERS.release_script_errors += 1
             raise redis.ResponseError(str(exc)) from exc

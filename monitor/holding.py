@@ -10,11 +10,13 @@ later than the first time a monitor saw it, and no later than `expiry - lock_tim
 complete pass that began at T, it began after T; a TTL inference that dates it before T was made
 with too long a `lock_timeout` and is dropped (a lock_timeout_mismatch).
 
-A heartbeat belongs to a holding only when it was provably written at or after the holding
-began: the monitor saw it appear or change during the holding, or its expiry minus the heartbeat
-TTL is no earlier than the latest moment the holding can have begun. A heartbeat that may be the
-previous holder's leftover protects the holding (it counts as alive) but can never make it dead.
-Liveness is read from the key, never from the worker's clock inside it.
+A heartbeat belongs to a holding only when the monitor saw it appear or change while it watched
+the holding: written during it. A heartbeat that may be the previous holder's leftover protects the
+holding (it counts as alive) but can never make it dead. Nor can any heartbeat of a holding that
+began while an earlier holder's heartbeat was still being written (its lock ran out under it, or the
+monitor capped it alive): that writer may still be beating on the shared key, so such a holding is
+"tainted" and left to the soft and hard tiers. Liveness is read from the key, never from the
+worker's clock inside it.
 """
 
 from __future__ import annotations
@@ -25,18 +27,15 @@ from enum import Enum
 
 from monitor.scanner import Observation
 
-TOMBSTONE_PREFIX = b"released:"
+# What the release script leaves in the record key of a holding it released: "+" when the holder's
+# heartbeat was still there at a release that ignored it (the hard cap, --force), "-" otherwise.
+RELEASED_MARK = b"released"
 
 
 class Heartbeat(str, Enum):
     ALIVE = "alive"
     DEAD = "dead"
     NONE = "none"
-
-
-def tombstone(holder: bytes, expiry_ms: int) -> bytes:
-    """What the release script leaves in the holding's record key (see reaper.RELEASE_SCRIPT)."""
-    return TOMBSTONE_PREFIX + str(expiry_ms).encode() + b":" + holder
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ class Record:
     hb_observed_ms: int | None = None  # when that heartbeat version was first seen
     hb_seen: bool = False  # a heartbeat of this holding was seen
     hb_refreshed_ms: int | None = None  # its last write, as late as the evidence allows
+    hb_tainted: bool = False  # began while an earlier holder's heartbeat writer may have lived on
+    seen_ms: int | None = None  # last look, for a lock without a TTL (whose identity repeats)
     notified: frozenset[str] = field(default_factory=frozenset)
 
     def is_holding(self, value: bytes, expiry_ms: int) -> bool:
@@ -74,6 +75,8 @@ class Record:
                 "hb_observed_ms": self.hb_observed_ms,
                 "hb_seen": self.hb_seen,
                 "hb_refreshed_ms": self.hb_refreshed_ms,
+                "hb_tainted": self.hb_tainted,
+                "seen_ms": self.seen_ms,
                 "notified": sorted(self.notified),
             },
             separators=(",", ":"),
@@ -81,8 +84,8 @@ class Record:
 
     @classmethod
     def loads(cls, raw: bytes | None) -> Record | None:
-        """The record, or None when absent, a tombstone or unreadable (then nothing is known)."""
-        if raw is None or raw.startswith(TOMBSTONE_PREFIX):
+        """The record, or None when absent, a release mark or unreadable (then nothing is known)."""
+        if raw is None or raw[1:] == RELEASED_MARK:
             return None
         try:
             data = json.loads(raw)
@@ -97,10 +100,22 @@ class Record:
                 hb_observed_ms=_int_or_none(data["hb_observed_ms"]),
                 hb_seen=bool(data["hb_seen"]),
                 hb_refreshed_ms=_int_or_none(data["hb_refreshed_ms"]),
+                hb_tainted=bool(data["hb_tainted"]),
+                seen_ms=_int_or_none(data["seen_ms"]),
                 notified=frozenset(str(n) for n in data["notified"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def taints(raw: bytes | None, now_ms: int) -> bool:
+    """Whether what the record key held before a new holding says an earlier holder's heartbeat
+    writer may still be running: the monitor released it ignoring a live heartbeat, or its lock
+    ran out (not released) while its heartbeat was there at the last look."""
+    if raw == b"+" + RELEASED_MARK:
+        return True
+    before = Record.loads(raw)
+    return before is not None and before.hb_value is not None and 0 <= before.expiry_ms <= now_ms
 
 
 def _int_or_none(value: object) -> int | None:
@@ -150,17 +165,25 @@ def track(
     lock_timeout_ms: int,
     hb_ttl_ms: int,
     hb_timeout_ms: int,
+    tainted: bool = False,
 ) -> Holding:
     """Combine an observation of a present lock with what was known of it. Pure.
 
     `prev` is ignored unless it describes this very holding; `after_ms` is when the last
-    complete pass that would have recorded this holding began (None: no such pass known).
+    complete pass that would have recorded this holding began (None: no such pass known);
+    `tainted` says a new holding began under an earlier holder's live heartbeat (see `taints`).
     """
     assert obs.value is not None
     now = obs.now_ms
     if prev is not None and not prev.is_holding(obs.value, obs.expiry_ms):
         prev = None
-    rec = prev or Record(holder=obs.value, expiry_ms=obs.expiry_ms, first_seen_ms=now, after_ms=after_ms)
+    if prev is not None and prev.expiry_ms < 0 and after_ms is not None and (prev.seen_ms or 0) < after_ms:
+        prev = None  # a lock without a TTL that a later complete pass did not see: it went and came back
+    rec = prev or Record(
+        holder=obs.value, expiry_ms=obs.expiry_ms, first_seen_ms=now, after_ms=after_ms, hb_tainted=tainted
+    )
+    if obs.expiry_ms < 0:
+        rec = replace(rec, seen_ms=now)
     latest_start = rec.first_seen_ms
     mismatch = False
     if obs.expiry_ms >= 0:
@@ -168,7 +191,7 @@ def track(
         mismatch = rec.after_ms is not None and ttl_start < rec.after_ms
         if not mismatch:
             latest_start = min(latest_start, ttl_start)
-    state, age, rec = _heartbeat(obs, rec, prev, latest_start, hb_ttl_ms=hb_ttl_ms, hb_timeout_ms=hb_timeout_ms)
+    state, age, rec = _heartbeat(obs, rec, prev, hb_ttl_ms=hb_ttl_ms, hb_timeout_ms=hb_timeout_ms)
     return Holding(
         key=obs.key,
         holder=obs.value,
@@ -186,12 +209,12 @@ def track(
 
 
 def _heartbeat(
-    obs: Observation, rec: Record, prev: Record | None, latest_start: int, *, hb_ttl_ms: int, hb_timeout_ms: int
+    obs: Observation, rec: Record, prev: Record | None, *, hb_ttl_ms: int, hb_timeout_ms: int
 ) -> tuple[Heartbeat, int | None, Record]:
     now = obs.now_ms
     if obs.hb_value is None:
         rec = replace(rec, hb_value=None, hb_expiry_ms=None, hb_observed_ms=None)
-        if not rec.hb_seen:
+        if not rec.hb_seen or rec.hb_tainted:
             return Heartbeat.NONE, None, rec
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
         refreshed = rec.hb_refreshed_ms
@@ -204,21 +227,18 @@ def _heartbeat(
         observed, hb_expiry = now, obs.hb_expiry_ms
         # It appeared or changed since a look during this holding: written during it.
         seen_change = prev is not None
-    # Workers set the key with EX 2 * heartbeat.interval: its expiry dates the last write, as
-    # long as the key does not live longer than that (a worker with a longer interval).
+    # Workers set the key with EX 2 * heartbeat.interval, so its expiry dates the last write; that
+    # date only ever makes it look fresher (an age to show), it proves nothing about whose it is.
     written = None
     if hb_expiry is not None and 0 <= obs.hb_expiry_ms - now <= hb_ttl_ms:
         written = hb_expiry - hb_ttl_ms
-    # Strictly later: a leftover written in the very millisecond the holding began is not proof.
-    proven = rec.hb_seen or seen_change or (written is not None and written > latest_start)
     rec = replace(rec, hb_value=obs.hb_value, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
     age = max(0, now - (written if written is not None else observed))
-    if not proven:
-        # Maybe the previous holder's leftover: it protects, it never condemns.
+    if not (rec.hb_seen or seen_change) or rec.hb_tainted:
+        # Maybe an earlier holder's: it protects, it never condemns.
         return Heartbeat.ALIVE, age, rec
     rec = replace(rec, hb_seen=True, hb_refreshed_ms=now - age)
-    # Stale only when watched unchanged past the timeout: never judged by the worker's clock,
-    # nor by an expiry that a worker with a shorter interval would make look older.
+    # Stale only when watched unchanged past the timeout: never judged by the worker's clock.
     if now - max(observed, written if written is not None else observed) > hb_timeout_ms:
         return Heartbeat.DEAD, age, rec
     return Heartbeat.ALIVE, age, rec

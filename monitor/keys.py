@@ -11,9 +11,7 @@ RELEASE_CHANNEL_PREFIX = b"gpu_lock:"
 # Everything the monitor itself remembers lives under this prefix.
 MONITOR_PREFIX = b"gpulock_monitor:"
 HOLDING_PREFIX = MONITOR_PREFIX + b"holding:"
-# Redis-clock ms when the last complete pass of an acting monitor began: a holding without a
-# record began after it (DESIGN.md section 3, held time).
-LAST_PASS_KEY = MONITOR_PREFIX + b"last_complete_pass_ms"
+RELEASED_PREFIX = MONITOR_PREFIX + b"released:"
 # The last lock_timeout_mismatch an acting monitor found, for `config check` to show.
 MISMATCH_KEY = MONITOR_PREFIX + b"lock_timeout_mismatch"
 
@@ -28,9 +26,22 @@ def holding_key(lock_key: bytes) -> bytes:
     The key hashes to the lock's own Redis Cluster slot (the lock's hash tag, or the whole lock
     key as one), so the release script can check and delete it with the lock atomically.
     """
-    if _hash_tag(lock_key) is not None:
-        return HOLDING_PREFIX + lock_key
-    return HOLDING_PREFIX + b"{" + lock_key + b"}"
+    return HOLDING_PREFIX + _same_slot(lock_key)
+
+
+def released_key(lock_key: bytes) -> bytes:
+    """Where the release script leaves what it released (in the lock's slot, as holding_key)."""
+    return RELEASED_PREFIX + _same_slot(lock_key)
+
+
+def last_pass_key(pattern: str) -> bytes:
+    """Redis-clock ms when the last complete pass over `pattern` of an acting monitor began: a
+    holding without a record began after it (DESIGN.md section 3, held time)."""
+    return MONITOR_PREFIX + b"last_complete_pass_ms:" + pattern.encode()
+
+
+def _same_slot(lock_key: bytes) -> bytes:
+    return lock_key if _hash_tag(lock_key) is not None else b"{" + lock_key + b"}"
 
 
 def _hash_tag(key: bytes) -> bytes | None:

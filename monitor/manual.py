@@ -10,7 +10,7 @@ from collections.abc import Callable
 from monitor import keys
 from monitor.audit import AuditLog
 from monitor.config import Settings
-from monitor.connection import Client
+from monitor.connection import REDIS_DOWN, Client
 from monitor.errors import MonitorError
 from monitor.holding import Heartbeat
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
@@ -56,9 +56,9 @@ def release(
     if obs.invalid:
         raise MonitorError(f"{keys.text(lock_key)} is not a lock ({obs.invalid})")
     if obs.value is None:
-        _audit(audit, lock_key, holder, Outcome.GONE, {})
+        _audit(audit, lock_key, holder, Outcome.GONE.value, {})
         return ReleaseResult(Outcome.GONE, None)
-    (verdict,) = evaluate([obs], settings, after_ms=last_complete_pass_ms(client))
+    (verdict,) = evaluate([obs], settings, after_ms=last_complete_pass_ms(client, settings))
     fields = lock_fields(verdict, dry_run=False)
     h = verdict.holding
     if h.heartbeat is Heartbeat.ALIVE and not force:
@@ -67,16 +67,25 @@ def release(
         raise NotConfirmed("not confirmed; nothing released")
     # The operator confirmed the holding that was just read: the script must find that very
     # holding (value and expiry), and without --force a heartbeat no livelier than it was.
-    result = Reaper(client).release(
-        lock_key,
-        holder if holder is not None else obs.value,
-        obs.expiry_ms,
-        heartbeat=HeartbeatCheck.ANY if force else HeartbeatCheck.CHECK,
-        hb_value=h.hb_value,
-        hb_expiry_ms=h.hb_expiry_ms,
-        reason=RELEASE_REASON,
-    )
-    _audit(audit, lock_key, holder, result.outcome, fields, current=result.current, forced=force)
+    try:
+        result = Reaper(client).release(
+            lock_key,
+            holder if holder is not None else obs.value,
+            obs.expiry_ms,
+            heartbeat=HeartbeatCheck.ANY if force else HeartbeatCheck.CHECK,
+            hb_value=h.hb_value,
+            hb_expiry_ms=h.hb_expiry_ms,
+            reason=RELEASE_REASON,
+            attempt=f"manual:{h.id}",
+        )
+    except REDIS_DOWN as exc:
+        # The script may have run: say so, in the audit and to the operator, instead of guessing.
+        _audit(audit, lock_key, holder, "unknown", fields, forced=force)
+        raise MonitorError(
+            f"connection lost during the release of {keys.text(lock_key)}: outcome unknown "
+            f"(`status` shows whether it is still held): {exc}"
+        ) from None
+    _audit(audit, lock_key, holder, result.outcome.value, fields, current=result.current, forced=force)
     return result
 
 
@@ -91,7 +100,7 @@ def _audit(
     audit: AuditLog,
     lock_key: bytes,
     requested: bytes | None,
-    outcome: Outcome,
+    outcome: str,
     fields: dict[str, object],
     *,
     current: bytes | None = None,
@@ -100,14 +109,14 @@ def _audit(
     extra: dict[str, object] = {"lock_key": keys.text(lock_key), **fields, "reason": RELEASE_REASON}
     if requested is not None:
         extra["requested_holder"] = keys.text(requested)
-    if current is not None and outcome is not Outcome.RELEASED:
+    if current is not None and outcome != Outcome.RELEASED.value:
         extra["current_holder"] = keys.text(current)
     audit.event(
         "manual_release",
         sync=True,
         now=time.time(),
         operator=operator_name(),
-        outcome=outcome.value,
+        outcome=outcome,
         forced=forced,
         **extra,
     )

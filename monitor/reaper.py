@@ -6,9 +6,9 @@ same value) or its heartbeat refreshed, and only a check inside Redis sees that.
 checked by identity, value and absolute expiry, so a daemon paused for any length of time
 between its read and this script cannot release a newer holding of the same value.
 
-A release leaves a tombstone (the released identity) in the holding's record key for
-TOMBSTONE_TTL_MS: a call repeated after a lost reply answers `released` again instead of
-`gone`, and a same-value lock without a TTL taken again after the release is `holder_changed`.
+A release leaves a tombstone naming the attempt (who asked, for which holding) for
+TOMBSTONE_TTL_MS: the same attempt repeated after a lost reply answers `released` again instead
+of `gone`, without touching whatever holds the lock now.
 """
 
 from __future__ import annotations
@@ -28,26 +28,23 @@ from monitor.scanner import EXPIRY_LUA, READ_SCRIPT
 
 TOMBSTONE_TTL_MS = 600_000
 
-# KEYS[1] lock, then the heartbeat and the holding's record, each when ARGV[9] names it ("h",
-# "r"): in Redis Cluster a key in another slot is left out.
+# KEYS[1] lock, then what ARGV[9] names: "h" its heartbeat, "r" the holding's record and the
+# tombstone key (in Redis Cluster a key in another slot is left out).
 # ARGV[1] holder, ARGV[2] its expiry as observed (-1: no TTL), ARGV[3] "check" or "any" for the
 # heartbeat, ARGV[4] heartbeat value as observed ("" absent), ARGV[5] its expiry, ARGV[6]
-# channel, ARGV[7] notice, ARGV[8] tombstone ms.
+# channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[10] the attempt (who, which holding).
 RELEASE_SCRIPT = (
     EXPIRY_LUA
     + """
-local hb_key, rec_key, n = false, false, 2
+local hb_key, rec_key, tomb_key, n = false, false, false, 2
 if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
-if string.find(ARGV[9], 'r', 1, true) then rec_key = KEYS[n] end
-local tomb = 'released:' .. ARGV[2] .. ':' .. ARGV[1]
-local released_before = rec_key and redis.pcall('GET', rec_key) == tomb
+if string.find(ARGV[9], 'r', 1, true) then rec_key, tomb_key = KEYS[n], KEYS[n + 1] end
+local tomb = ARGV[10] .. ':' .. ARGV[2] .. ':' .. ARGV[1]
+if tomb_key and redis.pcall('GET', tomb_key) == tomb then return {'released', ARGV[1], false} end
 local value = redis.pcall('GET', KEYS[1])
 if type(value) == 'table' then return {'holder_changed', false, false} end
-if not value then
-  if released_before then return {'released', ARGV[1], false} end
-  return {'gone', false, false}
-end
-if released_before or value ~= ARGV[1] or expiry(KEYS[1]) ~= tonumber(ARGV[2]) then
+if not value then return {'gone', false, false} end
+if value ~= ARGV[1] or expiry(KEYS[1]) ~= tonumber(ARGV[2]) then
   return {'holder_changed', value, false}
 end
 local hb = hb_key and redis.pcall('GET', hb_key)
@@ -60,7 +57,12 @@ end
 -- stops here, and no notice announces a lock that is still held.
 redis.call('DEL', KEYS[1])
 if hb then redis.pcall('DEL', hb_key) end
-if rec_key then redis.pcall('SET', rec_key, tomb, 'PX', ARGV[8]) end
+if rec_key then
+  -- "+": released while its heartbeat was there and not judged dead; its writer may live on.
+  local mark = (ARGV[3] == 'any' and hb) and '+released' or '-released'
+  redis.pcall('SET', rec_key, mark, 'PX', ARGV[8])
+  redis.pcall('SET', tomb_key, tomb, 'PX', ARGV[8])
+end
 local sent = redis.pcall('PUBLISH', ARGV[6], ARGV[7])
 if type(sent) == 'table' then return {'released', value, sent.err} end
 return {'released', value, false}
@@ -123,18 +125,26 @@ class Reaper:
         hb_value: bytes | None = None,
         hb_expiry_ms: int = -2,
         reason: str = "forced_by_monitor",
+        attempt: str = "monitor",
+        bookkeeping: bool = True,
     ) -> ReleaseResult:
         """Release the holding (`holder`, `expiry_ms`) of `lock_key` if it still holds the lock
         and, with HeartbeatCheck.CHECK, its heartbeat is gone or unchanged since it was read.
 
+        `attempt` names who asks for which holding: the same attempt repeated after a lost reply
+        is answered from the tombstone. Without `bookkeeping` (the worker client, whose ACL may
+        not reach the monitor's keys) no record or tombstone is touched.
+
         Connection errors propagate as redis.ConnectionError / TimeoutError (the outcome is then
         unknown); an error raised by Redis for the script becomes ReleaseError.
         """
-        hb_key, record_key = keys.heartbeat_key(lock_key), keys.holding_key(lock_key)
-        layout = {"h": hb_key, "r": record_key}
+        hb_key = keys.heartbeat_key(lock_key)
+        layout: dict[str, list[bytes]] = {"h": [hb_key]}
+        if bookkeeping:
+            layout["r"] = [keys.holding_key(lock_key), keys.released_key(lock_key)]
         if self._cluster:
             slot = key_slot(lock_key)
-            if key_slot(record_key) != slot:
+            if "r" in layout and key_slot(layout["r"][0]) != slot:
                 del layout["r"]  # an odd key that no record key shares a slot with
             if key_slot(hb_key) != slot:
                 # Keys not hash-tagged: the heartbeat is in another slot, out of the script's
@@ -153,9 +163,12 @@ class Reaper:
             notice(lock_key, holder, reason, time.time()),
             TOMBSTONE_TTL_MS,
             "".join(layout),
+            attempt,
         ]
         try:
-            code, current, notice_error = self._script(keys=[lock_key, *layout.values()], args=args)
+            code, current, notice_error = self._script(
+                keys=[lock_key, *(k for ks in layout.values() for k in ks)], args=args
+            )
         except redis.ResponseError as exc:
             raise ReleaseError(f"release script failed: {exc}") from exc
         try:

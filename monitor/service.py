@@ -27,7 +27,7 @@ from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.gpuwatch import GpuWatch
-from monitor.holding import Holding, Record, track
+from monitor.holding import Holding, Record, taints, track
 from monitor.logs import get_logger
 from monitor.policy import Action, Decision, Reason, Tiers, decide
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
@@ -133,8 +133,9 @@ def evaluate(
 ) -> list[Verdict]:
     """Holdings and decisions for every present, valid lock. Pure.
 
-    A holding's record is the one read from Redis, else the one in `remembered`; `after_ms` is
-    when the last complete pass that recorded every holding then present began.
+    A holding's record is the one read from Redis, else the one in `remembered` (what this
+    monitor saw); what either says was already audited counts. `after_ms` is when the last
+    complete pass that recorded every holding then present began.
     """
     limits = tiers(settings)
     remembered = remembered or {}
@@ -142,9 +143,12 @@ def evaluate(
     for obs in observations:
         if obs.invalid or obs.value is None:
             continue
-        prev = Record.loads(obs.record)
-        if prev is None or not prev.is_holding(obs.value, obs.expiry_ms):
-            prev = remembered.get(obs.key)
+        stored, mine = Record.loads(obs.record), remembered.get(obs.key)
+        ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
+        prev = ours[0] if ours else None
+        if prev is not None and len(ours) == 2:
+            prev = replace(prev, notified=ours[0].notified | ours[1].notified)
+        tainted = taints(obs.record, obs.now_ms) or (mine is not None and taints(mine.dumps(), obs.now_ms))
         holding = track(
             obs,
             prev,
@@ -152,6 +156,7 @@ def evaluate(
             lock_timeout_ms=round(settings.lock_timeout_s * 1000),
             hb_ttl_ms=round(settings.heartbeat_ttl_s * 1000),
             hb_timeout_ms=round(settings.heartbeat_timeout_s * 1000),
+            tainted=tainted,
         )
         verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
     return verdicts
@@ -176,9 +181,9 @@ def mismatch_warning(client: Client, settings: Settings) -> str | None:
     )
 
 
-def last_complete_pass_ms(client: Client) -> int | None:
+def last_complete_pass_ms(client: Client, settings: Settings) -> int | None:
     """When the last complete pass of an acting monitor began (Redis-clock ms), if known."""
-    raw = client.get(keys.LAST_PASS_KEY)
+    raw = client.get(keys.last_pass_key(settings.key_pattern))
     try:
         return None if raw is None else int(raw)
     except ValueError:
@@ -310,10 +315,10 @@ class Monitor:
         """Redis TIME before the SCAN (a holding present then is seen by this pass), and when the
         last complete pass of an acting monitor began, in one round trip."""
         if is_cluster(self.client):  # TIME is no keyed command: no cluster pipeline takes it
-            return redis_time_ms(self.client), last_complete_pass_ms(self.client)
+            return redis_time_ms(self.client), last_complete_pass_ms(self.client, self.settings)
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.get(keys.LAST_PASS_KEY)
+        pipe.get(keys.last_pass_key(self.settings.key_pattern))
         (seconds, micros), raw = pipe.execute()
         persisted = int(raw) if raw is not None and raw.isdigit() else None
         return int(seconds) * 1000 + int(micros) // 1000, persisted
@@ -383,7 +388,7 @@ class Monitor:
             self.client.set(status_key, status, px=status_ttl)
             self._remember_cluster(writes, began_ms)
             return
-        head = [keys.LAST_PASS_KEY, status_key]
+        head = [keys.last_pass_key(self.settings.key_pattern), status_key]
         for start in range(0, max(1, len(writes)), READ_BATCH):
             batch = writes[start : start + READ_BATCH]
             header: list[Any] = ["", "", "", b"", 0]
@@ -402,7 +407,7 @@ class Monitor:
                 pipe.execute_command("EVAL", PERSIST_SCRIPT, 2, key, record_key, "", "", "", b"", 0, *per)
         pipe.execute()
         if began_ms is not None:
-            self.client.eval(RAISE_TO_SCRIPT, 1, keys.LAST_PASS_KEY, began_ms)
+            self.client.eval(RAISE_TO_SCRIPT, 1, keys.last_pass_key(self.settings.key_pattern), began_ms)
 
     # --- actions ----------------------------------------------------------------------------
 
@@ -475,7 +480,13 @@ class Monitor:
         # The cap applies whatever the heartbeat does; the other rules only while it stays dead.
         check = HeartbeatCheck.ANY if verdict.decision.reason is Reason.HARD_TIMEOUT else HeartbeatCheck.CHECK
         return self.reaper.release(
-            h.key, h.holder, h.expiry_ms, heartbeat=check, hb_value=h.hb_value, hb_expiry_ms=h.hb_expiry_ms
+            h.key,
+            h.holder,
+            h.expiry_ms,
+            heartbeat=check,
+            hb_value=h.hb_value,
+            hb_expiry_ms=h.hb_expiry_ms,
+            attempt=f"monitor:{h.id}",
         )
 
     def _audit_result(self, result: ReleaseResult, fields: dict[str, Any], report: PassReport, key: bytes) -> None:
@@ -492,10 +503,18 @@ class Monitor:
     def _settle_unknown(self, report: PassReport) -> None:
         """Ask again about releases whose reply was lost; the script answers what it did."""
         for key, verdict in list(self._unsettled.items()):
-            result = self._call_reaper(verdict)  # Redis down again: the pass stops, kept for the next
+            fields = {**self._fields(verdict, dry_run=False), "settles": "unknown"}
+            try:
+                result = self._call_reaper(verdict)
+            except REDIS_DOWN:
+                raise  # still unreachable: the pass stops, and the next one asks again
+            except (ReleaseError, redis.RedisError) as exc:
+                # Refused now (a replica, an ACL): the pass goes on and decides afresh.
+                del self._unsettled[key]
+                self._release_failed(self._fid(verdict.holding), fields, exc, outcome="unknown")
+                continue
             del self._unsettled[key]
             self._failures.pop(self._fid(verdict.holding), None)
-            fields = {**self._fields(verdict, dry_run=False), "settles": "unknown"}
             self._audit_result(result, fields, report, key)
 
     def _release_failed(

@@ -172,12 +172,26 @@ def test_lock_whose_type_changed_is_not_ours(r):
     assert r.type(b"gpu_lock:0") == b"hash"
 
 
-def test_same_token_released_once_even_when_asked_twice(r):
-    # A release whose reply was lost is asked again: the second answer is the first's.
-    held = lock(r, heartbeat_interval=30).acquire()
-    assert held.release()
-    assert held.release()
-    assert client_mod.COUNTERS.ownership_violations == 0
+def test_release_needs_no_access_to_the_monitors_keys(r, redis_server):
+    # A worker's ACL user reaches the lock keys and their channel only.
+    r.acl_setuser(
+        "worker",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["gpu_lock:*"],
+        channels=["gpu_lock:*"],
+        reset_channels=True,  # Redis 6.2 starts a user with every channel
+        commands=["+@all"],
+    )
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="worker", password="pw", protocol=2)
+    try:
+        held = lock(limited, heartbeat_interval=30).acquire()
+        assert held.finish("normal")
+    finally:
+        limited.close()
+        r.acl_deluser("worker")
+    assert not r.exists(b"gpu_lock:0")
+    assert client_mod.COUNTERS.emergency_releases == 0
 
 
 def test_decorator_and_failure_callback(r):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from monitor.holding import Heartbeat, Record, tombstone, track
+from monitor.holding import RELEASED_MARK, Heartbeat, Record, taints, track
 from monitor.scanner import Observation
 
 LOCK_MS = 600_000  # gpu_lock.lock_timeout: the shortest EX in use
@@ -251,7 +251,9 @@ def test_dead_survives_a_monitor_restart():
 # --- records -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"{}", b'{"holder": 3}', b"[]", tombstone(V, E600)])
+@pytest.mark.parametrize(
+    "raw", [b"not json", b"{}", b'{"holder": 3}', b"[]", b"+" + RELEASED_MARK, b"-" + RELEASED_MARK]
+)
 def test_unreadable_record_or_tombstone_is_nothing_known(raw):
     assert Record.loads(raw) is None
 
@@ -278,3 +280,69 @@ def test_steady_holding_leaves_the_record_unchanged():
     again = run(Look(0, E600, b"t", hb), record=first.record)
     assert again.record == first.record
     assert not again.new
+
+
+# --- an earlier holder's heartbeat writer may live on ----------------------------------------------
+
+
+def test_lock_that_ran_out_under_a_beating_holder_taints_the_next_holding():
+    # W1's lock expired by its TTL while W1 still ran and beat; W2 (no heartbeat) took the lock.
+    # W1's beats change the shared key during W2's holding, then W1 stops: W2 is not dead.
+    w1 = run(Look(-10, lock(-20, 12), b"1", lock(-10, 120)))
+    assert w1.heartbeat is Heartbeat.ALIVE
+    assert taints(w1.record.dumps(), ms(-5))  # expired at -8 with its heartbeat there
+    w2_expiry = lock(-7, 1800)
+    looks = [
+        Look(-5, w2_expiry, b"2", lock(-6, 120)),  # W1's beat after W2 began
+        Look(-3, w2_expiry, b"3", lock(-4, 120)),
+        Look(0, w2_expiry),  # W1 stopped; its key is gone
+    ]
+    holding = None
+    for i, look in enumerate(looks):
+        holding = track(
+            look.observation(),
+            holding.record if holding else None,
+            after_ms=None,
+            lock_timeout_ms=LOCK_MS,
+            hb_ttl_ms=HB_TTL_MS,
+            hb_timeout_ms=HB_TIMEOUT_MS,
+            tainted=i == 0,
+        )
+    assert holding is not None
+    assert holding.heartbeat is Heartbeat.NONE  # left to the soft and hard tiers
+
+
+@pytest.mark.parametrize(
+    ("raw_before", "tainted"),
+    [
+        (b"+" + RELEASED_MARK, True),  # capped or forced while its heartbeat was there
+        (b"-" + RELEASED_MARK, False),  # released dead
+        (None, False),
+        (Record(V, lock(-20, 30), ms(-20), hb_value=b"t", hb_expiry_ms=lock(-1, 120)).dumps(), False),  # released
+        (Record(V, lock(-20, 12), ms(-20), hb_value=b"t", hb_expiry_ms=lock(-1, 120)).dumps(), True),  # ran out
+        (Record(V, lock(-20, 12), ms(-20)).dumps(), False),  # ran out, no heartbeat at the last look
+    ],
+)
+def test_what_taints_a_new_holding(raw_before, tainted):
+    assert taints(raw_before, NOW) is tainted
+
+
+def test_heartbeat_with_a_longer_interval_than_configured_never_condemns_the_next_holder():
+    # W1 beats with EX 4 s (interval 2) where the monitor is told 1 s (EX 2): its leftover, as it
+    # ages, looks written after W2 began by its expiry. Only a change the monitor saw proves anything.
+    w2 = lock(-3.5, 600)
+    leftover = lock(-4, 4)
+    h = run(Look(-1.5, w2, b"t", leftover), Look(-0.5, w2, b"t", leftover), Look(0, w2))
+    assert h.heartbeat is Heartbeat.NONE
+
+
+def test_lock_without_ttl_gone_at_a_complete_pass_and_back_is_a_new_holding():
+    # Same value, no TTL: the identity repeats, so a complete pass that did not see it ends it.
+    first = run(Look(-100, -1))
+    back = run(Look(0, -1), record=first.record, after=-50)
+    assert back.new
+    assert back.held_ms == 0
+    seen_by_it = run(Look(-49, -1), record=first.record, after=-120)
+    still = run(Look(0, -1), record=seen_by_it.record, after=-50)  # that pass saw it: continues
+    assert not still.new
+    assert still.held_ms == 100_000

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
-from helpers import beat, build, events, hold, make_settings, next_message
+from helpers import beat, build, events, hold, make_settings, next_message, wait_for
 from proxy import ReplyDroppingProxy
 
 from monitor import keys
 from monitor.connection import connect
 from monitor.holding import Record
-from monitor.reaper import RELEASE_SCRIPT
+from monitor.reaper import RELEASE_SCRIPT, HeartbeatCheck, Outcome, Reaper
+from monitor.scanner import read_locks
 
 
 def subscribed(r, key: bytes):
@@ -115,7 +117,7 @@ def test_replicas_with_other_settings_share_one_record_and_one_warning(r, redis_
 def test_acting_monitor_never_resurrects_a_released_record(r, redis_server, tmp_path):
     # Replica A (long tiers) reads the lock and keeps it; before A writes its record back, replica
     # B (short tiers) releases it. A's compare-and-set finds the holding gone and writes nothing:
-    # the tombstone stays.
+    # the release mark stays.
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = build(make_settings(redis_server.url, tmp_path / "a"))
@@ -137,7 +139,7 @@ def test_acting_monitor_never_resurrects_a_released_record(r, redis_server, tmp_
     assert a.run_pass().error is None
     assert not r.exists(key)
     assert len(events(tmp_path / "b" / "audit.jsonl", "lock_released")) == 1
-    assert r.get(keys.holding_key(key)).startswith(b"released:")
+    assert r.get(keys.holding_key(key)) == b"-released"  # not a record brought back
 
 
 @pytest.mark.parametrize("lock_timeout", [20, 60])
@@ -167,3 +169,46 @@ def test_mismatch_is_audited_once_and_shown_by_config_check(r, redis_server, tmp
     fixed.write_text(f"redis: {{url: '{redis_server.url}'}}\ngpu_lock: {{lock_timeout: 5}}\n")
     result = CliRunner().invoke(main, ["config", "check", "-c", str(fixed)])
     assert "was set with at most" not in result.stderr
+
+
+@pytest.mark.parametrize("ended", ["lock ran out", "released alive"])
+def test_earlier_holders_heartbeat_writer_living_on_never_condemns_the_next(r, redis_server, tmp_path, ended):
+    # W1 keeps beating on the shared heartbeat key after its holding ended: its lock's EX ran out
+    # mid-task, or the hard cap released it while its heartbeat thread was alive. W2 (a legacy
+    # worker, no heartbeat) holds the lock meanwhile. When W1 finally stops, W2 is not dead.
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock={"lock_timeout": 1},
+        gpu_lock_monitor={
+            "timeout_levels": {"warning": 30, "soft_timeout": 40, "hard_timeout": 50},
+            "heartbeat": {"interval": 0.5, "timeout": 1.5},
+        },
+    )
+    monitor = build(settings)
+    key, hb = b"gpu_lock:0", b"gpu_lock:0:heartbeat"
+
+    def w1_beats() -> None:
+        r.set(hb, str(time.time()), px=1000)
+
+    if ended == "lock ran out":
+        r.set(key, b"locked_by_tts", px=1000)
+        w1_beats()
+        assert monitor.run_pass().error is None  # sees W1 and its heartbeat
+        wait_for(lambda: not r.exists(key))  # W1's EX runs out; W1 runs on
+    else:  # the hard cap, or an operator's --force: the same script, heartbeat ignored
+        r.set(key, b"locked_by_tts", ex=1800)
+        w1_beats()
+        (seen,) = read_locks(r, [key])
+        result = Reaper(r).release(key, seen.value, seen.expiry_ms, heartbeat=HeartbeatCheck.ANY)
+        assert result.outcome is Outcome.RELEASED
+        w1_beats()
+    r.set(key, b"locked_by_asr", ex=1800)  # W2, two seconds of holding at most below
+    for _ in range(3):
+        w1_beats()  # W1's heartbeat thread, still running
+        assert monitor.run_pass().error is None
+    wait_for(lambda: not r.exists(hb))  # W1 stops at last
+    assert monitor.run_pass().error is None
+    assert r.get(key) == b"locked_by_asr"
+    w2 = [e for e in events(settings.audit_path) if e.get("holder") == "locked_by_asr"]
+    assert [e for e in w2 if e["event"] == "lock_released"] == []

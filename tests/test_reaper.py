@@ -122,14 +122,40 @@ def test_repeated_call_answers_what_the_first_did(r, reaper):
     pubsub.close()
 
 
-def test_lock_without_ttl_taken_again_after_a_release_is_holder_changed(r, reaper):
-    # Without a TTL, value and expiry (-1) repeat exactly; the release's tombstone tells them apart.
+def test_repeated_call_after_a_same_value_retake_answers_released_and_spares_the_new_holding(r, reaper):
+    # Without a TTL, value and expiry (-1) repeat exactly: the attempt, not the lock, is what the
+    # tombstone remembers. A new attempt on the new holding releases it.
     key = hold(r, 0, ttl=False)
     seen = look(r, key)
+    pubsub = subscribed(r, key)
     assert release_seen(reaper, seen).outcome is Outcome.RELEASED
     hold(r, 0, ttl=False)
-    assert release_seen(reaper, seen).outcome is Outcome.HOLDER_CHANGED
+    assert release_seen(reaper, seen).outcome is Outcome.RELEASED  # what the first call did
     assert r.exists(key)
+    assert next_message(pubsub, 5) is not None
+    assert pubsub.get_message(timeout=0.2) is None
+    again = reaper.release(key, b"locked_by_tts", -1, attempt="monitor:2")
+    assert again.outcome is Outcome.RELEASED
+    assert not r.exists(key)
+    pubsub.close()
+
+
+def test_tombstone_of_another_attempt_does_not_answer(r, reaper):
+    # The lock was released by someone else (an operator, a worker): the monitor's own repeated
+    # attempt must not claim that release.
+    key = hold(r, 0)
+    seen = look(r, key)
+    assert reaper.release(key, seen.value, seen.expiry_ms, attempt="manual:1").outcome is Outcome.RELEASED
+    assert reaper.release(key, seen.value, seen.expiry_ms, attempt="monitor:1").outcome is Outcome.GONE
+
+
+@pytest.mark.parametrize(("check", "mark"), [(HeartbeatCheck.ANY, b"+released"), (HeartbeatCheck.CHECK, b"-released")])
+def test_release_marks_whether_a_live_heartbeat_was_ignored(r, reaper, check, mark):
+    # The next holding must know an earlier heartbeat writer may live on (holding.taints).
+    key = hold(r, 0)
+    beat(r, key)
+    assert release_seen(reaper, look(r, key), check).outcome is Outcome.RELEASED
+    assert r.get(keys.holding_key(key)) == mark
 
 
 def test_heartbeat_appeared_is_revived(r, reaper):
@@ -246,7 +272,7 @@ def test_read_only_replica_after_failover_publishes_nothing(redis_server, r):
         on_replica = redis.Redis.from_url(replica.url, protocol=2)
         wait_for(lambda: on_replica.get(key) == b"locked_by_tts")
         pubsub = subscribed(on_replica, key)
-        with pytest.raises(ReleaseError, match="READONLY"):
+        with pytest.raises(ReleaseError, match="read only replica"):
             release_seen(Reaper(on_replica), look(on_replica, key))
         assert pubsub.get_message(timeout=0.3) is None
         pubsub.close()
