@@ -11,7 +11,6 @@ import json
 import select
 import socket
 import ssl
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from monitor import client as client_mod
 from monitor.client import GpuLock
-from monitor.redis_server import RedisServer, find_binary, free_port
+from monitor.redis_server import RedisServer
 
 KEY = b"gpu_lock:0"
 
@@ -233,34 +232,6 @@ def test_emergency_release_over_tls(r, tls_redis, made, tmp_path):
 
 
 # --- Sentinel ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sentinel(tmp_path) -> Iterator[tuple[RedisServer, int]]:
-    with RedisServer() as master:
-        port = free_port()
-        conf = tmp_path / "sentinel.conf"  # sentinel rewrites its own config: a file of ours
-        conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-            f"sentinel monitor gpulocks 127.0.0.1 {master.port} 1\n"
-            "sentinel down-after-milliseconds gpulocks 1000\n"
-        )
-        proc = subprocess.Popen([find_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
-        try:
-            probe = redis.Redis(port=port, protocol=2)
-            wait_for(lambda: _knows_master(probe))
-            probe.close()
-            yield master, port
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _knows_master(probe: redis.Redis) -> bool:
-    try:
-        return probe.sentinel_get_master_addr_by_name("gpulocks") is not None
-    except redis.ConnectionError:
-        return False
 
 
 def test_emergency_release_through_sentinel(sentinel, made, tmp_path):

@@ -7,38 +7,10 @@ import sys
 
 import pytest
 import redis
-from helpers import config_file, events, hold, wait_for
+from helpers import config_file, events, hold
 
 from monitor.config import Settings
 from monitor.errors import ConfigError
-from monitor.redis_server import RedisServer, find_binary, free_port
-
-
-@pytest.fixture
-def sentinel(tmp_path):
-    with RedisServer() as master:
-        port = free_port()
-        conf = tmp_path / "sentinel.conf"  # sentinel rewrites its own config: a file of ours
-        conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-            f"sentinel monitor gpulocks 127.0.0.1 {master.port} 1\n"
-            "sentinel down-after-milliseconds gpulocks 1000\n"
-        )
-        proc = subprocess.Popen([find_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
-        try:
-            probe = redis.Redis(port=port, protocol=2)
-            wait_for(lambda: _knows_master(probe))
-            yield master, port
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _knows_master(probe: redis.Redis) -> bool:
-    try:
-        return probe.sentinel_get_master_addr_by_name("gpulocks") is not None
-    except redis.ConnectionError:
-        return False
 
 
 def test_monitor_reaches_the_master_through_sentinel(sentinel, tmp_path):
