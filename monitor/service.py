@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -239,6 +240,9 @@ class Monitor:
         self._complete_ms: int | None = None
         # Releases whose reply was lost: asked again at the next pass, the tombstone answers.
         self._unsettled: dict[bytes, Verdict] = {}
+        # Names this monitor's release attempts: replicas share a holding's id (its stored first
+        # sight), and a tombstone must answer `released` only to the attempt that released.
+        self._attempt = f"monitor:{secrets.token_hex(8)}"
         self._invalid_seen: set[bytes] = set()
         self._down_since: float | None = None
         self.redis_error: str | None = None  # set while Redis is unreachable
@@ -486,7 +490,7 @@ class Monitor:
             heartbeat=check,
             hb_value=h.hb_value,
             hb_expiry_ms=h.hb_expiry_ms,
-            attempt=f"monitor:{h.id}",
+            attempt=f"{self._attempt}:{h.id}",
         )
 
     def _audit_result(self, result: ReleaseResult, fields: dict[str, Any], report: PassReport, key: bytes) -> None:

@@ -13,8 +13,10 @@ from helpers import beat, build, events, hold, make_settings, next_message, read
 
 from monitor import keys, logs
 from monitor.audit import monitor_identity
-from monitor.reaper import Reaper
-from monitor.scanner import READ_BATCH, SCAN_COUNT
+from monitor.holding import Record
+from monitor.reaper import TOMBSTONE_TTL_MS, Reaper
+from monitor.scanner import READ_BATCH, SCAN_COUNT, read_locks
+from monitor.service import NO_TTL_RECORD_MS, RECORD_MARGIN_MS
 
 
 def released_keys(settings) -> list[str]:
@@ -32,8 +34,9 @@ def test_fresh_lock_is_kept_and_not_audited(r, settings):
 
 def test_dead_heartbeat_released_with_full_audit_event(r, settings):
     key = hold(r, 0, "tts_synthesize", age_s=10)
-    beat(r, key)
     monitor = build(settings)
+    monitor.run_pass()
+    beat(r, key)  # seen to appear during the holding: this holding's heartbeat
     monitor.run_pass()
     r.delete(key + b":heartbeat")  # the worker died; its heartbeat key expired
     report = monitor.run_pass()
@@ -62,31 +65,50 @@ def test_legacy_lock_released_at_soft_timeout(r, settings):
     assert r.exists(b"gpu_lock:0")
 
 
-def test_alive_long_task_protected_once_then_released_at_hard(r, settings):
+def test_alive_long_task_protected_once_then_released_at_hard(r, redis_server, tmp_path):
+    # The hard cap a second after the holding's age when first seen: the same holding reaches it
+    # in real time (any change to the lock's TTL would make it another holding).
+    s = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 300, "soft_timeout": 400, "hard_timeout": 451}},
+    )
     key = hold(r, 0, age_s=450)
-    beat(r, key)
-    monitor = build(settings)
+    monitor = build(s)
     for _ in range(3):
         beat(r, key)
         monitor.run_pass()
     assert r.exists(key)
-    assert len(events(settings.audit_path, "long_task_protected")) == 1
-    r.pexpire(key, (600 - 501) * 1000)  # the same holding, now past the hard cap
+    assert len(events(s.audit_path, "long_task_protected")) == 1
+    time.sleep(1.05)  # the same holding, now past the hard cap
     beat(r, key)
     monitor.run_pass()
     assert not r.exists(key)
-    (event,) = events(settings.audit_path, "lock_released")
+    (event,) = events(s.audit_path, "lock_released")
     assert (event["reason"], event["heartbeat"], event["tier"]) == ("hard_timeout", "alive", "hard")
 
 
-def test_warning_once_per_holding_even_across_restarts(r, settings):
-    hold(r, 0, age_s=305)
-    build(settings).run_pass()
-    build(settings).run_pass()  # a restarted monitor remembers, through Redis, that it warned
-    assert len(events(settings.audit_path, "lock_warning")) == 1
-    hold(r, 0, age_s=301)  # the same task name acquires again: a new holding
-    build(settings).run_pass()
-    assert len(events(settings.audit_path, "lock_warning")) == 2
+def test_warning_once_per_holding_even_across_restarts(r, redis_server, tmp_path):
+    # Warn after 0.3 s of real time: a holding taken after a complete pass cannot be faked older.
+    s = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 0.3, "soft_timeout": 400, "hard_timeout": 500}},
+    )
+    hold(r, 0)
+    time.sleep(0.35)
+    build(s).run_pass()
+    build(s).run_pass()  # a restarted monitor remembers, through Redis, that it warned
+    assert len(events(s.audit_path, "lock_warning")) == 1
+    hold(r, 0)  # the same task name acquires again: a new holding
+    build(s).run_pass()
+    assert len(events(s.audit_path, "lock_warning")) == 1  # new, not yet 0.3 s old
+    time.sleep(0.35)
+    build(s).run_pass()
+    build(s).run_pass()
+    warnings = events(s.audit_path, "lock_warning")
+    assert len(warnings) == 2
+    assert warnings[0]["holding"] != warnings[1]["holding"]
 
 
 def test_hard_timeout_null_never_caps_alive_holder(r, redis_server, tmp_path):
@@ -169,15 +191,35 @@ def test_malformed_data_is_skipped_and_audited(r, settings):
     assert r.type(b"gpu_lock:hash") == b"hash"
 
 
-def test_records_are_forgotten_when_locks_go(r, settings):
-    hold(r, 0)
-    hold(r, 1)
+def test_records_expire_with_their_locks_and_releases_mark_them(r, settings):
+    live, no_ttl, zombie = hold(r, 0), hold(r, 1, ttl=False), hold(r, 2, age_s=450)
+    (obs,) = read_locks(r, [live])
     monitor = build(settings)
     monitor.run_pass()
-    assert set(r.hkeys(keys.HOLDINGS_HASH)) == {b"gpu_lock:0", b"gpu_lock:1"}
-    r.delete(b"gpu_lock:0")
+    assert released_keys(settings) == ["gpu_lock:2"]
+    # A record names its holding (value and expiry) and lives as long as its lock, plus a margin.
+    record = Record.loads(r.get(keys.holding_key(live)))
+    assert (record.holder, record.expiry_ms) == (b"locked_by_tts", obs.expiry_ms)
+    lock_pttl, record_pttl = r.pttl(live), r.pttl(keys.holding_key(live))
+    assert lock_pttl < record_pttl <= lock_pttl + RECORD_MARGIN_MS + 1000  # + the pass's own time
+    # A lock without a TTL: its record lasts a day after the last pass that saw it.
+    assert Record.loads(r.get(keys.holding_key(no_ttl))).expiry_ms == -1
+    assert NO_TTL_RECORD_MS - 10_000 < r.pttl(keys.holding_key(no_ttl)) <= NO_TTL_RECORD_MS
+    # A released holding's record is replaced by a mark, and its release by the attempt's
+    # tombstone: both expire.
+    assert r.get(keys.holding_key(zombie)) == b"-released"
+    assert 0 < r.pttl(keys.holding_key(zombie)) <= TOMBSTONE_TTL_MS
+    assert r.get(keys.released_key(zombie)).endswith(b":locked_by_tts")
+    assert 0 < r.pttl(keys.released_key(zombie)) <= TOMBSTONE_TTL_MS
+    # Its owner releases the live lock: the record is left to expire, never rewritten or extended.
+    stored = r.get(keys.holding_key(live))
+    r.delete(live)
     monitor.run_pass()
-    assert r.hkeys(keys.HOLDINGS_HASH) == [b"gpu_lock:1"]
+    assert r.get(keys.holding_key(live)) == stored
+    assert r.pttl(keys.holding_key(live)) <= record_pttl
+    # Every key the monitor wrote expires, except the mark of the last complete pass.
+    mine = [k for k in r.scan_iter(match=b"gpulock_monitor:*")]
+    assert [k for k in mine if r.pttl(k) < 0] == [keys.last_pass_key(settings.key_pattern)]
 
 
 class CountingConnection(redis.Connection):
@@ -207,19 +249,30 @@ def test_pass_over_1000_locks_takes_bounded_round_trips(r, redis_server, setting
     report = monitor.run_pass()
     assert report.error is None
     assert len(report.verdicts) == 1000
-    scans = -(-5000 // SCAN_COUNT) + 1
+    start = 1  # TIME and the last complete pass's mark, in one pipeline
+    scans = -(-5000 // SCAN_COUNT) + 1  # at most
     reads = -(-1000 // READ_BATCH)
-    # + 1 to persist records, + 2 once per client to load the read script (NOSCRIPT, SCRIPT LOAD)
-    assert CountingConnection.sends <= scans + reads + 1 + 2, CountingConnection.sends
+    persists = -(-1000 // READ_BATCH)  # 1,000 new records; the last call also writes the status
+    load = 2 * 2  # once per client, for each of the read and persist scripts: NOSCRIPT, SCRIPT LOAD
+    print(f"\nfirst pass: {CountingConnection.sends} round trips")
+    assert CountingConnection.sends <= start + scans + reads + persists + load, CountingConnection.sends
     stats = r.info("commandstats")
     assert "cmdstat_keys" not in stats
-    assert stats["cmdstat_get"]["calls"] == 2000
-    # A steady pass: nothing changed, nothing written back, the script already loaded.
+    # Reads: lock, heartbeat and record of each lock; compare-and-set: lock and record of each
+    # record written; the last-pass mark, at the start and where the persist script raises it.
+    assert stats["cmdstat_get"]["calls"] == 3 * 1000 + 2 * 1000 + 2
+    assert stats["cmdstat_set"]["calls"] == 1000 + 2  # the records, the mark and the status
+    # A steady pass: nothing changed, no record written back, the scripts already loaded. The
+    # keyspace now holds the records, the mark and the status key too.
     CountingConnection.sends = 0
     r.config_resetstat()
     monitor.run_pass()
-    assert CountingConnection.sends <= scans + reads + 1, CountingConnection.sends
-    assert "cmdstat_hset" not in r.info("commandstats")
+    scans = -(-(5000 + 1000 + 2) // SCAN_COUNT) + 1
+    print(f"steady pass: {CountingConnection.sends} round trips")
+    assert CountingConnection.sends <= start + scans + reads + 1, CountingConnection.sends
+    stats = r.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] == 3 * 1000 + 2
+    assert stats["cmdstat_set"]["calls"] == 2  # the mark and the status: no record
 
 
 class RacingReaper(Reaper):
@@ -259,8 +312,9 @@ def test_race_same_task_name_reacquires_before_release(r, settings):
 
 def test_race_heartbeat_refreshed_before_release(r, settings):
     key = hold(r, 0, age_s=10)
-    beat(r, key, value="1")
     monitor = build(settings)
+    monitor.run_pass()
+    beat(r, key, value="1")  # seen to appear during the holding: its own heartbeat
     monitor.run_pass()
     r.delete(key + b":heartbeat")
     monitor.reaper = RacingReaper(r, lambda: beat(r, key, value="2"))
@@ -274,14 +328,16 @@ def test_race_lock_released_by_owner_before_release(r, settings):
     monitor = build(settings, reaper=RacingReaper(r, lambda: r.delete(key)))
     monitor.run_pass()
     assert events(settings.audit_path, "release_skipped")[0]["outcome"] == "gone"
-    assert r.hkeys(keys.HOLDINGS_HASH) == []
+    assert not r.exists(keys.holding_key(key))  # nothing kept about a holding that is gone
+    assert not r.exists(keys.released_key(key))  # nor claimed released
 
 
 def test_release_refused_retries_then_writes_critical_record(r, redis_server, tmp_path):
     s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"cleanup": {"max_retry": 2, "retry_delay": 0.01}})
-    # A user that may not PUBLISH: the script fails at its first write, before any DEL.
-    r.acl_setuser("nopub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-publish"])
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nopub", password="pw", protocol=2)
+    # A user that may not DEL (as a read-only replica refuses it): the script fails at its first
+    # write, the DEL, before anything changed.
+    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
     key = hold(r, 0, "stuck", age_s=450)
     clock = [0.0]
     monitor = build(s, limited, reaper=Reaper(limited), mono=lambda: clock[0])
@@ -293,7 +349,7 @@ def test_release_refused_retries_then_writes_critical_record(r, redis_server, tm
         clock[0] = 2.0
         monitor.run_pass()  # attempts continue, the critical record is not repeated
     finally:
-        r.acl_deluser("nopub")
+        r.acl_deluser("nodel")
     assert r.get(key) == b"locked_by_stuck"
     failed = events(s.audit_path, "release_failed")
     assert [e["attempt"] for e in failed] == [1, 2, 3]
@@ -351,14 +407,23 @@ def test_batches_cover_every_lock(r, settings, n):
     pipe.execute()
     report = build(settings).run_pass()
     assert report.released == n
-    assert list(r.scan_iter()) == [keys.monitor_status_key(monitor_host())]
+    locks = [f"gpu_lock:{i}".encode() for i in range(n)]
+    # What remains: each release's mark and tombstone (both expire), the status, the pass mark.
+    assert set(r.scan_iter(count=10_000)) == {
+        keys.monitor_status_key(monitor_host()),
+        keys.last_pass_key(settings.key_pattern),
+        *(keys.holding_key(k) for k in locks),
+        *(keys.released_key(k) for k in locks),
+    }
+    assert set(r.mget([keys.holding_key(k) for k in locks])) == {b"-released"}
 
 
 def test_stale_heartbeat_released_only_if_still_unchanged(r, redis_server, tmp_path):
     s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"heartbeat": {"interval": 0.1, "timeout": 0.3}})
     key = hold(r, 0, age_s=5)
-    r.set(key + b":heartbeat", b"1.0")  # set once, no expiry, never refreshed
     monitor = build(s)
+    assert monitor.run_pass().verdicts[0].holding.heartbeat.value == "none"
+    r.set(key + b":heartbeat", b"1.0")  # set once during the holding, no expiry, never refreshed
     assert monitor.run_pass().verdicts[0].holding.heartbeat.value == "alive"
     time.sleep(0.35)  # Redis's clock must pass heartbeat.timeout
     report = monitor.run_pass()
@@ -376,15 +441,15 @@ def test_critical_record_that_cannot_be_written_is_logged_and_kept(r, redis_serv
         gpu_lock_monitor={"cleanup": {"max_retry": 1, "retry_delay": 0.01}},
         audit={"critical_path": str(tmp_path / "plain-file" / "critical.jsonl")},
     )
-    r.acl_setuser("nopub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-publish"])
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nopub", password="pw", protocol=2)
+    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
+    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
     hold(r, 0, "stuck", age_s=450)
     logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
     try:
         monitor = build(s, limited)
         report = monitor.run_pass()
     finally:
-        r.acl_deluser("nopub")
+        r.acl_deluser("nodel")
     assert report.error is None
     assert monitor.critical.pending == 1
     out = capsys.readouterr().out
@@ -436,3 +501,32 @@ def test_two_replicas_release_each_zombie_once(r, redis_server, tmp_path):
     notices = list(iter(lambda: next_message(pubsub, 0.5), None))
     assert sorted(m["channel"] for m in notices) == [b"gpu_lock:gpu_lock:0", b"gpu_lock:gpu_lock:1"]
     pubsub.close()
+
+
+def test_replicas_sharing_a_record_never_claim_each_others_release(r, redis_server, tmp_path):
+    # Both replicas know the holdings from the same stored record (the same first sight): B's
+    # release attempt is still not A's, and A's tombstone must not answer B `released`.
+    a = build(make_settings(redis_server.url, tmp_path / "a"))
+    b_settings = make_settings(redis_server.url, tmp_path / "b")
+    crashed = [hold(r, 0, "dead", age_s=10), hold(r, 1, "dead", age_s=10)]
+    a.run_pass()
+    for key in crashed:
+        beat(r, key)  # appears during the holdings: their own heartbeats
+    a.run_pass()
+    for key in crashed:
+        r.delete(key + b":heartbeat")  # both workers die
+    a_done = []
+
+    def replica_a_acts_first() -> None:
+        if not a_done:
+            a_done.append(a.run_pass())
+            hold(r, 0, "waiter")
+
+    b = build(b_settings, reaper=RacingReaper(r, replica_a_acts_first))
+    report = b.run_pass()
+    assert {v.holding.id for v in report.verdicts} == {v.holding.id for v in a_done[0].verdicts}
+    released = sorted(e["lock_key"] for e in events(tmp_path / "a" / "audit.jsonl", "lock_released"))
+    assert released == ["gpu_lock:0", "gpu_lock:1"]
+    assert events(b_settings.audit_path, "lock_released") == []
+    outcomes = {e["lock_key"]: e["outcome"] for e in events(b_settings.audit_path, "release_skipped")}
+    assert outcomes == {"gpu_lock:0": "holder_changed", "gpu_lock:1": "gone"}
