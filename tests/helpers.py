@@ -14,6 +14,7 @@ from typing import Any
 import redis
 import yaml
 
+from monitor import keys
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.service import Monitor
@@ -89,6 +90,11 @@ def beat(
     client.set(
         key + b":heartbeat", value if value is not None else str(time.time()), px=int((2 * interval_s - age_s) * 1000)
     )
+
+
+def holding_records(client: redis.Redis) -> dict[bytes, bytes]:
+    """What the monitor keeps per holding (keys.holding_key), by record key: records and marks."""
+    return {key: client.get(key) for key in client.scan_iter(match=keys.HOLDING_PREFIX + b"*", count=5000)}
 
 
 def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import redis
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from helpers import build, hold, make_settings
+from helpers import beat, build, hold, make_settings
 
 from monitor import channels
 from monitor.alerts import Alert, Alerts, alert_for
@@ -401,10 +401,15 @@ def test_full_queue_drops_oldest_warning_never_a_critical():
 
 
 def test_zombie_across_ten_passes_alerts_once_new_holding_alerts_again(r, redis_server, tmp_path, http):
+    # Tiers of a fraction of a second: the new holding, taken after the monitor's complete passes,
+    # ages in real time (a faked TTL age would rightly be disbelieved).
     s = make_settings(
         redis_server.url,
         tmp_path,
-        gpu_lock_monitor={"auto_recovery": False},
+        gpu_lock_monitor={
+            "auto_recovery": False,
+            "timeout_levels": {"warning": 0.2, "soft_timeout": 0.3, "hard_timeout": 0.5},
+        },
         alerts={"channels": [{"type": "webhook", "url": http.url}]},
     )
     monitor = build(s)
@@ -414,7 +419,8 @@ def test_zombie_across_ten_passes_alerts_once_new_holding_alerts_again(r, redis_
     for _ in range(10):
         monitor.run_pass()
         alerts.on_event("lock_released", {**RELEASED, "holding": 1})  # the same event again, by hand
-    hold(r, 0, "stuck", age_s=420)  # the same task name, a new holding
+    hold(r, 0, "stuck")  # the same task name, a new holding
+    time.sleep(0.35)
     monitor.run_pass()
     assert alerts.wait_idle(10)
     bodies = [req["body"] for req in http.requests]
@@ -473,13 +479,18 @@ def test_hung_webhook_does_not_delay_a_release(r, redis_server, tmp_path, http):
         ("without", []),
         ("with", [{"type": "webhook", "url": http.url, "timeout": 30, "retries": 0}]),
     ):
+        r.flushall()  # each variant on an empty Redis
         s = make_settings(redis_server.url, tmp_path / label, alerts={"channels": chans})
         monitor = build(s)
         alerts = Alerts(s, channels.build(s.alert_channels, {}), host="h").start()
         monitor.listeners.append(alerts.on_event)
-        hold(r, 0, age_s=450)
-        monitor.run_pass()  # the first webhook call starts hanging here
-        hold(r, 0, "second", age_s=450)
+        hold(r, 0, age_s=450)  # a zombie: the first pass releases it and its alert starts hanging
+        busy = hold(r, 1, "long", age_s=450)  # protected while its heartbeat lives
+        beat(r, busy, value="1")
+        assert monitor.run_pass().released == 1
+        beat(r, busy, value="2")  # seen to change during the holding: its own heartbeat
+        assert monitor.run_pass().released == 0
+        r.delete(busy + b":heartbeat")  # its worker dies
         t0 = time.perf_counter()
         report = monitor.run_pass()
         timings[label] = time.perf_counter() - t0

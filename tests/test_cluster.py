@@ -21,8 +21,10 @@ from redis.crc import key_slot
 
 from monitor import keys
 from monitor.cli import main
+from monitor.holding import Record
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper
 from monitor.redis_server import RedisServer, free_port
+from monitor.scanner import read_locks
 
 SLOTS = 16384
 
@@ -91,9 +93,7 @@ def test_a_pass_across_the_cluster(rc, csettings):
     alive = hold(rc, 1, "alive", age_s=450)
     beat(rc, alive)
     tagged = hold(rc, "{2}", "tagged", age_s=10)
-    beat(rc, tagged)
     crashed = hold(rc, 3, "crashed", age_s=10)
-    beat(rc, crashed)
     rc.hset(b"gpu_lock:weird", "a", "b")
     for i in range(300):
         rc.set(f"celery-task-meta-{i}", "x")  # unrelated keys on every node
@@ -103,42 +103,76 @@ def test_a_pass_across_the_cluster(rc, csettings):
     assert first.invalid == 1
     assert len(first.verdicts) == 4
     assert not rc.exists(legacy)
-    rc.delete(crashed + b":heartbeat")  # the crashed worker's heartbeat expires
-    rc.delete(tagged + b":heartbeat")  # so does the tagged one's
+    beat(rc, tagged)  # heartbeats seen to appear during their holdings: theirs
+    beat(rc, crashed)
     second = monitor.run_pass()
     assert second.error is None
-    assert second.released_keys == {crashed, tagged}
+    assert second.released_keys == set()
+    assert {v.holding.key: v.holding.heartbeat.value for v in second.verdicts}[crashed] == "alive"
+    rc.delete(crashed + b":heartbeat")  # the crashed worker's heartbeat expires
+    rc.delete(tagged + b":heartbeat")  # so does the tagged one's
+    third = monitor.run_pass()
+    assert third.error is None
+    assert third.released_keys == {crashed, tagged}
     assert rc.exists(alive)
     assert not rc.exists(tagged + b":heartbeat")
     released = {e["lock_key"]: e for e in events(csettings.audit_path, "lock_released")}
     assert set(released) == {"gpu_lock:0", "gpu_lock:3", "gpu_lock:{2}"}
     assert released["gpu_lock:3"]["reason"] == "heartbeat_dead"
-    assert set(rc.hkeys(keys.HOLDINGS_HASH)) == {alive}  # records of released locks forgotten
+    # Records in each lock's own slot: the live holding's, and release marks for the others.
+    assert Record.loads(rc.get(keys.holding_key(alive))).holder == b"locked_by_alive"
+    for key in (legacy, crashed, tagged):
+        assert rc.get(keys.holding_key(key)) == b"-released"
+        assert key_slot(keys.holding_key(key)) == key_slot(key)
 
 
 def test_release_fallback_keeps_its_owner_and_heartbeat_checks(rc, csettings):
-    reaper = Reaper(RedisCluster(host="127.0.0.1", port=rc.get_default_node().port, protocol=2))
+    client = RedisCluster(host="127.0.0.1", port=rc.get_default_node().port, protocol=2)
+    reaper = Reaper(client)
     key = hold(rc, 0, "new_holder")
-    assert reaper.release(key, b"locked_by_old").outcome is Outcome.HOLDER_CHANGED
-    assert reaper.release(key, b"locked_by_new_holder", seen_pttl_ms=1000).outcome is Outcome.HOLDER_CHANGED
+    holder = b"locked_by_new_holder"
+    (obs,) = read_locks(client, [key])
+    expiry = obs.expiry_ms
+    assert reaper.release(key, b"locked_by_old", expiry).outcome is Outcome.HOLDER_CHANGED
+    # The same value with another expiry is another holding (a re-acquire by the same task name).
+    assert reaper.release(key, holder, expiry - 1000).outcome is Outcome.HOLDER_CHANGED
+    # The heartbeat, in another slot, is re-checked just before the script: a changed value, the
+    # same value re-set later (an EXPIRE alone), or one that appeared since it was read absent.
     beat(rc, key, value="2.0")
-    result = reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.EQUAL, hb_value=b"1.0")
-    assert result.outcome is Outcome.HEARTBEAT_REVIVED
-    assert (
-        reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.ABSENT).outcome
-        is Outcome.HEARTBEAT_REVIVED
-    )
+    (obs,) = read_locks(client, [key])
+    for hb_value, hb_expiry in ((b"1.0", obs.hb_expiry_ms), (b"2.0", obs.hb_expiry_ms - 1000), (None, -2)):
+        result = reaper.release(
+            key, holder, expiry, heartbeat=HeartbeatCheck.CHECK, hb_value=hb_value, hb_expiry_ms=hb_expiry
+        )
+        assert result.outcome is Outcome.HEARTBEAT_REVIVED, (hb_value, hb_expiry)
     assert rc.exists(key)
     pubsub = rc.pubsub()
     pubsub.subscribe(b"gpu_lock:gpu_lock:0")
     wait_for(lambda: (m := pubsub.get_message(timeout=1)) is not None and m["type"] == "subscribe")
-    assert reaper.release(key, b"locked_by_new_holder", heartbeat=HeartbeatCheck.ANY).outcome is Outcome.RELEASED
+    assert reaper.release(key, holder, expiry, heartbeat=HeartbeatCheck.ANY).outcome is Outcome.RELEASED
     assert not rc.exists(key)
     assert rc.exists(key + b":heartbeat")  # in another slot: left to expire
     message = wait_for(lambda: pubsub.get_message(timeout=1))
     assert json.loads(message["data"])["release_reason"] == "forced_by_monitor"
-    assert reaper.release(key, b"locked_by_new_holder").outcome is Outcome.GONE
+    # The tombstone is in the lock's slot: the same attempt repeated (a lost reply) answers what it
+    # did; anyone else's attempt finds the lock gone.
+    assert reaper.release(key, holder, expiry).outcome is Outcome.RELEASED
+    assert reaper.release(key, holder, expiry, attempt="another").outcome is Outcome.GONE
     pubsub.close()
+    # With the check, the very heartbeat write that was read lets the release through.
+    other = hold(rc, 5, "checked")
+    beat(rc, other, value="1.0")
+    (obs,) = read_locks(client, [other])
+    result = reaper.release(
+        other,
+        obs.value,
+        obs.expiry_ms,
+        heartbeat=HeartbeatCheck.CHECK,
+        hb_value=obs.hb_value,
+        hb_expiry_ms=obs.hb_expiry_ms,
+    )
+    assert result.outcome is Outcome.RELEASED
+    assert not rc.exists(other)
 
 
 def test_status_over_a_cluster(rc, cluster, tmp_path):

@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
-from helpers import build, config_file, events, hold, make_settings, wait_for
+from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
 from monitor import logs, report
 from monitor.cli import main
@@ -179,7 +180,14 @@ def test_device_for(key, devices, index):
 # --- findings, audit and status with a fake GPU host -----------------------------------------------
 
 
-def test_busy_unlocked_after_grace_and_released_gpu_busy(r, settings):
+def test_busy_unlocked_after_grace_and_released_gpu_busy(r, redis_server, tmp_path):
+    # A hard cap of 0.3 s: GPU 1's holding, taken after the monitor's complete passes, reaches it
+    # in real time (a faked TTL age would rightly be disbelieved).
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 0.1, "soft_timeout": 0.2, "hard_timeout": 0.3}},
+    )
     fake = FakeNvml([Device("GPU-a", processes=[(4242, GIB)]), Device("GPU-b")])
     clock = [0.0]
     watch = GpuWatch(nvml_of(fake), {}, busy_grace_s=30, mono=lambda: clock[0])
@@ -197,9 +205,12 @@ def test_busy_unlocked_after_grace_and_released_gpu_busy(r, settings):
     assert busy["busy_s"] == 31
     # GPU 1: a hung holder past the cap is released, but its process stays on the GPU.
     fake.devices[1].processes = [(777, 3 * GIB)]
-    hold(r, 1, "hung", age_s=550)
+    key = hold(r, 1, "hung")
+    beat(r, key)  # alive, but hung
+    time.sleep(0.35)
     monitor.run_pass()
     (released,) = events(settings.audit_path, "lock_released")
+    assert released["reason"] == "hard_timeout"
     assert released["gpu"]["uuid"] == "GPU-b"
     assert released["gpu"]["memory_total_bytes"] == 80 * GIB
     monitor.run_pass()

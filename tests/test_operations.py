@@ -245,7 +245,11 @@ def test_size_rotation_under_a_stream_of_events_loses_and_doubles_nothing(tmp_pa
 
 
 def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
-    config = config_file(tmp_path, redis_server.url, metrics={"enabled": False})
+    # Tiers of a fraction of a second: the locks, taken while the daemon runs, age in real time.
+    tiers = {"warning": 0.05, "soft_timeout": 0.1, "hard_timeout": 5}
+    config = config_file(
+        tmp_path, redis_server.url, metrics={"enabled": False}, gpu_lock_monitor={"timeout_levels": tiers}
+    )
     audit = tmp_path / "audit.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor", "run", "-c", str(config)], stdout=subprocess.PIPE, text=True
@@ -256,20 +260,22 @@ def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
     try:
         wait_for(lambda: events(audit, "monitor_started"))
         audit.rename(tmp_path / "audit.jsonl.1")  # logrotate's rename
-        hold(r, 0, age_s=450)
+        hold(r, 0)
         wait_for(lambda: not r.exists(b"gpu_lock:0"))
         proc.send_signal(signal.SIGHUP)
         while "audit_reopened" not in logged.get(timeout=20):  # fails at the timeout, never hangs
             pass
-        hold(r, 1, age_s=450)
+        hold(r, 1)
         wait_for(lambda: events(audit, "lock_released"))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         reader.join(timeout=5)
     assert proc.returncode == 0
-    rotated = [e["event"] for e in events(tmp_path / "audit.jsonl.1")]
-    current = [e["event"] for e in events(audit)]
+    # A pass may see a lock between warning and soft_timeout: its warning is in whichever file
+    # was open then, and is not what this test is about.
+    rotated = [e["event"] for e in events(tmp_path / "audit.jsonl.1") if e["event"] != "lock_warning"]
+    current = [e["event"] for e in events(audit) if e["event"] != "lock_warning"]
     assert rotated == ["monitor_started", "lock_released"]
     assert current == ["lock_released", "monitor_stopped"]
 
