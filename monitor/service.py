@@ -372,8 +372,9 @@ class Monitor:
 
     def _remember(self, kept: dict[bytes, tuple[Verdict, Record]], began_ms: int | None, status: bytes) -> None:
         """Write this monitor's status; an acting monitor also writes the records that changed
-        (compare-and-set) and, after a complete pass, when it began. One round trip (a script
-        per READ_BATCH records, pipelined); in a cluster, a pipeline split by node."""
+        (compare-and-set) and, after a complete pass, when it began. One script call per
+        READ_BATCH records written, the last also writing the mark and the status: one round trip
+        in a steady pass (README "Performance"); in a cluster, a pipeline split by node."""
         status_key = keys.monitor_status_key(self.audit.identity["host"])
         # The status key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
         status_ttl = status_ttl_ms(self.settings)
