@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import secrets
 import time
 from collections.abc import Callable
 
@@ -76,7 +77,7 @@ def release(
             hb_value=h.hb_value,
             hb_expiry_ms=h.hb_expiry_ms,
             reason=RELEASE_REASON,
-            attempt=f"manual:{h.id}",
+            attempt=f"manual:{secrets.token_hex(8)}",  # this run's own: another's release is not ours
         )
     except REDIS_DOWN as exc:
         # The script may have run: say so, in the audit and to the operator, instead of guessing.
