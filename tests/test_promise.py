@@ -212,3 +212,27 @@ def test_earlier_holders_heartbeat_writer_living_on_never_condemns_the_next(r, r
     assert r.get(key) == b"locked_by_asr"
     w2 = [e for e in events(settings.audit_path) if e.get("holder") == "locked_by_asr"]
     assert [e for e in w2 if e["event"] == "lock_released"] == []
+
+
+def test_lock_without_ttl_released_then_retaken_by_the_same_task_starts_afresh(r, redis_server, tmp_path):
+    # A no-TTL lock is timed from first sight; once the monitor released it, the same task name
+    # taking it again is a new holding (new `holding` id, so alerts are not deduplicated away),
+    # not the old one released a second time.
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 0.1, "soft_timeout": 0.2, "hard_timeout": 30}},
+    )
+    monitor = build(settings)
+    key = hold(r, 0, "tts", ttl=False)
+    assert monitor.run_pass().error is None
+    wait_for(lambda: monitor.run_pass() and not r.exists(key))  # past soft, no heartbeat: released
+    (first,) = events(settings.audit_path, "lock_released")
+    retaken = time.monotonic()
+    hold(r, 0, "tts", ttl=False)  # the same task, a moment later
+    assert monitor.run_pass().error is None
+    assert r.exists(key)  # inheriting the old holding's first sight would release it at once
+    wait_for(lambda: monitor.run_pass() and not r.exists(key))
+    second = events(settings.audit_path, "lock_released")[1]
+    assert second["holding"] != first["holding"]
+    assert 0.2 <= second["held_s"] <= time.monotonic() - retaken + 0.05
