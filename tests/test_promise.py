@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 
 import pytest
 from helpers import beat, build, events, hold, make_settings, next_message, wait_for
 from proxy import ReplyDroppingProxy
 
-from monitor import keys
+from monitor import keys, logs
 from monitor.connection import connect
+from monitor.errors import ReleaseError
 from monitor.holding import Record
 from monitor.reaper import RELEASE_SCRIPT, HeartbeatCheck, Outcome, Reaper
 from monitor.scanner import read_locks
@@ -236,3 +238,89 @@ def test_lock_without_ttl_released_then_retaken_by_the_same_task_starts_afresh(r
     second = events(settings.audit_path, "lock_released")[1]
     assert second["holding"] != first["holding"]
     assert 0.2 <= second["held_s"] <= time.monotonic() - retaken + 0.05
+
+
+# --- the exception paths of the release and its audit ---------------------------------------------
+
+
+def test_release_whose_audit_line_cannot_be_written_still_happens_and_is_logged(r, redis_server, tmp_path, capsys):
+    settings = make_settings(redis_server.url, tmp_path, audit={"path": "/dev/full"})  # a full disk
+    key = hold(r, 0, "tts", age_s=450)
+    logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
+    report = build(settings).run_pass()
+    assert report is not None
+    assert report.error is None
+    assert not r.exists(key)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    failed = [line for line in lines if line["event"] == "audit_write_failed"]
+    assert [line["audit_event"] for line in failed] == ["lock_released"]
+    assert any(line["event"] == "lock_released" and line["lock_key"] == "gpu_lock:0" for line in lines)
+
+
+def test_settle_refused_is_audited_and_the_pass_goes_on(r, redis_server, tmp_path):
+    with ReplyDroppingProxy(redis_server.port) as proxy:
+        settings = make_settings(proxy.url, tmp_path)
+        key = hold(r, 0, "tts", age_s=450)
+        r.script_load(RELEASE_SCRIPT)
+        monitor = build(settings, connect(settings))
+        proxy.drop_reply_to(hashlib.sha1(RELEASE_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode())
+        assert monitor.run_pass().error is not None  # the reply is lost: unknown
+        refused = ReleaseError("release script failed: READONLY You can't write against a read only replica.")
+
+        def refuse(*args, **kwargs):
+            raise refused
+
+        monitor.reaper.release = refuse  # type: ignore[method-assign]
+        report = monitor.run_pass()
+        assert report is not None
+        assert report.error is None  # the refusal does not stop the pass
+        failed = events(settings.audit_path, "release_failed")
+        assert [(e["outcome"], e.get("settles")) for e in failed] == [("unknown", None), ("unknown", "unknown")]
+        assert "READONLY" in failed[-1]["error"]
+        assert not r.exists(key)  # it had run the first time
+        assert monitor.run_pass().error is None  # nothing left to settle
+
+
+def test_manual_release_whose_reply_is_lost_says_unknown(r, redis_server, tmp_path):
+    from monitor import manual
+    from monitor.audit import AuditLog, JsonlFile
+    from monitor.errors import MonitorError
+
+    with ReplyDroppingProxy(redis_server.port) as proxy:
+        settings = make_settings(proxy.url, tmp_path)
+        key = hold(r, 0, "tts", age_s=450)
+        r.script_load(RELEASE_SCRIPT)
+        proxy.drop_reply_to(hashlib.sha1(RELEASE_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode())
+        audit = AuditLog(JsonlFile(tmp_path / "manual.jsonl"))
+        with pytest.raises(MonitorError, match="outcome unknown"):
+            manual.release(connect(settings), settings, audit, key, holder=None, confirm=lambda *_: True)
+    (event,) = events(tmp_path / "manual.jsonl", "manual_release")
+    assert event["outcome"] == "unknown"
+    assert not r.exists(key)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (None, False),
+        (b"not json", False),
+        (b'{"lock_key": "gpu_lock:0"}', False),
+        (b'{"lock_key": "gpu_lock:0", "worker_ex_at_most_s": 700}', False),  # no longer applies
+        (b'{"lock_key": "gpu_lock:0", "worker_ex_at_most_s": 20}', True),
+    ],
+)
+def test_mismatch_warning_reads_what_the_daemon_left(r, settings, raw, shown):
+    from monitor.service import mismatch_warning
+
+    if raw is not None:
+        r.set(keys.MISMATCH_KEY, raw)
+    assert (mismatch_warning(r, settings) is not None) is shown
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), (b"junk", None), (b"1795000000000", 1795000000000)])
+def test_last_complete_pass_tolerates_junk(r, settings, raw, expected):
+    from monitor.service import last_complete_pass_ms
+
+    if raw is not None:
+        r.set(keys.last_pass_key(settings.key_pattern), raw)
+    assert last_complete_pass_ms(r, settings) == expected
