@@ -53,21 +53,25 @@ end
 """
 
 # KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
-# and its expiry. Replies start with Redis TIME (seconds, microseconds).
+# and its expiry, or -3 where ARGV[1] has "-" at its place (a record: only its value counts).
+# Replies start with Redis TIME (seconds, microseconds).
 READ_SCRIPT = (
     EXPIRY_LUA
     + """
 local t = redis.call('TIME')
 local out = {t[1], t[2]}
+local want = ARGV[1] or ''
 for i = 1, #KEYS do
   local v = redis.pcall('GET', KEYS[i])
   if type(v) == 'table' then v = 0 end
   out[#out + 1] = v
-  out[#out + 1] = expiry(KEYS[i])
+  if string.sub(want, i, i) == '-' then out[#out + 1] = -3 else out[#out + 1] = expiry(KEYS[i]) end
 end
 return out
 """
 )
+# Per lock: the lock and its heartbeat with their expiries, the holding's record by value.
+_WANT = "ee-"
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _lock_keys(key: bytes) -> list[bytes]:
 
 def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
     script_keys = [k for key in batch for k in _lock_keys(key)]
-    reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys)
+    reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys, args=[_WANT * len(batch)])
     now_ms = _ms(reply[0], reply[1])
     return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 
