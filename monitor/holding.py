@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from monitor.keys import fingerprint
 from monitor.scanner import Observation
 
 # What the release script leaves in the record key of a holding it released: "+" when the holder's
@@ -46,11 +47,11 @@ class Record:
     a monitor's config, so replicas with other settings read the same record the same way.
     """
 
-    holder: bytes
+    holder: bytes  # keys.fingerprint of the value: a hostile 10 MB value is not copied around
     expiry_ms: int  # with `holder`, the holding's identity; -1 for a lock without a TTL
     first_seen_ms: int
     after_ms: int | None = None  # absent at a complete pass that began then: began later
-    hb_value: bytes | None = None  # the heartbeat at the last look (None: absent)
+    hb_value: bytes | None = None  # the heartbeat at the last look, fingerprinted (None: absent)
     hb_expiry_ms: int | None = None
     hb_observed_ms: int | None = None  # when that heartbeat version was first seen
     hb_seen: bool = False  # a heartbeat of this holding was seen
@@ -60,7 +61,7 @@ class Record:
     notified: frozenset[str] = field(default_factory=frozenset)
 
     def is_holding(self, value: bytes, expiry_ms: int) -> bool:
-        return self.holder == value and self.expiry_ms == expiry_ms
+        return self.holder == fingerprint(value) and self.expiry_ms == expiry_ms
 
     def dumps(self) -> bytes:
         # latin-1 maps bytes to code points one to one, so any value survives JSON.
@@ -180,7 +181,7 @@ def track(
     if prev is not None and prev.expiry_ms < 0 and after_ms is not None and (prev.seen_ms or 0) < after_ms:
         prev = None  # a lock without a TTL that a later complete pass did not see: it went and came back
     rec = prev or Record(
-        holder=obs.value, expiry_ms=obs.expiry_ms, first_seen_ms=now, after_ms=after_ms, hb_tainted=tainted
+        holder=fingerprint(obs.value), expiry_ms=obs.expiry_ms, first_seen_ms=now, after_ms=after_ms, hb_tainted=tainted
     )
     if obs.expiry_ms < 0:
         rec = replace(rec, seen_ms=now)
@@ -219,7 +220,8 @@ def _heartbeat(
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
         refreshed = rec.hb_refreshed_ms
         return Heartbeat.DEAD, None if refreshed is None else max(0, now - refreshed), rec
-    if prev is not None and prev.hb_value == obs.hb_value and prev.hb_expiry_ms == obs.hb_expiry_ms:
+    hb = fingerprint(obs.hb_value)
+    if prev is not None and prev.hb_value == hb and prev.hb_expiry_ms == obs.hb_expiry_ms:
         observed = prev.hb_observed_ms if prev.hb_observed_ms is not None else now
         hb_expiry = prev.hb_expiry_ms
         seen_change = False
@@ -232,7 +234,7 @@ def _heartbeat(
     written = None
     if hb_expiry is not None and 0 <= obs.hb_expiry_ms - now <= hb_ttl_ms:
         written = hb_expiry - hb_ttl_ms
-    rec = replace(rec, hb_value=obs.hb_value, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
+    rec = replace(rec, hb_value=hb, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
     age = max(0, now - (written if written is not None else observed))
     if not (rec.hb_seen or seen_change) or rec.hb_tainted:
         # Maybe an earlier holder's: it protects, it never condemns.

@@ -4,6 +4,8 @@ Keys and values are handled as bytes end to end: Redis holds arbitrary bytes, an
 lock value that is not UTF-8 must still be compared and released exactly.
 """
 
+import hashlib
+
 LOCK_VALUE_PREFIX = b"locked_by_"
 HEARTBEAT_SUFFIX = b":heartbeat"
 # Existing waiters subscribe to "gpu_lock:" + the lock key, so the prefix appears twice.
@@ -74,6 +76,27 @@ def task_name(value: bytes) -> bytes:
 def text(data: bytes) -> str:
     """Redis bytes as printable text: invalid UTF-8 becomes backslash escapes, never an error."""
     return data.decode("utf-8", "backslashreplace")
+
+
+# Values from Redis are data that anyone with write access controls: a 10 MB lock value must not
+# become a 10 MB record, audit line or alert. Longer ones are kept as a digest (records) or cut
+# with their length and digest (what people read).
+LONGEST_KEPT = 200
+
+
+def fingerprint(data: bytes) -> bytes:
+    """`data`, or a digest of it when it is long; the release scripts compute the same (`fp`)."""
+    if len(data) <= LONGEST_KEPT:
+        return data
+    return b"\x00sha1:" + hashlib.sha1(data, usedforsecurity=False).hexdigest().encode() + b":%d" % len(data)
+
+
+def shown(data: bytes) -> str:
+    """`text(data)`, cut when long, saying how long it was and its digest (to tell values apart)."""
+    if len(data) <= LONGEST_KEPT:
+        return text(data)
+    digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+    return f"{text(data[:LONGEST_KEPT])}... ({len(data)} bytes, sha1 {digest})"
 
 
 def monitor_status_key(host: str) -> bytes:

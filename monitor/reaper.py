@@ -24,7 +24,7 @@ from redis.crc import key_slot
 from monitor import keys
 from monitor.connection import Client, is_cluster
 from monitor.errors import ReleaseError
-from monitor.scanner import EXPIRY_LUA, READ_SCRIPT
+from monitor.scanner import EXPIRY_LUA, FINGERPRINT_LUA, READ_SCRIPT
 
 TOMBSTONE_TTL_MS = 600_000
 
@@ -35,11 +35,12 @@ TOMBSTONE_TTL_MS = 600_000
 # channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[10] the attempt (who, which holding).
 RELEASE_SCRIPT = (
     EXPIRY_LUA
+    + FINGERPRINT_LUA
     + """
 local hb_key, rec_key, tomb_key, n = false, false, false, 2
 if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
 if string.find(ARGV[9], 'r', 1, true) then rec_key, tomb_key = KEYS[n], KEYS[n + 1] end
-local tomb = ARGV[10] .. ':' .. ARGV[2] .. ':' .. ARGV[1]
+local tomb = ARGV[10] .. ':' .. ARGV[2] .. ':' .. fp(ARGV[1])
 if tomb_key and redis.pcall('GET', tomb_key) == tomb then return {'released', ARGV[1], false} end
 local value = redis.pcall('GET', KEYS[1])
 if type(value) == 'table' then return {'holder_changed', false, false} end

@@ -61,8 +61,8 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
         "locks": [
             {
                 "lock_key": keys.text(h.key),
-                "holder": keys.text(h.holder),
-                "task_name": keys.text(keys.task_name(h.holder)),
+                "holder": keys.shown(h.holder),
+                "task_name": keys.shown(keys.task_name(h.holder)),
                 "held_s": round(h.held_s, 3),
                 "ttl_s": round(h.pttl_ms / 1000, 3) if h.pttl_ms >= 0 else None,
                 "heartbeat": h.heartbeat.value,
@@ -94,7 +94,7 @@ def as_table(snapshot: Snapshot) -> str:
         heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({human(h.hb_age_s)} ago)"
         row: tuple[str, ...] = (
             _cell(keys.text(h.key)),
-            _cell(keys.text(h.holder)),
+            _cell(keys.shown(h.holder)),
             human(h.held_s),
             heartbeat,
             v.decision.tier.value,

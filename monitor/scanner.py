@@ -52,6 +52,14 @@ local function expiry(key)
 end
 """
 
+# `fp(value)`: keys.fingerprint in Lua (the value, or its digest beyond keys.LONGEST_KEPT bytes).
+FINGERPRINT_LUA = """
+local function fp(v)
+  if #v <= 200 then return v end
+  return '\\0sha1:' .. redis.sha1hex(v) .. ':' .. #v
+end
+"""
+
 # KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
 # and its expiry, or -3 where ARGV[1] has "-" at its place (a record: only its value counts).
 # Replies start with Redis TIME (seconds, microseconds).

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from monitor import keys
+from monitor import invalid, keys
 from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster
@@ -34,6 +34,7 @@ from monitor.policy import Action, Decision, Reason, Tiers, decide
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
 from monitor.scanner import (
     EXPIRY_LUA,
+    FINGERPRINT_LUA,
     READ_BATCH,
     Observation,
     read_locks,
@@ -46,18 +47,20 @@ log = get_logger("gpulock_monitor")
 # Compare-and-set of holding records. ARGV[1] "h" when KEYS[1] and KEYS[2] are the last-pass
 # and the monitor-status keys (then ARGV[3] is when this pass began, "" unless the pass was
 # complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] is unused. Then pairs of
-# KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder, expiry, the record as
+# KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder (fingerprint), expiry, the record as
 # read ("" none), the new record, its ms to live. A record is written only while the lock still
 # has that holding and nobody changed the record since it was read.
 PERSIST_SCRIPT = (
     EXPIRY_LUA
+    + FINGERPRINT_LUA
     + """
 local first = 1
 if ARGV[1] == 'h' then first = 3 end
 local skipped = 0
 for i = first, #KEYS, 2 do
   local a = 6 + (i - first) / 2 * 5
-  local ok = redis.pcall('GET', KEYS[i]) == ARGV[a] and expiry(KEYS[i]) == tonumber(ARGV[a + 1])
+  local v = redis.pcall('GET', KEYS[i])
+  local ok = type(v) == 'string' and fp(v) == ARGV[a] and expiry(KEYS[i]) == tonumber(ARGV[a + 1])
   local stored = redis.pcall('GET', KEYS[i + 1])
   if type(stored) ~= 'string' then stored = '' end
   if ok and stored == ARGV[a + 2] then
@@ -195,8 +198,8 @@ def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
     """The lock part of an audit event (DESIGN.md section 7)."""
     h, d = verdict.holding, verdict.decision
     return {
-        "lock_key": keys.text(h.key),
-        "holder": keys.text(h.holder),
+        "lock_key": keys.shown(h.key),
+        "holder": keys.shown(h.holder),
         "held_s": round(h.held_s, 3),
         "heartbeat": h.heartbeat.value,
         "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
@@ -243,7 +246,7 @@ class Monitor:
         # Names this monitor's release attempts: replicas share a holding's id (its stored first
         # sight), and a tombstone must answer `released` only to the attempt that released.
         self._attempt = f"monitor:{secrets.token_hex(8)}"
-        self._invalid_seen: set[bytes] = set()
+        self._invalid_said: invalid.Said | None = None  # read from Redis at the first pass
         self._down_since: float | None = None
         self.redis_error: str | None = None  # set while Redis is unreachable
         self._down_passes = 0
@@ -280,11 +283,7 @@ class Monitor:
         self._settle_unknown(report)
         observations = read_locks(self.client, scan_candidates(self.client, self.settings.key_pattern))
         self._redis_back()
-        for obs in observations:
-            if obs.invalid:
-                report.invalid += 1
-                self._report_invalid(obs)
-        self._invalid_seen &= {o.key for o in observations if o.invalid}
+        self._report_invalid({o.key: o.invalid for o in observations if o.invalid}, report)
         after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
         verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
         if not self.acting:
@@ -317,13 +316,21 @@ class Monitor:
 
     def _pass_start(self) -> tuple[int, int | None]:
         """Redis TIME before the SCAN (a holding present then is seen by this pass), and when the
-        last complete pass of an acting monitor began, in one round trip."""
+        last complete pass of an acting monitor began, in one round trip; the first pass also
+        reads what was said of invalid keys."""
+        first = self._invalid_said is None
         if is_cluster(self.client):  # TIME is no keyed command: no cluster pipeline takes it
+            if first:
+                self._invalid_said = invalid.Said.loads(self.client.get(invalid.SAID_KEY))  # type: ignore[arg-type]
             return redis_time_ms(self.client), last_complete_pass_ms(self.client, self.settings)
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
         pipe.get(keys.last_pass_key(self.settings.key_pattern))
-        (seconds, micros), raw = pipe.execute()
+        if first:
+            pipe.get(invalid.SAID_KEY)
+        (seconds, micros), raw, *said = pipe.execute()
+        if first:
+            self._invalid_said = invalid.Said.loads(said[0])
         persisted = int(raw) if raw is not None and raw.isdigit() else None
         return int(seconds) * 1000 + int(micros) // 1000, persisted
 
@@ -388,7 +395,7 @@ class Monitor:
             if data == verdict.stored and h.expiry_ms >= 0:
                 continue
             life = NO_TTL_RECORD_MS if h.expiry_ms < 0 else max(1, h.expiry_ms - h.now_ms) + RECORD_MARGIN_MS
-            writes.append((h.key, [h.holder, h.expiry_ms, verdict.stored or b"", data, life]))
+            writes.append((h.key, [keys.fingerprint(h.holder), h.expiry_ms, verdict.stored or b"", data, life]))
         if is_cluster(self.client):
             self.client.set(status_key, status, px=status_ttl)
             self._remember_cluster(writes, began_ms)
@@ -502,7 +509,7 @@ class Monitor:
             self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
             return
         if result.current is not None:
-            fields["current_holder"] = keys.text(result.current)
+            fields["current_holder"] = keys.shown(result.current)
         self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
 
     def _settle_unknown(self, report: PassReport) -> None:
@@ -562,11 +569,17 @@ class Monitor:
             # journald keeps what the file could not; the record stays pending for the next write.
             log.error("critical_write_failed", error=str(err), record=record)
 
-    def _report_invalid(self, obs: Observation) -> None:
-        if obs.key in self._invalid_seen:
-            return
-        self._invalid_seen.add(obs.key)
-        self.record("invalid_lock", "warning", lock_key=keys.text(obs.key), reason=obs.invalid)
+    def _report_invalid(self, found: dict[bytes, str], report: PassReport) -> None:
+        report.invalid = len(found)
+        said, new, summary = invalid.to_say(self._invalid_said or invalid.Said(), found)
+        for key in new:
+            self.record("invalid_lock", "warning", lock_key=keys.shown(key), reason=found[key])
+        if summary is not None:
+            reason = f"{summary} more keys under the pattern are not locks (not named one by one)"
+            self.record("invalid_lock", "warning", lock_key=None, reason=reason, count=summary)
+        if said != self._invalid_said and self.acting:
+            self.client.set(invalid.SAID_KEY, said.dumps(), px=invalid.SAID_TTL_MS)
+        self._invalid_said = said
 
     # --- Redis outages --------------------------------------------------------------------------
 
