@@ -339,6 +339,9 @@ def test_release_refused_retries_then_writes_critical_record(r, redis_server, tm
     r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
     limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
     key = hold(r, 0, "stuck", age_s=450)
+    pubsub = r.pubsub()
+    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     clock = [0.0]
     monitor = build(s, limited, reaper=Reaper(limited), mono=lambda: clock[0])
     try:
@@ -351,6 +354,8 @@ def test_release_refused_retries_then_writes_critical_record(r, redis_server, tm
     finally:
         r.acl_deluser("nodel")
     assert r.get(key) == b"locked_by_stuck"
+    assert pubsub.get_message(timeout=0.2) is None  # no waiter woken by any of the attempts
+    pubsub.close()
     failed = events(s.audit_path, "release_failed")
     assert [e["attempt"] for e in failed] == [1, 2, 3]
     assert [e["retries_spent"] for e in failed] == [False, True, True]
