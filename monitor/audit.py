@@ -6,6 +6,11 @@ began, so no torn line stays behind, and the event is kept in memory and written
 before the next one: order is kept and nothing is lost while the process lives. Values
 from Redis are passed through `keys.text`, and JSON escapes newlines and quotes, so a hostile
 holder string cannot break a line.
+
+Before each write the path is checked against the open descriptor (device and inode, as
+`tail -F` does): a file deleted, or renamed away and replaced, under the daemon is reopened
+at its path, so the line lands where readers look instead of in an unlinked inode. SIGHUP
+(`reopen`) still works, and is what moves the lines on after a rename with no file created.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class JsonlFile:
         self._reopen = False
         self.dropped = 0
         self.failures = 0
+        self.error: str | None = None  # why the last write failed
 
     def open(self) -> None:
         """Create the file (and its directory) now, so a bad path fails at start-up."""
@@ -76,8 +82,9 @@ class JsonlFile:
                     os.fsync(fd)
             except OSError as exc:
                 self.failures += 1
+                self.error = f"{self.path}: {exc.strerror or exc}"
                 self._close()
-                raise AuditWriteError(f"{self.path}: {exc.strerror or exc}") from exc
+                raise AuditWriteError(self.error) from exc
 
     def reopen(self) -> None:
         """Close and reopen the file before the next line (after an external logrotate).
@@ -113,7 +120,7 @@ class JsonlFile:
             os.unlink(self.path)
 
     def _ensure_open(self) -> int:
-        if self._reopen:
+        if self._reopen or (self._fd is not None and self._moved(self._fd)):
             self._reopen = False
             self._close()
         if self._fd is None:
@@ -126,6 +133,18 @@ class JsonlFile:
                 raise
             self._fd = fd
         return self._fd
+
+    def _moved(self, fd: int) -> bool:
+        """Whether the line must go to a new file at the path: the open one was deleted, or
+        another file now stands at its path. One renamed away with nothing in its place yet (a
+        rotation under way) keeps the lines until the new file is created or SIGHUP comes:
+        logrotate's `create` fails when the path exists already."""
+        held = os.fstat(fd)
+        try:
+            at_path = os.stat(self.path)
+        except OSError:  # nothing reachable at the path
+            return held.st_nlink == 0
+        return (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino)
 
     def _close(self) -> None:
         if self._fd is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import yaml
 from monitor import __version__, audit_read, daemon, keys, logs, manual, report, service
 from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
-from monitor.connection import REDIS_DOWN, connect
+from monitor.connection import connect, redis_down
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
 from monitor.health import Health, assess
@@ -114,6 +115,10 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
     a prompt there, and a release nobody confirmed must not happen by default.
     """
     settings = load_settings(config_path)
+    # argv as the bytes the shell passed: Python decoded them with surrogateescape.
+    key = os.fsencode(lock_key)
+    wanted = None if holder is None else os.fsencode(holder)
+    manual.check_lock_key(settings, key)  # before the audit files: a refusal writes nothing
     audit, _ = daemon.open_logs(settings, dry_run=False)  # no audit, no release
 
     def confirm(current: bytes, description: str) -> bool:
@@ -121,28 +126,21 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
             return True
         if _interactive():
             return click.confirm(f"{description}. Release it?", default=False)
-        if holder is not None:
+        if wanted is not None:
             return True  # the operator named the value to release: that is the confirmation
         raise MonitorError(f"{description}: not a terminal; add --yes (or --holder VALUE) to release it")
 
-    result = manual.release(
-        connect(settings),
-        settings,
-        audit,
-        lock_key.encode(),
-        holder=None if holder is None else holder.encode(),
-        confirm=confirm,
-        force=force,
-    )
+    result = manual.release(connect(settings), settings, audit, key, holder=wanted, confirm=confirm, force=force)
+    shown_key, now = manual.shown(key), manual.shown(result.current or b"")
     if result.outcome is Outcome.RELEASED:
-        click.echo(f"released {lock_key} (was held by {keys.text(result.current or b'')})")
+        click.echo(f"released {shown_key} (was held by {now})")
         return
     why = {
-        Outcome.GONE: f"{lock_key} is not held",
-        Outcome.HOLDER_CHANGED: f"{lock_key} is held by {keys.text(result.current or b'')} now"
-        + ("" if holder is None else f", not {holder}")
+        Outcome.GONE: f"{shown_key} is not held",
+        Outcome.HOLDER_CHANGED: f"{shown_key} is held by {now} now"
+        + ("" if wanted is None else f", not {manual.shown(wanted)}")
         + " (a new holding)",
-        Outcome.HEARTBEAT_REVIVED: f"{lock_key}: heartbeat revived",
+        Outcome.HEARTBEAT_REVIVED: f"{shown_key}: heartbeat revived",
     }[result.outcome]
     raise MonitorError(f"nothing released: {why}")
 
@@ -204,8 +202,15 @@ def health_check(settings: Settings) -> Health:
         pipe.pttl(keys.monitor_status_key(host))
         raw, pttl = pipe.execute()
         snapshot = report.take(client, settings)
-    except REDIS_DOWN as exc:
-        return assess(settings, redis_error=str(exc), last_pass_age_s=None, failing_releases=0, verdicts=[])
+    except redis.RedisError as exc:  # unreachable, or any refusal (NOPERM, BUSY, WRONGTYPE...): critical
+        return assess(
+            settings,
+            redis_error=str(exc),
+            redis_refused=not redis_down(exc),
+            last_pass_age_s=None,
+            failing_releases=0,
+            verdicts=[],
+        )
     age = None
     failing = 0
     if raw is not None and pttl > 0:

@@ -2,12 +2,17 @@
 
 Signals: SIGTERM/SIGINT finish the pass in progress and stop; SIGHUP reopens the audit files
 (for an external logrotate).
+
+Exit status: 0, or 1 when the pass of `--once` failed or when audit or critical-failure lines
+could not be written by the time the monitor stopped (a full or read-only disk): the log on
+stdout/journald still holds those events, and stderr says how many lines the files lack.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -128,10 +133,10 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         _lifecycle(monitor, "monitor_started")
         report = monitor.run_pass()
         _lifecycle(monitor, "monitor_stopped")
-        if report is not None and report.error:
-            log.error("pass_failed", error=report.error)
-            return 1
-        return 0
+        error = None if report is None else report.error
+        if error:
+            log.error("pass_failed", error=error)
+        return 1 if _unwritten(monitor) or error else 0
 
     alerts = start_alerts(monitor)
     stop_http: Callable[[], None] | None = None
@@ -174,7 +179,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
             alerts.stop(timeout_s=5.0)
         if stop_http is not None:
             stop_http()
-    return 0
+    return 1 if _unwritten(monitor) else 0
 
 
 def start_alerts(monitor: Monitor) -> Alerts | None:
@@ -212,6 +217,16 @@ def _lifecycle(monitor: Monitor, event: str) -> None:
     if event == "monitor_stopped":
         monitor.audit.file.close()
         monitor.critical.close()
+
+
+def _unwritten(monitor: Monitor) -> int:
+    """Audit and critical-failure lines that never reached their files, said in one line on
+    stderr when there are any (the exit status says it to scripts and systemd)."""
+    lost = [(f.pending + f.dropped, f.error) for f in (monitor.audit.file, monitor.critical) if f.pending + f.dropped]
+    if lost:
+        why = "; ".join(f"{count} line(s) not written: {error}" for count, error in lost)
+        print(f"gpulock-monitor: {why} (the log on stdout has them)", file=sys.stderr)
+    return sum(count for count, _ in lost)
 
 
 def _on_signals(stop: threading.Event, reopen: threading.Event) -> None:

@@ -8,6 +8,8 @@ import hashlib
 
 LOCK_VALUE_PREFIX = b"locked_by_"
 HEARTBEAT_SUFFIX = b":heartbeat"
+# The record a holder may write beside its lock (DESIGN.md section 2): data, not a lock.
+HOLDER_SUFFIX = b":holder"
 # Existing waiters subscribe to "gpu_lock:" + the lock key, so the prefix appears twice.
 RELEASE_CHANNEL_PREFIX = b"gpu_lock:"
 # Everything the monitor itself remembers lives under this prefix.
@@ -63,7 +65,7 @@ def release_channel(lock_key: bytes) -> bytes:
 
 def is_lock_candidate(key: bytes) -> bool:
     """False for keys that match the pattern but are not locks by name."""
-    return not key.endswith(HEARTBEAT_SUFFIX) and not key.startswith(MONITOR_PREFIX)
+    return not key.endswith((HEARTBEAT_SUFFIX, HOLDER_SUFFIX)) and not key.startswith(MONITOR_PREFIX)
 
 
 def task_name(value: bytes) -> bytes:

@@ -1,4 +1,10 @@
-"""`release`: an operator's owner-checked release, through the same script as the daemon's."""
+"""`release`: an operator's owner-checked release, through the same script as the daemon's.
+
+Only a lock may be released: a key under `gpu_lock.key_pattern` (matched as Redis MATCH does)
+that is not a heartbeat, a holder record or one of the monitor's own keys. Keys and holders are
+bytes from end to end; what is shown to the operator goes through `shown` (escaped as `status`
+escapes its table), so a holder made of terminal control characters never reaches the terminal raw.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,15 @@ from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client
 from monitor.errors import MonitorError
-from monitor.holding import Heartbeat
+from monitor.holding import Heartbeat, Holding
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.report import _cell
 from monitor.scanner import read_locks
 from monitor.service import evaluate, last_complete_pass_ms, lock_fields
 
 RELEASE_REASON = "manual_release"
+# What an operator reads of one key or holder: escaped, and cut past this many characters.
+SHOWN_LIMIT = 300
 
 
 class NotConfirmed(MonitorError):  # noqa: N818 - control flow (the operator said no), not an error
@@ -40,6 +49,91 @@ def operator_name() -> str:
         return f"uid:{os.getuid()}"
 
 
+def shown(value: bytes | str) -> str:
+    """A key or holder as the operator sees it: cut with its digest when long, and escaped as
+    `status` shows it, never raw."""
+    return _cell(keys.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
+
+
+def check_lock_key(settings: Settings, lock_key: bytes) -> None:
+    """Refuse, before any Redis command, a key that cannot be a lock."""
+    pattern = settings.key_pattern
+    if not redis_match(pattern.encode(), lock_key):
+        raise MonitorError(f"{shown(lock_key)} is not under gpu_lock.key_pattern ({shown(pattern)}): not a lock")
+    if lock_key.startswith(keys.MONITOR_PREFIX):
+        raise MonitorError(f"{shown(lock_key)} is the monitor's own key, not a lock")
+    for suffix, what in ((keys.HEARTBEAT_SUFFIX, "a heartbeat key"), (keys.HOLDER_SUFFIX, "a holder record")):
+        if lock_key.endswith(suffix):
+            lock = lock_key[: -len(suffix)]
+            raise MonitorError(f"{shown(lock_key)} is {what}, not a lock (its lock is {shown(lock)})")
+
+
+def redis_match(pattern: bytes, key: bytes) -> bool:
+    """Whether SCAN MATCH `pattern` yields `key`: Redis's glob (util.c stringmatchlen), byte for
+    byte: `*`, `?`, `[...]` with `^` and ranges, backslash escapes; bytes compare as C's signed char."""
+    failed: set[tuple[int, int]] = set()  # (pattern, key) positions known not to match
+
+    def match(p: int, k: int) -> bool:
+        while p < len(pattern):
+            if pattern[p] == ord("*"):
+                while p < len(pattern) and pattern[p] == ord("*"):
+                    p += 1
+                if p == len(pattern):
+                    return True
+                # As Redis, what follows a `*` is tried against non-empty rests of the key only.
+                for rest in range(k, len(key)):
+                    if (p, rest) not in failed:
+                        if match(p, rest):
+                            return True
+                        failed.add((p, rest))
+                return False
+            if k == len(key):
+                return False
+            p, ok = _one_byte(pattern, p, key[k])
+            if not ok:
+                return False
+            k += 1
+        return k == len(key)
+
+    return match(0, 0)
+
+
+def _one_byte(pattern: bytes, p: int, byte: int) -> tuple[int, bool]:
+    """Match `byte` against the pattern element at `p` (not `*`): the next position, and whether
+    it matched."""
+    if pattern[p] == ord("?"):
+        return p + 1, True
+    if pattern[p] == ord("["):
+        return _char_class(pattern, p + 1, byte)
+    if pattern[p] == ord("\\") and p + 1 < len(pattern):
+        p += 1
+    return p + 1, pattern[p] == byte
+
+
+def _char_class(pattern: bytes, p: int, byte: int) -> tuple[int, bool]:
+    """Match `byte` against the class starting at `pattern[p]` (after `[`): the position after
+    the class and whether it matched. An unclosed class runs to the end of the pattern."""
+    negate = p < len(pattern) and pattern[p] == ord("^")
+    p += negate
+    found = False
+    while p < len(pattern) and pattern[p] != ord("]"):
+        if pattern[p] == ord("\\") and p + 1 < len(pattern):
+            p += 1
+            found |= pattern[p] == byte
+        elif p + 2 < len(pattern) and pattern[p + 1] == ord("-"):
+            low, high = sorted((_signed(pattern[p]), _signed(pattern[p + 2])))
+            found |= low <= _signed(byte) <= high
+            p += 2
+        else:
+            found |= pattern[p] == byte
+        p += 1
+    return p + 1, found != negate
+
+
+def _signed(byte: int) -> int:
+    return byte - 256 if byte > 127 else byte
+
+
 def release(
     client: Client,
     settings: Settings,
@@ -52,10 +146,12 @@ def release(
 ) -> ReleaseResult:
     """Release the holding of `lock_key` just read, if it is held by `holder` (or by whoever
     holds it now, once confirmed). The attempt is audited as `manual_release` whatever its
-    outcome. A holder whose heartbeat is alive is refused unless `force`."""
+    outcome. A holder whose heartbeat is alive is refused unless `force`; a key that cannot be a
+    lock (`check_lock_key`) is refused before Redis is asked anything."""
+    check_lock_key(settings, lock_key)
     (obs,) = read_locks(client, [lock_key])
     if obs.invalid:
-        raise MonitorError(f"{keys.text(lock_key)} is not a lock ({obs.invalid})")
+        raise MonitorError(f"{shown(lock_key)} is not a lock ({obs.invalid})")
     if obs.value is None:
         _audit(audit, lock_key, holder, Outcome.GONE.value, {})
         return ReleaseResult(Outcome.GONE, None)
@@ -63,8 +159,8 @@ def release(
     fields = lock_fields(verdict, dry_run=False)
     h = verdict.holding
     if h.heartbeat is Heartbeat.ALIVE and not force:
-        raise LiveHolderError(f"{_describe(fields)}: its holder looks alive; add --force to release it anyway")
-    if not confirm(obs.value, _describe(fields)):
+        raise LiveHolderError(f"{_describe(h, fields)}: its holder looks alive; add --force to release it anyway")
+    if not confirm(obs.value, _describe(h, fields)):
         raise NotConfirmed("not confirmed; nothing released")
     # The operator confirmed the holding that was just read: the script must find that very
     # holding (value and expiry), and without --force a heartbeat no livelier than it was.
@@ -83,16 +179,16 @@ def release(
         # The script may have run: say so, in the audit and to the operator, instead of guessing.
         _audit(audit, lock_key, holder, "unknown", fields, forced=force)
         raise MonitorError(
-            f"connection lost during the release of {keys.text(lock_key)}: outcome unknown "
+            f"connection lost during the release of {shown(lock_key)}: outcome unknown "
             f"(`status` shows whether it is still held): {exc}"
         ) from None
     _audit(audit, lock_key, holder, result.outcome.value, fields, current=result.current, forced=force)
     return result
 
 
-def _describe(fields: dict[str, object]) -> str:
+def _describe(h: Holding, fields: dict[str, object]) -> str:
     return (
-        f"{fields['lock_key']} held by {fields['holder']} for {fields['held_s']} s, "
+        f"{shown(h.key)} held by {shown(h.holder)} for {fields['held_s']} s, "
         f"heartbeat {fields['heartbeat']}, tier {fields['tier']}"
     )
 
@@ -107,11 +203,11 @@ def _audit(
     current: bytes | None = None,
     forced: bool = False,
 ) -> None:
-    extra: dict[str, object] = {"lock_key": keys.text(lock_key), **fields, "reason": RELEASE_REASON}
+    extra: dict[str, object] = {"lock_key": keys.shown(lock_key), **fields, "reason": RELEASE_REASON}
     if requested is not None:
-        extra["requested_holder"] = keys.text(requested)
+        extra["requested_holder"] = keys.shown(requested)
     if current is not None and outcome != Outcome.RELEASED.value:
-        extra["current_holder"] = keys.text(current)
+        extra["current_holder"] = keys.shown(current)
     audit.event(
         "manual_release",
         sync=True,

@@ -225,3 +225,83 @@ def test_follow_without_history_starts_at_the_end(tmp_path):
     for record in audit_read.follow(live, stop=stop, history=False, poll_s=0.01):
         seen.append(record["event"])
     assert seen == ["new"]
+
+
+# --- the file changed under the writer: deleted, renamed, replaced (checked before each write) ------
+
+
+def test_file_deleted_under_the_writer_is_created_again(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    path.unlink()  # an operator's `rm`, a cleanup script
+    f.write({"n": 2})
+    f.write({"n": 3})
+    assert [e["n"] for e in lines(path)] == [2, 3]
+
+
+def test_file_renamed_away_keeps_the_lines_until_a_new_one_is_created(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    path.rename(tmp_path / "a.jsonl.1")  # a rotation under way: the new file is not there yet
+    f.write({"n": 2})
+    assert not path.exists()  # logrotate's `create` fails on a file that is there already
+    path.touch()
+    f.write({"n": 3})
+    assert [e["n"] for e in lines(tmp_path / "a.jsonl.1")] == [1, 2]
+    assert [e["n"] for e in lines(path)] == [3]
+
+
+def test_file_replaced_under_the_writer_gets_the_next_lines(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    path.rename(tmp_path / "a.jsonl.1")
+    path.write_bytes(b'{"n": 0}\n')  # logrotate's `create`: a new file at the path
+    f.write({"n": 2})
+    assert [e["n"] for e in lines(tmp_path / "a.jsonl.1")] == [1]
+    assert [e["n"] for e in lines(path)] == [0, 2]
+
+
+def test_path_unreachable_under_the_writer_keeps_the_line_until_it_is_back(tmp_path):
+    path = tmp_path / "dir" / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    path.unlink()
+    path.parent.rmdir()
+    path.parent.write_text("")  # the directory is now a file: the path cannot be reached (ENOTDIR)
+    with pytest.raises(AuditWriteError, match=r"File exists|Not a directory"):
+        f.write({"n": 2})
+    assert (f.pending, f.failures) == (1, 1)
+    assert f.error is not None
+    assert str(path) in f.error
+    path.parent.unlink()
+    f.write({"n": 3})
+    assert [e["n"] for e in lines(path)] == [2, 3]
+
+
+def test_descriptor_closed_under_the_writer_fails_once_and_loses_nothing(tmp_path):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    assert f._fd is not None
+    os.close(f._fd)  # the check's fstat fails (EBADF): the write fails, the line is kept
+    with pytest.raises(AuditWriteError, match="Bad file descriptor"):
+        f.write({"n": 2})
+    assert f.pending == 1
+    f.write({"n": 3})
+    assert [e["n"] for e in lines(path)] == [1, 2, 3]
+
+
+def test_unchanged_file_is_not_reopened(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    f = JsonlFile(path)
+    f.write({"n": 1})
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr("monitor.audit.os.open", lambda *a, **kw: opened.append(a) or real_open(*a, **kw))
+    for n in range(2, 5):
+        f.write({"n": n})
+    assert opened == []
+    assert [e["n"] for e in lines(path)] == [1, 2, 3, 4]

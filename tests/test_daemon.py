@@ -238,3 +238,91 @@ def test_scheduler_skips_no_pass_silently_when_pass_is_slow(r, redis_server, tmp
     runner.join(timeout=20)
     assert not runner.is_alive()
     assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == ["monitor_started", "monitor_stopped"]
+
+
+# --- the audit file under a running daemon, and lines that could not be written ---------------------
+
+
+def released_keys(audit: Path) -> list[str]:
+    return [e["lock_key"] for e in events(audit, "lock_released")]
+
+
+def crashed_holder(r: redis.Redis, gpu: int) -> None:
+    """A worker that heartbeats while the monitor watches, then dies (released within ~1 s)."""
+    key = hold(r, gpu)
+    for _ in range(4):
+        r.set(key + b":heartbeat", str(time.time()), px=int(2000 * HB_INTERVAL_S))
+        time.sleep(HB_INTERVAL_S)
+
+
+def test_audit_file_deleted_or_replaced_under_the_daemon_loses_no_event(r, redis_server, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    proc = start_daemon(write_config(tmp_path, redis_server.url))
+    try:
+        wait_for(lambda: started(audit) or proc.poll() is not None)
+        audit.unlink()  # no SIGHUP follows
+        crashed_holder(r, 0)
+        wait_for(lambda: released_keys(audit) == ["gpu_lock:0"], timeout_s=10)
+        audit.rename(tmp_path / "audit.jsonl.1")
+        audit.write_text("")  # replaced by a new, empty file (logrotate's `create`)
+        crashed_holder(r, 1)
+        wait_for(lambda: released_keys(audit) == ["gpu_lock:1"], timeout_s=10)
+    finally:
+        code, out = stop_daemon(proc)
+    assert code == 0, out
+    assert released_keys(tmp_path / "audit.jsonl.1") == ["gpu_lock:0"]
+    assert [e["event"] for e in events(audit)] == ["lock_released", "monitor_stopped"]
+
+
+def dev_full_config(tmp_path: Path, url: str) -> Path:
+    config = write_config(tmp_path, url)
+    raw = yaml.safe_load(config.read_text())
+    raw["audit"]["path"] = "/dev/full"  # opens, then refuses every write: a full disk
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_once_on_a_full_audit_disk_releases_and_exits_nonzero(r, redis_server, tmp_path):
+    hold(r, 0, age_s=350)
+    result = cli("run", "--once", "-c", str(dev_full_config(tmp_path, redis_server.url)))
+    assert result.returncode == 1
+    assert not r.exists(b"gpu_lock:0")  # the release stands; its line is what is missing
+    (line,) = result.stderr.splitlines()
+    assert line == (
+        "gpulock-monitor: 3 line(s) not written: /dev/full: No space left on device (the log on stdout has them)"
+    )
+    logged = [json.loads(entry)["event"] for entry in result.stdout.splitlines()]
+    assert {"monitor_started", "lock_released", "monitor_stopped", "audit_write_failed"} <= set(logged)
+
+
+def test_daemon_stopped_with_lines_unwritten_exits_nonzero(r, redis_server, tmp_path, capfd):
+    from monitor import daemon
+    from monitor.config import load_settings
+
+    settings = load_settings(str(dev_full_config(tmp_path, redis_server.url)), env={})
+    stop = threading.Event()
+    codes: list[int] = []
+    hold(r, 0, age_s=350)  # past hard_timeout: released at the first pass
+    runner = threading.Thread(target=lambda: codes.append(daemon.run(settings, stop=stop)))
+    runner.start()
+    wait_for(lambda: not r.exists(b"gpu_lock:0"))
+    stop.set()
+    runner.join(timeout=20)
+    assert codes == [1]
+    assert "line(s) not written: /dev/full: No space left on device" in capfd.readouterr().err
+
+
+def test_critical_lines_unwritten_are_counted(settings, capsys):
+    from helpers import build
+
+    from monitor import daemon
+    from monitor.errors import AuditWriteError
+
+    monitor = build(settings)
+    monitor.critical.path = Path("/dev/full")
+    with pytest.raises(AuditWriteError):
+        monitor.critical.write({"event": "release_failed"})
+    assert daemon._unwritten(monitor) == 1
+    assert capsys.readouterr().err == (
+        "gpulock-monitor: 1 line(s) not written: /dev/full: No space left on device (the log on stdout has them)\n"
+    )
