@@ -21,7 +21,7 @@ import yaml
 from monitor import __version__, audit_read, daemon, keys, logs, manual, report, service
 from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
-from monitor.connection import REDIS_DOWN, connect
+from monitor.connection import connect, redis_down
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
 from monitor.health import Health, assess
@@ -202,8 +202,15 @@ def health_check(settings: Settings) -> Health:
         pipe.pttl(keys.monitor_status_key(host))
         raw, pttl = pipe.execute()
         snapshot = report.take(client, settings)
-    except REDIS_DOWN as exc:
-        return assess(settings, redis_error=str(exc), last_pass_age_s=None, failing_releases=0, verdicts=[])
+    except redis.RedisError as exc:  # unreachable, or any refusal (NOPERM, BUSY, WRONGTYPE...): critical
+        return assess(
+            settings,
+            redis_error=str(exc),
+            redis_refused=not redis_down(exc),
+            last_pass_age_s=None,
+            failing_releases=0,
+            verdicts=[],
+        )
     age = None
     failing = 0
     if raw is not None and pttl > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TypeAlias
 from urllib.parse import urlsplit
@@ -15,8 +16,22 @@ from redis.sentinel import Sentinel
 from monitor.config import Settings, read_password
 
 # Failures the daemon rides out (keeps running, backs off); anything else is a bug or a
-# refusal (e.g. ACL) and is reported as such.
+# refusal (e.g. ACL) and is reported as such. A Redis loading its dataset answers LOADING,
+# which redis-py raises as BusyLoadingError, a ConnectionError: it is down until loaded.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# A Redis running a script past busy-reply-threshold (lua-time-limit) answers every other
+# command "BUSY ...", which redis-py raises as a plain ResponseError: down until the script ends
+# (or SCRIPT KILL). In a pipeline redis-py prefixes the reply with the command that got it.
+_BUSY_REPLY = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?BUSY ", re.DOTALL)
+
+
+def redis_down(exc: BaseException) -> bool:
+    """True for the failures the daemon rides out: REDIS_DOWN, and a BUSY Redis."""
+    if isinstance(exc, REDIS_DOWN):
+        return True
+    return isinstance(exc, redis.ResponseError) and _BUSY_REPLY.match(str(exc)) is not None
+
 
 # No command is re-sent by redis-py itself: a command whose reply was lost may have run, and
 # re-running a release blindly would mis-report it (DESIGN.md section 4). A connection a Redis

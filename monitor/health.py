@@ -54,10 +54,15 @@ def assess(
     last_pass_age_s: float | None,
     failing_releases: int,
     verdicts: Iterable[Verdict],
+    redis_refused: bool = False,
 ) -> Health:
+    """`redis_error`: Redis could not be asked; `redis_refused` says it answered with a refusal
+    (an ACL's NOPERM, WRONGTYPE, ...) rather than being unreachable, loading or busy. Either way
+    the monitor cannot do its work: critical."""
     interval = settings.monitor_interval_s
     if redis_error is not None:
-        return Health(State.CRITICAL, f"redis unreachable: {redis_error}")
+        what = "redis refused the monitor's commands" if redis_refused else "redis unreachable"
+        return Health(State.CRITICAL, f"{what}: {_printable(redis_error)}")
     if last_pass_age_s is None:
         return Health(State.CRITICAL, "no monitor pass recorded recently (is the daemon running?)")
     if last_pass_age_s > 5 * interval + 10:
@@ -79,3 +84,10 @@ def assess(
     if last_pass_age_s > 2 * interval + 5:
         return Health(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")
     return Health(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago")
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """An error text on one terminal line: control characters escaped (a key name inside a
+    Redis error is anyone's data), and cut at `limit` characters."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

@@ -1,4 +1,4 @@
-"""Prometheus metrics and `/healthz`, served from a thread on `metrics.listen`.
+"""Prometheus metrics and `/healthz`, served from one thread on `metrics.listen`.
 
 Per-lock gauges come from the last pass's report at scrape time, so a scrape always sees
 one pass whole and locks that went away disappear with it.
@@ -6,10 +6,15 @@ one pass whole and locks that went away disappear with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from typing import Any
 
 import prometheus_client
@@ -21,12 +26,14 @@ from monitor import __version__, keys
 from monitor.alerts import Alerts
 from monitor.errors import MonitorError
 from monitor.health import Health, State
+from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
 
 # `_created` series double every counter's cardinality and nobody alerts on them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX = "gpulock_monitor"
+log = get_logger("gpulock_monitor.metrics")
 
 
 class _Locks(Collector):
@@ -148,53 +155,214 @@ class Metrics:
         self.audit_failures.set(self.monitor.audit.file.pending)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] == "/metrics":
-            body = prometheus_client.generate_latest(self.server.metrics.registry)
-            self._send(200, prometheus_client.CONTENT_TYPE_LATEST, body)
-        elif self.path.split("?")[0] == "/healthz":
-            health = self.server.health()
-            doc = {"state": health.state.name.lower(), "code": int(health.state), "reason": health.reason}
-            self._send(503 if health.state is State.CRITICAL else 200, "application/json", json.dumps(doc).encode())
-        else:
-            self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-    def _send(self, code: int, content_type: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes every few seconds would flood the journal; stay quiet."""
+# One thread serves every connection (a selector), so idle or slow clients cost a socket each,
+# never a thread. A connection has IDLE_TIMEOUT_S from its connect to send a whole request (at
+# most MAX_REQUEST_BYTES), and as long again after each write of the answer that makes progress;
+# past MAX_CONNECTIONS the one idle longest is closed to make room for the newcomer.
+MAX_CONNECTIONS = 256
+IDLE_TIMEOUT_S = 10.0
+MAX_REQUEST_BYTES = 8192
+_NOT_FOUND = b"not found: try /metrics or /healthz\n"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Connection:
+    __slots__ = ("done", "head", "inbox", "last", "outbox", "sock")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+        self.last = now
+        self.head = False  # a HEAD request: no body
+        self.done = False  # answered: what still arrives is read and dropped until the client closes
+
+
+class _Server:
+    """A small HTTP/1.1 server for GET /metrics and /healthz: one request per connection."""
 
     def __init__(self, address: tuple[str, int], metrics: Metrics, health: Callable[[], Health]) -> None:
-        super().__init__(address, _Handler)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.listener = socket.create_server(address, family=family, backlog=128)
+        self.listener.setblocking(False)
         self.metrics = metrics
         self.health = health
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        self.connections: dict[socket.socket, _Connection] = {}
+        self._stopping = False
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                for key, events in self.selector.select(timeout=1.0):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self.listener:
+                        self._accept()
+                    elif sock is self._wake_r:
+                        self._drain_wakeups()
+                    elif (conn := self.connections.get(sock)) is not None:  # None: closed earlier in this round
+                        self._serve(conn, events)
+                self._expire(time.monotonic())
+        finally:
+            for conn in list(self.connections.values()):
+                self._close(conn)
+            self.selector.close()
+            self.listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _serve(self, conn: _Connection, events: int) -> None:
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._write(conn)
+            elif events & selectors.EVENT_READ:
+                self._read(conn)
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("metrics_connection_failed")
+            self._close(conn)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(64)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst of connections: take what is there, then serve the others
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: drop the oldest, try later
+                log.warning("metrics_accept_failed", error=str(exc))
+                self._close_oldest()
+                return
+            if len(self.connections) >= MAX_CONNECTIONS:
+                self._close_oldest()
+            sock.setblocking(False)
+            conn = _Connection(sock, time.monotonic())
+            self.connections[sock] = conn
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def _close_oldest(self) -> None:
+        if self.connections:
+            self._close(min(self.connections.values(), key=lambda c: c.last))
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.connections.values() if now - c.last > IDLE_TIMEOUT_S]:
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        self.connections.pop(conn.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:  # the client closed: after reading the answer, or before asking a whole question
+            self._close(conn)
+            return
+        if conn.done:  # after the answer: dropped until the client closes (or IDLE_TIMEOUT_S)
+            return
+        # `last` stays the time of the connect: a request trickled in byte by byte gets no longer.
+        conn.inbox += data
+        end = conn.inbox.find(b"\r\n\r\n")
+        if end < 0:
+            end = conn.inbox.find(b"\n\n")
+        if end < 0:
+            if len(conn.inbox) > MAX_REQUEST_BYTES:
+                self._respond(conn, 400, "text/plain", b"request too large\n")
+            return
+        self._respond(conn, *self._answer(conn, conn.inbox[:end]))
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.last = time.monotonic()
+        conn.outbox = conn.outbox[sent:]
+        if not conn.outbox:
+            # Half-close and wait for the client's own close: closing now, with bytes of its
+            # still unread, would send a reset that can destroy the answer in flight.
+            conn.done = True
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+                self.selector.modify(conn.sock, selectors.EVENT_READ)
+            except OSError:
+                self._close(conn)
+
+    # --- HTTP -------------------------------------------------------------------------------------
+
+    def _answer(self, conn: _Connection, head: bytes) -> tuple[int, str, bytes]:
+        parts = head.split(b"\n", 1)[0].strip().split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return 400, "text/plain", b"bad request\n"
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return 405, "text/plain", b"only GET and HEAD\n"
+        conn.head = method == b"HEAD"
+        try:
+            if target == b"/metrics":
+                return (
+                    200,
+                    prometheus_client.CONTENT_TYPE_LATEST,
+                    prometheus_client.generate_latest(self.metrics.registry),
+                )
+            if target == b"/healthz":
+                health = self.health()
+                doc = {"state": health.state.name.lower(), "code": int(health.state), "reason": health.reason}
+                return 503 if health.state is State.CRITICAL else 200, "application/json", json.dumps(doc).encode()
+        except Exception:  # a collector's bug: one 500, logged with its traceback; the server goes on
+            log.exception("metrics_request_failed", path=keys.text(target))
+            return 500, "text/plain", b"internal error\n"
+        return 404, "text/plain", _NOT_FOUND
+
+    def _respond(self, conn: _Connection, code: int, content_type: str, body: bytes) -> None:
+        head = (
+            f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        conn.outbox = head + (b"" if conn.head else body)
+        conn.inbox = b""
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE)
+        self._write(conn)
 
 
 def serve(listen: str, metrics: Metrics, health: Callable[[], Health]) -> Callable[[], None]:
-    """Start serving in a thread; returns the function that stops it."""
+    """Start serving in one thread; returns the function that stops it."""
     host, _, port = listen.rpartition(":")
     try:
         server = _Server((host.strip("[]"), int(port)), metrics, health)
     except OSError as exc:
-        raise MonitorError(f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server appends the address
+        raise MonitorError(f"metrics.listen: cannot listen on {listen}: {why}") from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
 
     def stop() -> None:
         server.shutdown()
-        server.server_close()
         thread.join(timeout=5)
 
     return stop

@@ -25,7 +25,7 @@ from redis.crc import key_slot
 from monitor import invalid, keys
 from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
-from monitor.connection import REDIS_DOWN, Client, is_cluster
+from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, taints, track
@@ -266,12 +266,13 @@ class Monitor:
         t0 = self.mono()
         try:
             self._pass(report)
-        except REDIS_DOWN as exc:
-            report.error = f"redis unavailable: {exc}"
-            self._redis_lost(exc)
         except Exception as exc:
-            report.error = f"{exc.__class__.__name__}: {exc}"
-            log.exception("pass_failed", error=report.error)
+            if redis_down(exc):  # unreachable, loading its data, or BUSY with a script
+                report.error = f"redis unavailable: {exc}"
+                self._redis_lost(exc)
+            else:
+                report.error = f"{exc.__class__.__name__}: {exc}"
+                log.exception("pass_failed", error=report.error)
         report.duration_s = self.mono() - t0
         if report.error is None:
             self.last_success = report.started

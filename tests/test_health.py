@@ -1,13 +1,31 @@
-"""health.assess and overdue_s: pure functions, checked by tables (no Redis)."""
+"""Health: assess and overdue_s checked by tables (no Redis); `health` and a pass against a Redis
+that refuses (ACL, WRONGTYPE), runs a long script (BUSY) or loads its data (LOADING)."""
 
 from __future__ import annotations
 
-import pytest
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+import redis
+from click.testing import CliRunner
+from helpers import build, config_file, events, hold, make_settings, wait_for
+from redis._parsers.base import BaseParser
+from redis.client import Pipeline
+
+from monitor import keys, logs
+from monitor.audit import monitor_identity
+from monitor.cli import main
 from monitor.config import Settings
+from monitor.connection import connect, redis_down
 from monitor.health import State, assess, overdue_s
 from monitor.holding import Heartbeat, Holding, Record
 from monitor.policy import Action, Decision, Reason, Tier
+from monitor.redis_server import RedisServer, find_binary, free_port
 from monitor.service import Verdict
 
 # interval 30, warning 300, soft 600, hard 900; heartbeat interval 60 (key TTL 120), timeout 300
@@ -76,3 +94,193 @@ def test_assess(kw, state, reason):
     health = assess(SETTINGS, **args)
     assert (health.state, health.reason) == (state, reason)
     assert health.line == f"{state.name.lower()}: {reason}"
+
+
+# --- `gpulock-monitor health` against a Redis that refuses or is busy -----------------------------
+
+
+def health(cfg: Path) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["health", "-c", str(cfg)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def test_health_is_critical_when_an_acl_refuses_a_command(r, redis_server, tmp_path):
+    hold(r, 0)
+    build(make_settings(redis_server.url, tmp_path)).run_pass()  # the daemon's status is fresh
+    # A user with every right but SCAN: `health` cannot see the locks.
+    r.acl_setuser("noscan", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-scan"])
+    try:
+        url = f"redis://noscan:pw@127.0.0.1:{redis_server.port}/0"
+        code, output = health(config_file(tmp_path, url))
+    finally:
+        r.acl_deluser("noscan")
+    assert code == 2, output
+    assert output.startswith("critical: redis refused the monitor's commands: ")
+    assert "NOPERM" in output or "no permissions" in output
+    assert len(output.splitlines()) == 1
+
+
+def test_health_is_critical_on_any_redis_error(r, redis_server, tmp_path):
+    # The daemon's status key holds a hash: GET answers WRONGTYPE, a ResponseError.
+    r.hset(keys.monitor_status_key(str(monitor_identity()["host"])), "a", "b")
+    code, output = health(config_file(tmp_path, redis_server.url))
+    assert code == 2, output
+    assert output.startswith("critical: redis refused the monitor's commands: ")
+    assert "WRONGTYPE" in output
+
+
+def test_health_reason_is_one_printable_line():
+    reason = assess(
+        SETTINGS,
+        redis_error="ERR bad key 'gpu_lock:\x1b[2J\r\nx'" + "y" * 1000,
+        redis_refused=True,
+        last_pass_age_s=None,
+        failing_releases=0,
+        verdicts=[],
+    ).line
+    assert reason.startswith("critical: redis refused the monitor's commands: ERR bad key 'gpu_lock:\\x1b[2J\\r\\nx'")
+    assert reason.isprintable()
+    assert len(reason) < 400
+
+
+# --- a BUSY Redis (a long script) and a LOADING one are unavailable, not a bug ----------------------
+
+
+@pytest.fixture
+def busy_server() -> Iterator[RedisServer]:
+    """A Redis of this test's own that answers BUSY 100 ms into a script."""
+    with RedisServer(None, "--lua-time-limit", "100") as server:
+        yield server
+
+
+class Hog:
+    """A script that loops until SCRIPT KILL, run from its own connection and thread."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.client = redis.Redis(port=server.port, protocol=2)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.ended: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.client.eval("while true do end", 0)
+        except redis.RedisError as exc:
+            self.ended = exc
+
+    def __enter__(self) -> Hog:
+        self.thread.start()
+        probe = redis.Redis(port=self.server.port, protocol=2)
+        wait_for(lambda: _busy(probe))
+        probe.close()
+        return self
+
+    def kill(self) -> None:
+        redis.Redis(port=self.server.port, protocol=2).script_kill()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive():
+            self.kill()
+        self.client.close()
+
+
+def _busy(probe: redis.Redis) -> bool:
+    try:
+        probe.ping()
+    except redis.ResponseError as exc:
+        return str(exc).startswith("BUSY ")
+    return False
+
+
+def test_busy_redis_is_audited_unavailable_once_without_traceback(busy_server, tmp_path, capsys):
+    settings = make_settings(busy_server.url, tmp_path)
+    client = connect(settings)
+    direct = redis.Redis(port=busy_server.port, protocol=2)
+    monitor = build(settings, client)
+    assert monitor.run_pass().error is None
+    logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
+    with Hog(busy_server) as hog:
+        reports = [monitor.run_pass() for _ in range(6)]  # backing off: some passes are skipped
+        code, output = health(config_file(tmp_path, busy_server.url))
+        hog.kill()
+    assert isinstance(hog.ended, redis.ResponseError)
+    wait_for(lambda: (report := monitor.run_pass()) is not None and report.error is None)
+    out = capsys.readouterr().out
+    ran = [report for report in reports if report is not None]
+    assert len(ran) >= 2
+    assert all(report.error.startswith("redis unavailable: ") for report in ran)
+    assert all("BUSY Redis is busy running a script" in report.error for report in ran)
+    (unavailable,) = events(settings.audit_path, "redis_unavailable")
+    assert "BUSY Redis is busy running a script" in unavailable["error"]
+    assert len(events(settings.audit_path, "redis_recovered")) == 1
+    assert "Traceback" not in out
+    assert "pass_failed" not in out
+    assert '"event": "redis_unavailable"' in out
+    assert code == 2
+    assert output.startswith("critical: redis unreachable: BUSY Redis is busy running a script")
+    direct.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "down"),
+    [
+        ("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.", True),
+        ("LOADING Redis is loading the dataset in memory", True),
+        ("NOPERM this user has no permissions to run the 'scan' command", False),
+        ("BUSYKEY Target key name already exists.", False),
+        ("BUSYGROUP Consumer Group name already exists", False),
+        ("ERR unknown command 'BUSY'", False),
+    ],
+)
+def test_redis_down_classifies_replies_as_redis_py_raises_them(reply, down):
+    # The exception redis-py's own parser makes of the reply, alone and inside a pipeline.
+    exc = BaseParser.parse_error(reply)
+    assert redis_down(exc) is down
+    if isinstance(exc, redis.ResponseError):
+        Pipeline.annotate_exception(None, exc, 1, ("TIME",))  # type: ignore[arg-type]
+        assert str(exc).startswith("Command # 1 (TIME) of pipeline caused error: ")
+        assert redis_down(exc) is down
+
+
+def _answers_loading(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"-LOADING ")
+    except OSError:
+        return False
+
+
+def test_loading_redis_is_audited_unavailable_once_without_traceback(tmp_path, capsys):
+    """A Redis started on a large dump answers LOADING until it has read it."""
+    with RedisServer(None, "--rdbcompression", "no") as seed:
+        seed_client = redis.Redis(port=seed.port, protocol=2)
+        seed_client.execute_command("DEBUG", "POPULATE", "20000", "filler", "1000")  # 20 MB
+        seed_client.save()
+        seed_client.close()
+        port = free_port()
+        loading = subprocess.Popen(
+            [find_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(seed.dir), "--save", "",
+             "--key-load-delay", "150"],  # 150 us a key: about 3 s of LOADING
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: _answers_loading(port), interval_s=0.01)
+            settings = make_settings(f"redis://127.0.0.1:{port}/0", tmp_path)
+            monitor = build(settings, connect(settings))
+            logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
+            report = monitor.run_pass()
+            wait_for(lambda: (r := monitor.run_pass()) is not None and r.error is None, timeout_s=60)
+        finally:
+            loading.kill()
+            loading.wait(timeout=10)
+    out = capsys.readouterr().out
+    assert report is not None
+    assert report.error.startswith("redis unavailable: "), report.error
+    assert "loading" in report.error.lower()
+    assert len(events(settings.audit_path, "redis_unavailable")) == 1
+    assert len(events(settings.audit_path, "redis_recovered")) == 1
+    assert "Traceback" not in out

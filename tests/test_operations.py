@@ -1,4 +1,4 @@
-"""Running as a service: sd_notify, watchdog, metrics and /healthz, SIGHUP, the unit, the ACL."""
+"""Running as a service: sd_notify, watchdog, metrics and /healthz, SIGHUP, the unit (the ACL: test_acl)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -219,6 +218,113 @@ def test_metrics_port_taken_is_one_line(redis_server, tmp_path):
     )
 
 
+def test_idle_connections_cost_no_thread_and_scrapes_still_answer(r, redis_server, tmp_path, monkeypatch):
+    from monitor import metrics
+
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT_S", 3.0)
+    port = free_port()
+    settings = make_settings(redis_server.url, tmp_path, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(settings,), kwargs={"stop": stop})
+    runner.start()
+    idle: list[socket.socket] = []
+    try:
+        wait_for(lambda: scrape(port, "/healthz")[0] == 200)
+        before = threading.active_count()
+        for n in range(300):  # more than metrics.MAX_CONNECTIONS: the longest idle make room
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if n % 10 == 0:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
+            idle.append(sock)
+        time.sleep(0.5)
+        during = threading.active_count()
+        started = time.monotonic()
+        code, body = scrape(port, "/metrics")
+        health_code, health_body = scrape(port, "/healthz")
+        answered_s = time.monotonic() - started
+        # The newest idle connection is closed by the server once IDLE_TIMEOUT_S passed without a request.
+        assert idle[-1].recv(1) == b""
+        closed_after_s = time.monotonic() - started
+    finally:
+        for sock in idle:
+            sock.close()
+        stop.set()
+        runner.join(timeout=20)
+    assert during <= before + 1, (before, during)
+    assert code == 200
+    assert "gpulock_monitor_redis_up 1.0" in body
+    assert (health_code, json.loads(health_body)["state"]) == (200, "healthy")
+    assert answered_s < 2
+    assert 2 < closed_after_s < 8
+
+
+def test_metrics_server_answers_only_what_it_serves(r, redis_server, tmp_path):
+    from monitor import metrics
+
+    port = free_port()
+    monitor = build(make_settings(redis_server.url, tmp_path))
+    stop = metrics.serve(f"127.0.0.1:{port}", metrics.Metrics(monitor), lambda: 1 / 0)
+
+    def ask(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            return reply
+
+    try:
+        head = ask(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        post = ask(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        junk = ask(b"\x16\x03\x01 not http\r\n\r\n")
+        huge = ask(b"GET /" + b"a" * 20000)
+        broken = ask(b"GET /healthz HTTP/1.0\n\n")  # bare newlines, and a health callback that fails
+        plain = ask(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")
+    finally:
+        stop()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head.endswith(b"\r\n\r\n")  # no body
+    assert post.startswith(b"HTTP/1.1 405 ")
+    assert junk.startswith(b"HTTP/1.1 400 ")
+    assert huge.startswith(b"HTTP/1.1 400 ")
+    assert broken.startswith(b"HTTP/1.1 500 ")
+    assert plain.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"gpulock_monitor_build_info" in plain
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_request_trickled_in_is_cut_off(r, redis_server, tmp_path, monkeypatch):
+    from monitor import metrics
+
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT_S", 1.0)
+    port = free_port()
+    stop = metrics.serve(f"127.0.0.1:{port}", metrics.Metrics(build(make_settings(redis_server.url, tmp_path))), None)
+
+    def trickle() -> float | None:
+        """Seconds until the server closed a request sent a byte every 0.1 s; None if it never did."""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            started = time.monotonic()
+            for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"y" * 100:
+                try:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                    if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                        return time.monotonic() - started
+                except BlockingIOError:  # nothing to read: still open
+                    continue
+                except OSError:  # a reset, or a broken pipe
+                    return time.monotonic() - started
+        return None
+
+    try:
+        cut_after_s = trickle()
+    finally:
+        stop()
+    assert cut_after_s is not None
+    assert 1.0 <= cut_after_s < 4.0
+
+
 # --- audit rotation -----------------------------------------------------------------------------
 
 
@@ -280,7 +386,7 @@ def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
     assert current == ["lock_released", "monitor_stopped"]
 
 
-# --- the unit and the ACL ---------------------------------------------------------------------------
+# --- the unit ---------------------------------------------------------------------------------------
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this machine"
@@ -320,34 +426,3 @@ def test_unit_security_score_and_nvidia_devices(installed_unit):
     assert "LoadCredential=redis-password:" in text
     assert "Type=notify" in text
     assert "WatchdogSec=" in text
-
-
-def test_least_privilege_acl_is_enough(r, redis_server, tmp_path):
-    acl = (REPO / "deploy" / "redis-acl.conf").read_text().splitlines()[-1]
-    rules = acl.split()[2:]  # drop "user gpulock-monitor"
-    rules[rules.index(">CHANGE-ME")] = ">pw"
-    r.execute_command("ACL", "SETUSER", "gpulock-monitor", *rules)
-    try:
-        url = f"redis://gpulock-monitor:pw@127.0.0.1:{redis_server.port}/0"
-        client = redis.Redis.from_url(url, protocol=2)
-        settings = make_settings(url, tmp_path)
-        key = hold(r, 0, age_s=450)
-        hold(r, 1, age_s=10)
-        r.set(b"celery-task-meta-1", b"x")
-        monitor = build(settings, client)
-        report = monitor.run_pass()
-        assert report.error is None
-        assert not r.exists(key)
-        env = {**os.environ}
-        for command in (["status", "--json"], ["health"], ["release", "gpu_lock:1", "--yes"]):
-            result = subprocess.run(
-                [sys.executable, "-m", "monitor", *command, "-c", str(config_file(tmp_path, url))],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            assert result.returncode == 0, (command, result.stdout, result.stderr)
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            client.get(b"celery-task-meta-1")
-    finally:
-        r.acl_deluser("gpulock-monitor")
