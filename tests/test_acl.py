@@ -29,8 +29,8 @@ REFUSED = "no permissions|can't run this command|can't access|No permissions to 
 
 
 def redis_7_binary() -> str | None:
-    """A Redis 7 server for the selector variant: $REDIS7_SERVER, or redis-server.7 / redis-server on PATH."""
-    for candidate in (os.environ.get("REDIS7_SERVER"), shutil.which("redis-server.7"), shutil.which("redis-server")):
+    """A Redis 7 server for the selector variant: $REDIS7_SERVER, or redis-server on PATH if it is 7+."""
+    for candidate in (os.environ.get("REDIS7_SERVER"), shutil.which("redis-server")):
         if candidate and _major(candidate) >= 7:
             return candidate
     return None
