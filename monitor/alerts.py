@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from monitor.channels import Channel
+from monitor.channels import SECRETS, Channel
 from monitor.config import Settings
 from monitor.logs import get_logger
+from monitor.redact import redact, secret_fragments
 from monitor.report import human
 
 log = get_logger("gpulock_monitor.alerts")
@@ -137,6 +138,16 @@ class ChannelStats:
     dropped: int = 0
 
 
+def channel_secrets(channel: Channel) -> list[str]:
+    """What a channel's failure log must never show: its resolved secrets (URL, token, signing
+    secret, password, header values), each with the pieces of it an error may quote."""
+    values = [channel.options.get(name) for name in SECRETS]
+    headers = channel.options.get("headers")
+    if isinstance(headers, dict):
+        values += list(headers.values())
+    return [piece for value in values if isinstance(value, str) and value for piece in secret_fragments(value)]
+
+
 class _Outbox:
     """One channel's bounded queue and sender thread."""
 
@@ -161,6 +172,7 @@ class _Outbox:
         self._tokens = channel.rate_per_minute
         self._refilled = mono()
         self._thread = threading.Thread(target=self._run, name=f"alerts {channel.name}", daemon=True)
+        self._secrets = channel_secrets(channel)
 
     def put(self, alert: Alert) -> None:
         with self._cond:
@@ -202,7 +214,8 @@ class _Outbox:
             try:
                 self.channel.send(alert)
             except Exception as exc:  # noqa: BLE001 - any channel failure is logged and counted, never raised
-                log.warning("alert_send_failed", channel=self.channel.name, attempt=attempt + 1, error=str(exc))
+                error = redact(str(exc), secrets=self._secrets)
+                log.warning("alert_send_failed", channel=self.channel.name, attempt=attempt + 1, error=error)
                 if attempt < self.channel.retries and not self._closing:
                     self._sleep(min(MAX_BACKOFF_S, 0.5 * 2**attempt))
                     continue
@@ -302,7 +315,7 @@ class Alerts:
                 digest = hashlib.sha1(alert.dedup_key.encode(), usedforsecurity=False).hexdigest()
                 mine = self._claim(digest)
             except Exception as exc:  # noqa: BLE001 - Redis down: better a duplicate page than a lost one
-                log.warning("alert_dedup_unavailable", error=str(exc))
+                log.warning("alert_dedup_unavailable", error=redact(str(exc)))
                 mine = True
             self._claims[alert.dedup_key] = mine
             if len(self._claims) > DEDUP_MEMORY:

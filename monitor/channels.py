@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from monitor.errors import ConfigError
+from monitor.redact import label, redact, redact_url, short
 
 DINGTALK_URL = "https://oapi.dingtalk.com/robot/send"
 SECRETS = ("url", "access_token", "secret", "password")
@@ -106,7 +107,7 @@ class DingTalk(Channel):
         except ValueError:
             errcode = 0
         if errcode:
-            raise OSError(f"dingtalk refused the message: {reply[:200]!r}")
+            raise OSError(f"dingtalk refused the message: {redact(short(reply, 200))}")
 
 
 class Email(Channel):
@@ -150,7 +151,7 @@ def validate(raw: Mapping[str, Any], path: str) -> None:
     for key in raw:
         if key not in allowed:
             raise ConfigError(
-                f"{path}.{key}: unknown key for a {kind} channel (expected one of: {', '.join(sorted(allowed))})"
+                f"{path}.{label(key)}: unknown key for a {kind} channel (expected one of: {', '.join(sorted(allowed))})"
             )
     for key in _REQUIRED[kind]:
         if not any(name in raw for name in (key, f"{key}_file", f"{key}_env")):
@@ -158,19 +159,19 @@ def validate(raw: Mapping[str, Any], path: str) -> None:
     for key, low in (("timeout", 0.0), ("rate_per_minute", 0.0)):
         value = raw.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
-            raise ConfigError(f"{path}.{key}: expected a positive number, got {value!r}")
+            raise ConfigError(f"{path}.{key}: expected a positive number, got {short(value)}")
     retries = raw.get("retries", 0)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"{path}.retries: expected an integer >= 0, got {retries!r}")
+        raise ConfigError(f"{path}.retries: expected an integer >= 0, got {short(retries)}")
     if kind == "email":
         if raw.get("tls", "starttls") not in ("starttls", "ssl", "none"):
-            raise ConfigError(f"{path}.tls: expected one of starttls|ssl|none, got {raw.get('tls')!r}")
+            raise ConfigError(f"{path}.tls: expected one of starttls|ssl|none, got {short(raw.get('tls'))}")
         ca_file = raw.get("ca_file")
         if ca_file is not None and not (isinstance(ca_file, str) and Path(ca_file).is_file()):
-            raise ConfigError(f"{path}.ca_file: not a readable file: {ca_file!r}")
+            raise ConfigError(f"{path}.ca_file: not a readable file: {label(ca_file, 200)}")
         to = raw.get("to")
         if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
-            raise ConfigError(f"{path}.to: expected a list of addresses, got {to!r}")
+            raise ConfigError(f"{path}.to: expected a list of addresses, got {short(to)}")
     if kind == "webhook" and not isinstance(raw.get("headers", {}), Mapping):
         raise ConfigError(f"{path}.headers: expected a mapping")
 
@@ -188,11 +189,13 @@ def build(raw_channels: tuple[Mapping[str, Any], ...], env: Mapping[str, str]) -
                 try:
                     options[secret] = Path(name).read_text(encoding="utf-8").strip()
                 except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"{path}.{secret}_file: cannot read {name}: {exc.__class__.__name__}") from None
+                    raise ConfigError(
+                        f"{path}.{secret}_file: cannot read {label(name, 200)}: {exc.__class__.__name__}"
+                    ) from None
             if f"{secret}_env" in raw:
                 var = raw[f"{secret}_env"]
                 if not env.get(var):
-                    raise ConfigError(f"{path}.{secret}_env: environment variable {var} is not set")
+                    raise ConfigError(f"{path}.{secret}_env: environment variable {label(var)} is not set")
                 options[secret] = env[var]
         channels.append(
             _TYPES[kind](
@@ -209,7 +212,7 @@ def build(raw_channels: tuple[Mapping[str, Any], ...], env: Mapping[str, str]) -
 
 def _post(url: str, body: dict[str, Any], headers: Mapping[str, str], timeout_s: float) -> bytes:
     if not url.startswith(("http://", "https://")):
-        raise OSError(f"not an http(s) URL: {url.split('?', 1)[0]!r}")
+        raise OSError(f"not an http(s) URL: {redact_url(url, path=True)!r}")
     data = json.dumps(body, ensure_ascii=False).encode()
     # S310: the scheme was checked just above; file: and custom schemes never get here.
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})  # noqa: S310

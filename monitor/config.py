@@ -10,25 +10,47 @@ path and the problem on one line.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
+import redis
 import yaml
 
 from monitor import channels
 from monitor.errors import ConfigError
+from monitor.redact import label, redact, redact_url, short
 
 CONFIG_ENV = "GPULOCK_MONITOR_CONFIG"
 REDIS_URL_ENV = "GPULOCK_MONITOR_REDIS_URL"
 SYSTEM_CONFIG = Path("/etc/gpulock-monitor/monitor.yml")
 ALERT_CHANNEL_TYPES = ("webhook", "slack", "dingtalk", "email")
 SEVERITIES = ("warning", "critical")
+
+# --- limits (README "Configuration" lists them) ---------------------------------------------
+# The file: a real monitor.yml is a few KiB; the fleet's whole config.yml a few dozen.
+MAX_CONFIG_BYTES = 1024 * 1024
+# YAML nesting, counted with aliases expanded; and values after alias expansion (billion laughs).
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+# Seconds: every interval and timeout is finite, at least a millisecond, and at most a week
+# (how often something is done: monitor_interval, heartbeat.interval, cleanup.retry_delay) or a
+# year (how long something may last: lock_timeout, the tiers, heartbeat.timeout, the graces).
+# Beyond those no schedule, expiry or wait the monitor computes can overflow.
+MIN_SECONDS = 0.001
+MAX_INTERVAL_S = 7 * 86400
+MAX_TIMEOUT_S = 365 * 86400
+MAX_RETRIES = 100
+MAX_AUDIT_BYTES = 1 << 40
+MAX_AUDIT_BACKUPS = 1000
+MAX_DB = (1 << 31) - 1
+# Alert channels: a send may wait at most an hour, retry at most MAX_RETRIES times.
+MAX_CHANNEL_TIMEOUT_S = 3600
+MAX_RATE_PER_MINUTE = 1_000_000
 
 # Keys of the fleet's shared config.yml that its workers (and its own in-process monitor) read,
 # not the monitor: accepted and ignored, silently. A name is a key path inside its section; it
@@ -81,6 +103,10 @@ class Settings:
     redis_cluster: bool = False
     sentinel_service: str | None = None
     sentinel_nodes: tuple[str, ...] = ()
+    # `redis.tls`: PEM files (their `${VAR}`s expanded when connecting, like password_file).
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
     key_pattern: str = "gpu_lock:*"
     lock_timeout_s: float = 600.0
     monitor_interval_s: float = 30.0
@@ -118,17 +144,18 @@ class Settings:
         if not isinstance(raw, Mapping):
             raise ConfigError("config: the top level must be a mapping of sections")
         warnings = []
-        unknown = [str(name) for name in raw if name not in _SECTIONS]
+        unknown = [_key(name) for name in raw if name not in _SECTIONS]
         if unknown:
             many = "s" if len(unknown) > 1 else ""
-            warnings.append(f"{', '.join(unknown)}: unknown section{many}, ignored")
+            names = ", ".join(unknown[:12]) + (f" and {len(unknown) - 12} more" if len(unknown) > 12 else "")
+            warnings.append(f"{names}: unknown section{many}, ignored")
         values: dict[str, Any] = {}
         for name, spec in _SECTIONS.items():
             _read_section(raw.get(name), name, spec, values, env=env, ignored=_IGNORED.get(name, frozenset()))
         warnings += _redis_address(values)
         warnings += _log_format(values)
         if env.get(REDIS_URL_ENV):
-            values["redis_url"] = env[REDIS_URL_ENV]
+            values["redis_url"] = _redis_url(env[REDIS_URL_ENV], f"${REDIS_URL_ENV}")
         if values.get("redis_password"):
             if values.get("redis_password_file"):
                 raise ConfigError("redis.password: give password or password_file, not both")
@@ -152,6 +179,7 @@ class Settings:
             raise ConfigError("redis.sentinel: give both service and nodes, or neither")
         if self.redis_cluster and self.sentinel_service:
             raise ConfigError("redis.cluster: a cluster is not reached through sentinels; use one or the other")
+        self._check_tls()
         extra = []
         if self.hard_timeout_s is not None and self.hard_timeout_s >= self.lock_timeout_s:
             extra.append(
@@ -162,6 +190,23 @@ class Settings:
         if not extra:
             return self
         return Settings(**{**self.__dict__, "warnings": self.warnings + tuple(extra)})
+
+    def _check_tls(self) -> None:
+        if self.redis_tls_key_file and not self.redis_tls_cert_file:
+            raise ConfigError("redis.tls.key_file: give cert_file too (the client certificate the key belongs to)")
+        url = urlsplit(self.redis_url)
+        if self.uses_tls and url.scheme == "unix":
+            raise ConfigError("redis.tls: TLS is not used over a unix:// socket; remove redis.tls or use rediss://")
+        given = {name for name, _ in parse_qsl(url.query, keep_blank_values=True)}
+        for key, option in (("ca_file", "ssl_ca_certs"), ("cert_file", "ssl_certfile"), ("key_file", "ssl_keyfile")):
+            if getattr(self, f"redis_tls_{key}") and option in given:
+                raise ConfigError(f"redis.tls.{key}: the Redis URL has ?{option}= too; give one of them")
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS to Redis: a rediss:// URL, or any `redis.tls` file given."""
+        tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        return urlsplit(self.redis_url).scheme == "rediss" or any(tls_files)
 
     @property
     def heartbeat_ttl_s(self) -> float:
@@ -177,6 +222,11 @@ class Settings:
                 "password": "***" if self.redis_password else None,
                 "cluster": self.redis_cluster,
                 "sentinel": {"service": self.sentinel_service, "nodes": list(self.sentinel_nodes)},
+                "tls": {
+                    "ca_file": self.redis_tls_ca_file,
+                    "cert_file": self.redis_tls_cert_file,
+                    "key_file": self.redis_tls_key_file,
+                },
             },
             "gpu_lock": {"key_pattern": self.key_pattern, "lock_timeout": self.lock_timeout_s},
             "gpu_lock_monitor": {
@@ -236,20 +286,114 @@ def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = N
     if path is None:
         return Settings.from_mapping({}, env)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        raise ConfigError(f"{path}: cannot read: {short(str(exc), 160)}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a config file")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: {problem}{where}") from None
-    try:
+        raw = parse_yaml(text)
         return Settings.from_mapping(raw, env)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document as plain data, with bounds: safe tags only, at most MAX_DEPTH levels of
+    nesting and MAX_NODES values once aliases are expanded, no recursive aliases. Any failure
+    is one ConfigError line, without the document's values in it."""
+    try:
+        return _load_bounded(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{_one_line(problem)}{where}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"invalid YAML: {_one_line(first)}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"a value YAML cannot read: {short(str(exc), 120)}") from None
+    except RecursionError:  # bounded above; kept so no traceback can ever come from here
+        raise ConfigError(f"YAML nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _load_bounded(text: str) -> Any:
+    loader = _BoundedLoader(text)  # its reader refuses control characters here already
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (pure Python: its composer's recursion is the one we bound), which
+    stops composing past MAX_DEPTH levels instead of running into Python's recursion limit."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            node = super().compose_node(parent, index)
+            assert node is not None  # an event is there: only a document's end gives None
+            return node
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """The document as it will be built, aliases expanded: at most MAX_NODES values and
+    MAX_DEPTH levels, and no alias inside the node it names. Linear in the composed graph."""
+    expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) below and with it
+    open_nodes: set[int] = set()
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in expanded:
+            size, height = expanded[key]
+        else:
+            if key in open_nodes:
+                raise _expansion_error(node, "an alias refers to a node that contains it")
+            if depth > MAX_DEPTH:
+                raise _expansion_error(node, f"nested more than {MAX_DEPTH} levels deep (aliases expanded)")
+            open_nodes.add(key)
+            size, height = 1, 1
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            for child in children:
+                child_size, child_height = walk(child, depth + 1)
+                size += child_size
+                height = max(height, child_height + 1)
+                if size > MAX_NODES:
+                    raise _expansion_error(node, f"more than {MAX_NODES} values once aliases are expanded")
+            open_nodes.discard(key)
+            expanded[key] = (size, height)
+        if depth + height - 1 > MAX_DEPTH:
+            raise _expansion_error(node, f"nested more than {MAX_DEPTH} levels deep (aliases expanded)")
+        return size, height
+
+    walk(root, 1)
+
+
+def _expansion_error(node: yaml.Node, problem: str) -> yaml.MarkedYAMLError:
+    return yaml.composer.ComposerError(None, None, problem, node.start_mark)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:200]
 
 
 def read_password(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
@@ -258,22 +402,18 @@ def read_password(settings: Settings, env: Mapping[str, str] | None = None) -> s
     if not settings.redis_password_file:
         return settings.redis_password
     env = os.environ if env is None else env
-    name = os.path.expanduser(str(_expand(settings.redis_password_file, "redis.password_file", env)))
+    name = expand_path(settings.redis_password_file, "redis.password_file", env)
     try:
         return Path(name).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"redis.password_file: cannot read {name}: {exc.__class__.__name__}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"redis.password_file: cannot read {label(name, 200)}: {exc.__class__.__name__}") from None
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def expand_path(value: str, path: str, env: Mapping[str, str] | None = None) -> str:
+    """A file name from the config whose `${VAR}`s are expanded when used (systemd sets
+    $CREDENTIALS_DIRECTORY for the service only), `~` included."""
+    env = os.environ if env is None else env
+    return os.path.expanduser(str(_expand(value, path, env)))
 
 
 # --- ${VAR} expansion ----------------------------------------------------------------------
@@ -308,6 +448,7 @@ def _expand(text: str, path: str, env: Mapping[str, str]) -> str:
         elif name in env:
             out.append("")
         else:
+            name = _key(name)
             raise ConfigError(
                 f"{path}: environment variable {name} is not set (write ${{{name}:default}} to give a default)"
             )
@@ -361,25 +502,39 @@ def _scalar(value: Any) -> Any:
 Converter = Callable[[Any, str], Any]
 
 
-def _seconds(value: Any, path: str) -> float:
-    value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{path}: expected a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{path}: must be a positive number of seconds, got {value!r}")
-    return float(value)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _optional_seconds(value: Any, path: str) -> float | None:
-    value = _scalar(value)
-    return None if value is None else _seconds(value, path)
+def _seconds_upto(maximum: int, *, optional: bool = False) -> Converter:
+    """A number of seconds in MIN_SECONDS..maximum (finite; fractions allowed); `optional`
+    also takes null. The check compares before converting: an integer too large for a float
+    is out of range, not an OverflowError."""
+    span = f"{MIN_SECONDS:g} to {maximum} ({maximum // 86400} days)"
+
+    def convert(value: Any, path: str) -> float | None:
+        value = _scalar(value)
+        if optional and value is None:
+            return None
+        if not _is_number(value):
+            raise ConfigError(f"{path}: expected a number of seconds, got {short(value)}")
+        if not MIN_SECONDS <= value <= maximum:  # NaN and infinities fail this too
+            raise ConfigError(f"{path}: must be a positive number of seconds from {span}, got {short(value)}")
+        return float(value)
+
+    return convert
 
 
-def _count(minimum: int) -> Converter:
+_interval = _seconds_upto(MAX_INTERVAL_S)
+_seconds = _seconds_upto(MAX_TIMEOUT_S)
+_optional_seconds = _seconds_upto(MAX_TIMEOUT_S, optional=True)
+
+
+def _count(minimum: int, maximum: int) -> Converter:
     def convert(value: Any, path: str) -> int:
         value = _scalar(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{path}: expected an integer >= {minimum}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise ConfigError(f"{path}: expected an integer >= {minimum} and <= {maximum}, got {short(value)}")
         return value
 
     return convert
@@ -388,13 +543,13 @@ def _count(minimum: int) -> Converter:
 def _bool(value: Any, path: str) -> bool:
     value = _scalar(value)
     if not isinstance(value, bool):
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {short(value)}")
     return value
 
 
 def _string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"{path}: expected a non-empty string, got {_text(value)!r}")
+        raise ConfigError(f"{path}: expected a non-empty string, got {short(_text(value))}")
     return str(value)
 
 
@@ -404,32 +559,101 @@ def _optional_string(value: Any, path: str) -> str | None:
     return _string(value, path)
 
 
+# What redis-py accepts in a URL's query, besides its own parsers (URL_QUERY_ARGUMENT_PARSERS):
+# the connection's keyword arguments that are plain text.
+_URL_TEXT_OPTIONS = frozenset(
+    {"client_name", "username", "password", "lib_name", "lib_version", "encoding", "encoding_errors"}
+)
+_URL_TLS_OPTIONS = frozenset(
+    {
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_ca_data",
+        "ssl_password",
+        "ssl_ciphers",
+        "ssl_validate_ocsp",
+        "ssl_validate_ocsp_stapled",
+    }
+)
+
+
 def _redis_url(value: Any, path: str) -> str:
+    """Parsed and checked now, as redis-py will read it: scheme, host, port, database, options.
+    Errors show the URL redacted."""
     url = _string(value, path)
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{path}: expected a redis://, rediss:// or unix:// URL, got {redact_url(url)!r}")
+    shown = short(redact_url(url))
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # `[::1` (no closing bracket), a port that is not a number or too big
+        raise ConfigError(f"{path}: not a valid URL ({_one_line(str(exc))}): {shown}") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not url.startswith(f"{parts.scheme}://"):
+        raise ConfigError(f"{path}: expected a redis://, rediss:// or unix:// URL, got {shown}")
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"{path}: a URL has no spaces or line breaks (percent-encode them): {shown}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{path}: a unix:// URL names the socket's path (unix:///run/redis.sock): {shown}")
+    else:
+        if port == 0:
+            raise ConfigError(f"{path}: expected a port number 1..65535: {shown}")
+        if parts.hostname is None and parts.netloc.rpartition("@")[2]:
+            raise ConfigError(f"{path}: expected a host name or address: {shown}")
+        db = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if db and not _is_db_number(db):
+            raise ConfigError(f"{path}: the path is the database number (/0, /2, ...): {shown}")
+    _url_options(parts.query, parts.scheme, path, shown)
+    try:  # what redis-py itself checks as it builds a connection (no I/O): option values, TLS flags
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError, redis.RedisError) as exc:
+        raise ConfigError(f"{path}: redis-py refuses it ({_one_line(redact(str(exc)))[:120]}): {shown}") from None
     return url
+
+
+def _is_db_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_DB
+
+
+def _url_options(query: str, scheme: str, path: str, shown: str) -> None:
+    """The URL's `?name=value` options: names redis-py takes, values its parsers accept."""
+    parsers: Mapping[str, Any] = redis.connection.URL_QUERY_ARGUMENT_PARSERS
+    tls = _URL_TLS_OPTIONS | {name for name in parsers if name.startswith("ssl_")}
+    allowed = (parsers.keys() - tls - {"retry_on_error"}) | _URL_TEXT_OPTIONS | (tls if scheme == "rediss" else set())
+    for name, option in parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            hint = " (TLS options need rediss://, or use redis.tls)" if name in tls else ""
+            raise ConfigError(f"{path}: unknown option {short(name, 40)} in the URL{hint}: {shown}")
+        try:
+            if name in parsers:
+                parsers[name](option)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: invalid value for {name} in the URL: {shown}") from None
+        if name == "db" and not _is_db_number(option.strip()):
+            raise ConfigError(f"{path}: invalid value for db in the URL: {shown}")
 
 
 def _host(value: Any, path: str) -> str:
     host = _string(value, path)
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not bare or any(c.isspace() or c in "/@?#[]" for c in bare):
-        raise ConfigError(f"{path}: expected a host name or address, got {host!r}")
+        raise ConfigError(f"{path}: expected a host name or address, got {short(host)}")
     return f"[{bare}]" if ":" in bare else bare  # an IPv6 address goes in brackets in a URL
 
 
 def _port(value: Any, path: str) -> int:
     value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ConfigError(f"{path}: expected a port number 1..65535, got {value!r}")
+        raise ConfigError(f"{path}: expected a port number 1..65535, got {short(value)}")
     return value
 
 
 def _db(value: Any, path: str) -> int:
     value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{path}: expected a database number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DB:
+        raise ConfigError(f"{path}: expected a database number >= 0, got {short(value)}")
     return value
 
 
@@ -466,22 +690,22 @@ def _redis_address(values: dict[str, Any]) -> list[str]:
 
 def _nodes(value: Any, path: str) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: expected a list of HOST:PORT, got {value!r}")
+        raise ConfigError(f"{path}: expected a list of HOST:PORT, got {short(value)}")
     return tuple(_listen(node, f"{path}[{i}]") for i, node in enumerate(value))
 
 
 def _key_pattern(value: Any, path: str) -> str:
     pattern = _string(value, path)
     if not pattern.endswith("*"):
-        raise ConfigError(f"{path}: must end with '*' to match every lock, got {pattern!r}")
+        raise ConfigError(f"{path}: must end with '*' to match every lock, got {short(pattern)}")
     return pattern
 
 
 def _listen(value: Any, path: str) -> str:
     listen = _string(value, path)
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{path}: expected HOST:PORT, got {listen!r}")
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+        raise ConfigError(f"{path}: expected HOST:PORT, got {short(listen)}")
     return listen
 
 
@@ -491,7 +715,7 @@ def _choice(*options: Any) -> Converter:
             value = value.lower()
         if value not in options:
             shown = "|".join(str(o).lower() for o in options)
-            raise ConfigError(f"{path}: expected one of {shown}, got {value!r}")
+            raise ConfigError(f"{path}: expected one of {shown}, got {short(value)}")
         return value
 
     return convert
@@ -506,32 +730,85 @@ def _nvml(value: Any, path: str) -> str:
 
 def _devices(value: Any, path: str) -> dict[str, int | str]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of lock key to device index or UUID, got {value!r}")
+        raise ConfigError(f"{path}: expected a mapping of lock key to device index or UUID, got {short(value)}")
     for key, target in value.items():
-        ok = (isinstance(target, int) and not isinstance(target, bool) and target >= 0) or (
-            isinstance(target, str) and target.startswith(("GPU-", "MIG-"))
-        )
-        if not isinstance(key, str) or not ok:
-            raise ConfigError(f"{path}.{key}: expected a device index (0, 1, ...) or a UUID (GPU-...), got {target!r}")
+        index = isinstance(target, int) and not isinstance(target, bool) and 0 <= target < 65536
+        uuid = isinstance(target, str) and target.startswith(("GPU-", "MIG-")) and len(target) <= 200
+        if not isinstance(key, str) or not (index or uuid):
+            raise ConfigError(
+                f"{path}.{_key(key)}: expected a device index (0, 1, ...) or a UUID (GPU-...), got {short(target)}"
+            )
     return dict(value)
 
 
 def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: expected a list of channels, got {value!r}")
+        raise ConfigError(f"{path}: expected a list of channels, got {short(value)}")
     for i, channel in enumerate(value):
         where = f"{path}[{i}]"
         if not isinstance(channel, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {channel!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short(channel)}")
         _choice(*ALERT_CHANNEL_TYPES)(channel.get("type"), f"{where}.type")
         _choice(*SEVERITIES)(channel.get("min_severity", "warning"), f"{where}.min_severity")
         channels.validate(channel, where)
+        _channel_numbers(channel, where)
+        for key in ("url",):
+            if key in channel:
+                _alert_url(channel[key], f"{where}.{key}")
     return tuple(value)
 
 
+def _channel_numbers(channel: Mapping[str, Any], where: str) -> None:
+    """Every number a channel reads, range-checked here, where the config is read."""
+    for key, low, high in (
+        ("timeout", MIN_SECONDS, MAX_CHANNEL_TIMEOUT_S),
+        ("rate_per_minute", MIN_SECONDS, MAX_RATE_PER_MINUTE),
+    ):
+        value = channel.get(key, high)
+        if not _is_number(value) or not low <= value <= high:
+            raise ConfigError(f"{where}.{key}: expected a positive number from {low:g} to {high}, got {short(value)}")
+    if "retries" in channel:
+        _count(0, MAX_RETRIES)(channel["retries"], f"{where}.retries")
+    if "port" in channel:
+        _port(channel["port"], f"{where}.port")
+
+
+def _alert_url(value: Any, path: str) -> str:
+    """An alert channel's URL: http(s) with a host. Errors show it with path and query masked
+    (webhooks, Slack and DingTalk carry their secret there)."""
+    url = _string(value, path)
+    shown = short(redact_url(url, path=True))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigError(f"{path}: not a valid URL: {shown}") from None
+    if parts.scheme not in ("http", "https") or not url.startswith(f"{parts.scheme}://") or not parts.hostname:
+        raise ConfigError(f"{path}: expected an http:// or https:// URL, got {shown}")
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"{path}: a URL has no spaces or line breaks (percent-encode them): {shown}")
+    return url
+
+
 def _redact_channel(channel: Mapping[str, Any]) -> dict[str, Any]:
-    """Secrets (and headers, which carry tokens) masked; *_file and *_env names kept."""
-    return {k: "***" if (k in channels.SECRETS or k == "headers") and v else v for k, v in channel.items()}
+    """Secrets masked; an alert URL shows its scheme and host only, headers their names only;
+    *_file and *_env names kept. What comes out is still a valid channel."""
+    shown: dict[str, Any] = {}
+    for key, value in channel.items():
+        if key == "url" and isinstance(value, str):
+            shown[key] = redact_url(value, path=True)
+        elif key == "headers" and isinstance(value, Mapping):
+            shown[key] = dict.fromkeys(value, "***")
+        elif key in channels.SECRETS and value:
+            shown[key] = "***"
+        else:
+            shown[key] = value
+    return shown
+
+
+def _key(key: Any) -> str:
+    """A key as shown in an error's key path: itself when short and printable, else a short repr."""
+    return label(key)
 
 
 _LOG_FORMATS = ("auto", "json", "console")
@@ -552,9 +829,8 @@ def _log_format(values: dict[str, Any]) -> list[str]:
     apply); ours is auto, json or console."""
     fmt = values.pop("_log_format", None)
     if isinstance(fmt, _PythonLogFormat):
-        return [
-            f"logging.format: {str(fmt)!r} is a Python logging format, not ours ({'|'.join(_LOG_FORMATS)}); ignored"
-        ]
+        ours = "|".join(_LOG_FORMATS)
+        return [f"logging.format: {short(str(fmt))} is a Python logging format, not ours ({ours}); ignored"]
     if fmt is not None:
         values["log_format"] = fmt
     return []
@@ -574,28 +850,33 @@ _SECTIONS: dict[str, Spec] = {
         "password_file": ("redis_password_file", _optional_string),
         "cluster": ("redis_cluster", _bool),
         "sentinel": {"service": ("sentinel_service", _optional_string), "nodes": ("sentinel_nodes", _nodes)},
+        "tls": {
+            "ca_file": ("redis_tls_ca_file", _optional_string),
+            "cert_file": ("redis_tls_cert_file", _optional_string),
+            "key_file": ("redis_tls_key_file", _optional_string),
+        },
     },
     "gpu_lock": {"key_pattern": ("key_pattern", _key_pattern), "lock_timeout": ("lock_timeout_s", _seconds)},
     "gpu_lock_monitor": {
-        "monitor_interval": ("monitor_interval_s", _seconds),
+        "monitor_interval": ("monitor_interval_s", _interval),
         "timeout_levels": {
             "warning": ("warning_s", _seconds),
             "soft_timeout": ("soft_timeout_s", _seconds),
             "hard_timeout": ("hard_timeout_s", _optional_seconds),
         },
         "heartbeat": {
-            "interval": ("heartbeat_interval_s", _seconds),
+            "interval": ("heartbeat_interval_s", _interval),
             "timeout": ("heartbeat_timeout_s", _seconds),
         },
-        "cleanup": {"max_retry": ("max_retry", _count(1)), "retry_delay": ("retry_delay_s", _seconds)},
+        "cleanup": {"max_retry": ("max_retry", _count(1, MAX_RETRIES)), "retry_delay": ("retry_delay_s", _interval)},
         "enabled": ("enabled", _bool),
         "auto_recovery": ("auto_recovery", _bool),
     },
     "audit": {
         "path": ("audit_path", _string),
         "critical_path": ("critical_path", _string),
-        "max_bytes": ("audit_max_bytes", _count(1024)),
-        "backups": ("audit_backups", _count(0)),
+        "max_bytes": ("audit_max_bytes", _count(1024, MAX_AUDIT_BYTES)),
+        "backups": ("audit_backups", _count(0, MAX_AUDIT_BACKUPS)),
     },
     "metrics": {"enabled": ("metrics_enabled", _bool), "listen": ("metrics_listen", _listen)},
     "nvml": {
@@ -620,7 +901,7 @@ _IGNORED: dict[str, frozenset[str]] = {
 }
 # Expanded when used, not when loaded (`read_password`): systemd sets $CREDENTIALS_DIRECTORY
 # for the service only.
-_EXPANDED_LATE = frozenset({"redis.password_file"})
+_EXPANDED_LATE = frozenset({"redis.password_file", "redis.tls.ca_file", "redis.tls.cert_file", "redis.tls.key_file"})
 
 
 def _read_section(
@@ -637,9 +918,9 @@ def _read_section(
     if raw is None:
         return
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{path}: expected a mapping, got {short(raw)}")
     for key, value in raw.items():
-        where = f"{path}.{key}"
+        where = f"{path}.{_key(key)}"
         name = f"{inner}{key}"
         if name in ignored:
             continue  # the fleet's workers read it, not the monitor; not even expanded

