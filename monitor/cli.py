@@ -5,6 +5,7 @@ Bad input ends with one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -194,9 +195,9 @@ def health(config_path: str | None) -> None:
 
 
 def health_check(settings: Settings) -> Health:
-    client = connect(settings)
     host = str(monitor_identity()["host"])
     try:
+        client = connect(settings)  # a Cluster asks its nodes here already
         pipe = client.pipeline(transaction=False)
         pipe.get(keys.monitor_status_key(host))
         pipe.pttl(keys.monitor_status_key(host))
@@ -237,10 +238,14 @@ def config_check(config_path: str | None) -> None:
     """
     settings = load_settings(config_path)
     warnings = list(settings.warnings)
+    found: str | None = None
     try:
-        found = service.mismatch_warning(connect(settings), settings)
-    except (MonitorError, redis.RedisError):
-        found = None  # validating the file must not depend on Redis being up
+        client = connect(settings)
+    except MonitorError as exc:  # e.g. a redis.tls file that cannot be read: the config cannot work
+        warnings.append(str(exc))
+    else:
+        with contextlib.suppress(redis.RedisError):  # validating the file must not depend on Redis
+            found = service.mismatch_warning(client, settings)
     if found is not None:
         warnings.append(found)
     for warning in warnings:
