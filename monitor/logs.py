@@ -1,18 +1,26 @@
 """structlog set-up: JSON lines for journald, readable console output on a terminal.
 
 Standard-library loggers (APScheduler, redis-py) go through the same renderer. Tracebacks
-are rendered as plain text without local variables, so no secret held in a local leaks.
+are rendered as plain text without local variables, so no secret held in a local leaks, and every
+string of an event goes through `redact.redact` (a password in a URL, a token in a query).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from monitor.redact import redact
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _redacted(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -44,7 +52,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exc, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exc, _redacted, renderer],
         )
     )
     root = logging.getLogger()

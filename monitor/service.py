@@ -32,6 +32,7 @@ from monitor.holding import Holding, Record, taints, track
 from monitor.logs import get_logger
 from monitor.policy import Action, Decision, Reason, Tiers, decide
 from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.redact import redact
 from monitor.scanner import (
     EXPIRY_LUA,
     FINGERPRINT_LUA,
@@ -537,7 +538,7 @@ class Monitor:
         failure.attempts += 1
         failure.next_try = self.mono() + self.settings.retry_delay_s
         spent = failure.attempts >= self.settings.max_retry
-        error = f"{exc.__class__.__name__}: {exc}"
+        error = redact(f"{exc.__class__.__name__}: {exc}")
         self.record(
             "release_failed",
             "error",
@@ -591,7 +592,7 @@ class Monitor:
         self.redis_error = str(exc)
         if self._down_since is None:
             self._down_since = self.wall()
-            self.record("redis_unavailable", "error", error=str(exc))
+            self.record("redis_unavailable", "error", error=redact(str(exc)))
 
     def down_for_s(self) -> float | None:
         """How long Redis has been unreachable, or None while it answers."""

@@ -37,3 +37,16 @@ def test_console_format_on_request():
     assert "pass_done" in line
     assert "locks=3" in line
     assert not line.startswith("{")
+
+
+def test_secrets_in_log_events_are_redacted(capsys):
+    import json
+    import sys
+
+    from monitor import logs
+
+    logs.configure("info", "json", stream=sys.stdout)
+    logs.get_logger("t").warning("send_failed", url="redis://user:hunter2@db:6379/0", error="?token=abc123 failed")
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "hunter2" not in line["url"]
+    assert "abc123" not in line["error"]
