@@ -36,7 +36,8 @@ SEVERITIES = ("warning", "critical")
 MAX_CONFIG_BYTES = 1024 * 1024
 # YAML nesting, counted with aliases expanded; and values after alias expansion (billion laughs).
 MAX_DEPTH = 64
-MAX_NODES = 100_000
+# A real config holds a few hundred values; 10,000 bounds parsing to well under a second.
+MAX_NODES = 10_000
 # Seconds: every interval and timeout is finite, at least a millisecond, and at most a week
 # (how often something is done: monitor_interval, heartbeat.interval, cleanup.retry_delay) or a
 # year (how long something may last: lock_timeout, the tiers, heartbeat.timeout, the graces).
@@ -334,13 +335,19 @@ def _load_bounded(text: str) -> Any:
 
 class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader (pure Python: its composer's recursion is the one we bound), which
-    stops composing past MAX_DEPTH levels instead of running into Python's recursion limit."""
+    stops composing past MAX_DEPTH levels instead of running into Python's recursion limit, and
+    past MAX_NODES values instead of parsing a megabyte of them."""
 
     _depth = 0
+    _nodes = 0  # composed so far: parsing stops at MAX_NODES, not after reading the whole file
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         self._depth += 1
+        self._nodes += 1
         try:
+            if self._nodes > MAX_NODES:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values", mark)
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
                 raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)

@@ -659,7 +659,7 @@ def test_hostile_config_is_one_short_line_quickly(tmp_path, text):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("billion laughs under a known key", "more than 100000 values once aliases are expanded"),
+        ("billion laughs under a known key", "more than 10000 values once aliases are expanded"),
         ("5000 levels of flow nesting", "nested more than 64 levels deep (line 2"),
         ("5000 levels of mappings", "nested more than 64 levels deep"),
         ("nesting built from aliases", "nested more than 64 levels deep (aliases expanded)"),
