@@ -189,11 +189,13 @@ def test_healthz_is_503_when_redis_is_gone(tmp_path):
             own.stop()
             wait_for(lambda: scrape(port, "/healthz")[0] == 503)
             doc = json.loads(scrape(port, "/healthz")[1])
-            up = [
-                line
-                for line in scrape(port, "/metrics")[1].splitlines()
-                if line.startswith("gpulock_monitor_redis_up ")
-            ]
+
+            def redis_up() -> list[str]:
+                lines = scrape(port, "/metrics")[1].splitlines()
+                return [line for line in lines if line.startswith("gpulock_monitor_redis_up ")]
+
+            # The gauge follows the pass that found Redis gone, a moment after /healthz does.
+            up = wait_for(lambda: redis_up() if redis_up() == ["gpulock_monitor_redis_up 0.0"] else None)
         finally:
             stop.set()
             runner.join(timeout=20)
