@@ -81,7 +81,8 @@ def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> A
         "lock_warning": f"{where}: past the warning threshold",
         "long_task_overrun": f"{where}: protected long task still running",
         "lock_released": f"{where}: released ({fields.get('reason')})"
-        + (" [dry run: not released]" if fields.get("dry_run") else ""),
+        + (" [dry run: not released]" if fields.get("dry_run") else "")
+        + (" [reply lost: outcome unknown until the next pass]" if fields.get("outcome") == "unknown" else ""),
         "release_skipped": f"{where}: heartbeat came back just before release",
         "release_failed": f"{where}: RELEASE FAILED after {fields.get('attempt')} attempts: {fields.get('error')}",
         "invalid_lock": f"{lock}: not a lock ({fields.get('reason')})",

@@ -60,6 +60,10 @@ class Record:
     seen_ms: int | None = None  # last look, for a lock without a TTL (whose identity repeats)
     notified: frozenset[str] = field(default_factory=frozenset)
 
+    def ran_out_beating(self, now_ms: int) -> bool:
+        """Its lock expired by its TTL with its heartbeat there at the last look (see `taints`)."""
+        return self.hb_value is not None and 0 <= self.expiry_ms <= now_ms
+
     def is_holding(self, value: bytes, expiry_ms: int) -> bool:
         return self.holder == fingerprint(value) and self.expiry_ms == expiry_ms
 
@@ -116,7 +120,7 @@ def taints(raw: bytes | None, now_ms: int) -> bool:
     if raw == b"+" + RELEASED_MARK:
         return True
     before = Record.loads(raw)
-    return before is not None and before.hb_value is not None and 0 <= before.expiry_ms <= now_ms
+    return before is not None and before.ran_out_beating(now_ms)
 
 
 def _int_or_none(value: object) -> int | None:

@@ -16,11 +16,13 @@ script calls.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from monitor import keys
 from monitor.connection import Client, is_cluster
@@ -102,8 +104,7 @@ class Observation:
 
 
 def redis_time_ms(client: Client) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return ms_of_time(*client.time())
 
 
 def scan_candidates(client: Client, pattern: str) -> list[bytes]:
@@ -131,30 +132,39 @@ def _lock_keys(key: bytes) -> list[bytes]:
 def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
     script_keys = [k for key in batch for k in _lock_keys(key)]
     reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys, args=[_WANT * len(batch)])
-    now_ms = _ms(reply[0], reply[1])
+    now_ms = ms_of_time(reply[0], reply[1])
     return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 
 
 def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]:
     """In a cluster a script may only touch keys of one slot: one script call per slot's keys of
     each lock (the lock and its record share a slot; an untagged heartbeat is elsewhere), in a
-    pipeline that redis-py splits by node. Nodes' clocks agree to NTP accuracy."""
-    pipe = client.pipeline()
-    groups: list[list[bytes]] = []
+    pipeline that redis-py splits by node. Nodes' clocks agree to NTP accuracy. The script goes
+    by its digest (SCRIPT LOAD reaches every primary), loaded again once if a node lost it."""
+    sha = hashlib.sha1(READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+    groups: list[tuple[list[bytes], str]] = []  # keys of one slot, and what to read of each
     for key in batch:
-        by_slot: dict[int, list[bytes]] = {}
-        for k in _lock_keys(key):
-            by_slot.setdefault(key_slot(k), []).append(k)
-        for group in by_slot.values():
-            groups.append(group)
-            pipe.execute_command("EVAL", READ_SCRIPT, len(group), *group)  # ClusterPipeline has no eval()
-    replies = pipe.execute(raise_on_error=False)
+        by_slot: dict[int, tuple[list[bytes], list[str]]] = {}
+        for k, want in zip(_lock_keys(key), _WANT, strict=True):
+            ks, wants = by_slot.setdefault(key_slot(k), ([], []))
+            ks.append(k)
+            wants.append(want)
+        groups += [(ks, "".join(wants)) for ks, wants in by_slot.values()]
+    for attempt in range(2):
+        pipe = client.pipeline()
+        for group, want in groups:
+            pipe.execute_command("EVALSHA", sha, len(group), *group, want)  # ClusterPipeline has no evalsha()
+        replies = pipe.execute(raise_on_error=False)
+        if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+            client.script_load(READ_SCRIPT)
+            continue
+        break
     found: dict[bytes, tuple[int, Any, Any]] = {}
-    for group, reply in zip(groups, replies, strict=True):
+    for (group, _), reply in zip(groups, replies, strict=True):
         if isinstance(reply, Exception):
             raise reply
         for i, k in enumerate(group):
-            found[k] = (_ms(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
+            found[k] = (ms_of_time(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
     observations = []
     for key in batch:
         lock, hb, rec = (found[k] for k in _lock_keys(key))
@@ -179,7 +189,8 @@ def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
     )
 
 
-def _ms(seconds: Any, micros: Any) -> int:
+def ms_of_time(seconds: Any, micros: Any) -> int:
+    """A Redis TIME reply (seconds, microseconds) in milliseconds."""
     return int(seconds) * 1000 + int(micros) // 1000
 
 

@@ -38,6 +38,7 @@ from monitor.scanner import (
     FINGERPRINT_LUA,
     READ_BATCH,
     Observation,
+    ms_of_time,
     read_locks,
     redis_time_ms,
     scan_candidates,
@@ -153,7 +154,10 @@ def evaluate(
         prev = ours[0] if ours else None
         if prev is not None and len(ours) == 2:
             prev = replace(prev, notified=ours[0].notified | ours[1].notified)
-        tainted = taints(obs.record, obs.now_ms) or (mine is not None and taints(mine.dumps(), obs.now_ms))
+        # Only a new holding can be tainted by what came before it.
+        tainted = prev is None and (
+            taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
+        )
         holding = track(
             obs,
             prev,
@@ -334,7 +338,7 @@ class Monitor:
         if first:
             self._invalid_said = invalid.Said.loads(said[0])
         persisted = int(raw) if raw is not None and raw.isdigit() else None
-        return int(seconds) * 1000 + int(micros) // 1000, persisted
+        return ms_of_time(seconds, micros), persisted
 
     def _own_notified(self, verdict: Verdict) -> Verdict:
         """A replica that does not act audits for itself: what it already said is its own."""
@@ -480,7 +484,8 @@ class Monitor:
         except REDIS_DOWN as exc:
             # The script may have run: its outcome is unknown until the next pass asks again.
             self._unsettled[h.key] = verdict
-            self._release_failed(fid, fields, exc, outcome="unknown")
+            error = redact(f"{exc.__class__.__name__}: {exc}")
+            self.record("lock_released", "warning", sync=True, outcome="unknown", error=error, **fields)
             raise
         except (ReleaseError, redis.RedisError) as exc:
             self._release_failed(fid, fields, exc)

@@ -161,3 +161,51 @@ def fast_daemon(tmp: Path, url: str) -> subprocess.Popen[str]:
     wait_for(lambda: events(tmp / "audit.jsonl", "monitor_started") or proc.poll() is not None)
     assert proc.poll() is None, stop_daemon(proc)[1]
     return proc
+
+
+def answer_at_terminal(
+    argv: list[str],
+    answer: str,
+    *,
+    before_answer: Callable[[], None] | None = None,
+    raw_output: bool = False,
+    timeout_s: float = 60,
+) -> tuple[int, bytes, bytes]:
+    """Run `argv` with a pseudo-terminal as stdin, stdout and stderr; answer its confirmation
+    prompt once shown (after `before_answer`). Returns the exit code, the output up to the
+    prompt, and all of it. `raw_output` turns the terminal's own \\n -> \\r\\n off, so that every
+    control character seen comes from the program."""
+    import os
+    import pty
+    import select
+    import termios
+
+    leader, follower = pty.openpty()
+    if raw_output:
+        attrs = termios.tcgetattr(follower)
+        attrs[1] &= ~termios.OPOST
+        termios.tcsetattr(follower, termios.TCSANOW, attrs)
+    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    out, prompt = b"", b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if not prompt and b"Release it?" in out:
+                prompt = out
+                if before_answer is not None:
+                    before_answer()
+                os.write(leader, answer.encode() + b"\n")
+            if select.select([leader], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(leader)
+    return proc.wait(timeout=10), prompt, out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -43,6 +43,25 @@ def node_port(taken: set[int]) -> int:
             return port
 
 
+def form_cluster(nodes: list[RedisServer], settled: Callable[[list[redis.Redis]], bool] | None = None) -> None:
+    """Start the nodes, split the slots between them, introduce them, and wait until the cluster
+    is up (and `settled`, when given)."""
+    for node in nodes:
+        node.start()
+    clients = [redis.Redis(port=n.port, protocol=2) for n in nodes]
+    bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
+    for client, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
+        client.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
+    for node in nodes[1:]:  # the bus port explicitly: a node may announce another client port
+        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.port + 10000)
+
+    def up() -> bool:
+        ok = all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients)
+        return ok and (settled is None or settled(clients))
+
+    wait_for(up, timeout_s=30)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[RedisServer]]:
     taken: set[int] = set()
@@ -50,15 +69,7 @@ def cluster() -> Iterator[list[RedisServer]]:
         RedisServer(node_port(taken), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000") for _ in range(3)
     ]
     try:
-        for node in nodes:
-            node.start()
-        clients = [redis.Redis(port=n.port, protocol=2) for n in nodes]
-        bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
-        for client, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
-        for node in nodes[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        wait_for(lambda: all(c.execute_command("CLUSTER", "INFO").find(b"cluster_state:ok") >= 0 for c in clients))
+        form_cluster(nodes)
         yield nodes
     finally:
         for node in nodes:

@@ -68,13 +68,14 @@ def test_lost_release_reply_is_unknown_then_settled_once(r, redis_server, tmp_pa
         assert first is not None
         assert first.error is not None
         assert not r.exists(key)  # it ran: the lock is gone though the reply never came
-        (failed,) = events(settings.audit_path, "release_failed")
-        assert failed["outcome"] == "unknown"
-        assert events(settings.audit_path, "lock_released") == []
+        (unknown,) = events(settings.audit_path, "lock_released")
+        assert unknown["outcome"] == "unknown"
+        assert "settles" not in unknown
+        assert events(settings.audit_path, "release_failed") == []
         second = monitor.run_pass()
         assert second is not None
         assert second.error is None
-        (released,) = events(settings.audit_path, "lock_released")
+        _, released = events(settings.audit_path, "lock_released")
         assert (released["outcome"], released["settles"]) == ("released", "unknown")
         assert events(settings.audit_path, "release_skipped") == []
         assert next_message(pubsub, 5) is not None
@@ -274,8 +275,9 @@ def test_settle_refused_is_audited_and_the_pass_goes_on(r, redis_server, tmp_pat
         report = monitor.run_pass()
         assert report is not None
         assert report.error is None  # the refusal does not stop the pass
+        assert [e["outcome"] for e in events(settings.audit_path, "lock_released")] == ["unknown"]
         failed = events(settings.audit_path, "release_failed")
-        assert [(e["outcome"], e.get("settles")) for e in failed] == [("unknown", None), ("unknown", "unknown")]
+        assert [(e["outcome"], e["settles"]) for e in failed] == [("unknown", "unknown")]
         assert "READONLY" in failed[-1]["error"]
         assert not r.exists(key)  # it had run the first time
         assert monitor.run_pass().error is None  # nothing left to settle

@@ -3,16 +3,12 @@ holder that is alive. Real processes: the prompt is answered through a pseudo-te
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import beat, config_file, events, hold
+from helpers import answer_at_terminal, beat, config_file, events, hold
 
 CLI = [sys.executable, "-m", "monitor"]
 
@@ -29,29 +25,8 @@ def piped(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
 
 def at_terminal(*args: str, answer: str) -> tuple[int, str]:
     """Run with stdin on a pseudo-terminal; answer the prompt once it is shown."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([*CLI, *args], stdin=follower, stdout=follower, stderr=follower)
-    os.close(follower)
-    out = b""
-    answered = False
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-        if not answered and b"Release it?" in out:
-            os.write(leader, answer.encode() + b"\n")
-            answered = True
-        if proc.poll() is not None and not ready:
-            break
-    os.close(leader)
-    return proc.wait(timeout=10), out.decode(errors="replace")
+    code, _, out = answer_at_terminal([*CLI, *args], answer)
+    return code, out.decode(errors="replace")
 
 
 def test_off_a_terminal_without_yes_releases_nothing(r, cfg, tmp_path):
@@ -108,20 +83,15 @@ def test_prompt_answered_while_the_same_task_took_the_lock_again(r, cfg):
     # The operator confirmed the holding that was shown; a new run of the same task that took
     # the lock while the prompt waited is another holding, and is left alone.
     hold(r, 4, "tts", age_s=450)
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [*CLI, "release", "gpu_lock:4", "-c", str(cfg)], stdin=follower, stdout=follower, stderr=follower
+
+    def same_task_takes_it_again() -> None:
+        r.delete(b"gpu_lock:4")
+        r.set(b"gpu_lock:4", b"locked_by_tts", ex=600)  # same value, new holding
+
+    code, prompt, _ = answer_at_terminal(
+        [*CLI, "release", "gpu_lock:4", "-c", str(cfg)], "y", before_answer=same_task_takes_it_again
     )
-    os.close(follower)
-    out = b""
-    while b"Release it?" not in out:
-        ready, _, _ = select.select([leader], [], [], 30)
-        assert ready, out
-        out += os.read(leader, 4096)
-    r.delete(b"gpu_lock:4")
-    r.set(b"gpu_lock:4", b"locked_by_tts", ex=600)  # same value, new holding
-    os.write(leader, b"y\n")
-    assert proc.wait(timeout=30) == 1
-    os.close(leader)
+    assert prompt
+    assert code == 1
     assert r.get(b"gpu_lock:4") == b"locked_by_tts"
     assert r.pttl(b"gpu_lock:4") > 590_000

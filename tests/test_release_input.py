@@ -3,19 +3,14 @@ holders made of terminal control characters. Real processes, through a pipe and 
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import subprocess
 import sys
-import termios
-import time
 import unicodedata
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import LOCK_TIMEOUT_S, beat, config_file, events, hold, make_settings
+from helpers import LOCK_TIMEOUT_S, answer_at_terminal, beat, config_file, events, hold, make_settings
 
 from monitor import keys, manual
 from monitor.audit import AuditLog, JsonlFile
@@ -176,31 +171,8 @@ def test_control_characters_in_a_holder_are_escaped_in_error_lines(r, cfg):
 def test_control_characters_in_a_holder_are_escaped_in_the_prompt(r, cfg):
     key = hold(r, 0)
     r.set(key, EVIL, px=ZOMBIE_PX)
-    leader, follower = pty.openpty()
-    attrs = termios.tcgetattr(follower)
-    attrs[1] &= ~termios.OPOST  # no \n -> \r\n by the terminal: every \r seen comes from the program
-    termios.tcsetattr(follower, termios.TCSANOW, attrs)
-    proc = subprocess.Popen(
-        [*CLI, "release", "gpu_lock:0", "-c", str(cfg)], stdin=follower, stdout=follower, stderr=follower
-    )
-    os.close(follower)
-    out = b""
-    deadline = time.monotonic() + 60
-    while b"Release it?" not in out and time.monotonic() < deadline:
-        if select.select([leader], [], [], 0.1)[0]:
-            out += os.read(leader, 4096)
-    prompt = out
-    os.write(leader, b"y\n")
-    while proc.poll() is None or select.select([leader], [], [], 0.1)[0]:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(leader)
-    assert proc.wait(timeout=10) == 0, out
+    code, prompt, out = answer_at_terminal([*CLI, "release", "gpu_lock:0", "-c", str(cfg)], "y", raw_output=True)
+    assert code == 0, out
     assert b"Release it?" in prompt
     assert b"\\x1b[2J" in prompt
     assert raw_controls(out) == [], out

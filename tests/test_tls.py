@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from helpers import events, wait_for
 from redis.cluster import RedisCluster
 from redis.sentinel import SentinelManagedSSLConnection
-from test_cluster import SLOTS, node_port
+from test_cluster import form_cluster, node_port
 from tlsproxy import TlsProxy, server_context
 
 from monitor.config import REDIS_URL_ENV, Settings
@@ -343,23 +343,13 @@ def tls_cluster(ca) -> Iterator[list[TlsProxy]]:
         )
         for port, tls in zip(ports, proxies, strict=True)
     ]
+    announced = {tls.port for tls in proxies}
+
+    def announcing(clients: list[redis.Redis]) -> bool:
+        return all({int(s[2][1]) for s in c.execute_command("CLUSTER", "SLOTS")} == announced for c in clients)
+
     try:
-        for node in nodes:
-            node.start()
-        clients = [redis.Redis(port=n.port, protocol=2) for n in nodes]
-        bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
-        for client, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
-        for node in nodes[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.port + 10000)
-        announced = {tls.port for tls in proxies}
-
-        def settled() -> bool:
-            if not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients):
-                return False
-            return all({int(s[2][1]) for s in c.execute_command("CLUSTER", "SLOTS")} == announced for c in clients)
-
-        wait_for(settled, timeout_s=30)
+        form_cluster(nodes, announcing)
         yield proxies
     finally:
         for tls in proxies:
