@@ -258,7 +258,10 @@ def test_loading_redis_is_audited_unavailable_once_without_traceback(tmp_path, c
     """A Redis started on a large dump answers LOADING until it has read it."""
     with RedisServer(None, "--rdbcompression", "no") as seed:
         seed_client = redis.Redis(port=seed.port, protocol=2)
-        seed_client.execute_command("DEBUG", "POPULATE", "20000", "filler", "1000")  # 20 MB
+        # MSET, not DEBUG POPULATE: Redis 7 refuses DEBUG unless enable-debug-command is set.
+        filler = b"x" * 1000
+        for start in range(0, 20_000, 1_000):  # 20 MB
+            seed_client.mset({f"filler:{i}": filler for i in range(start, start + 1_000)})
         seed_client.save()
         seed_client.close()
         port = free_port()
