@@ -218,7 +218,7 @@ def test_records_expire_with_their_locks_and_releases_mark_them(r, settings):
     assert r.get(keys.holding_key(live)) == stored
     assert r.pttl(keys.holding_key(live)) <= record_pttl
     # Every key the monitor wrote expires, except the mark of the last complete pass.
-    mine = [k for k in r.scan_iter(match=b"gpulock_monitor:*")]
+    mine = list(r.scan_iter(match=b"gpulock_monitor:*"))
     assert [k for k in mine if r.pttl(k) < 0] == [keys.last_pass_key(settings.key_pattern)]
 
 
