@@ -4,7 +4,7 @@ A line is encoded in full, then written with one `write` on an O_APPEND descript
 write fails or comes up short (a full disk), the file is truncated back to where the line
 began, so no torn line stays behind, and the event is kept in memory and written again
 before the next one: order is kept and nothing is lost while the process lives. Values
-from Redis are passed through `keys.text`, and JSON escapes newlines and quotes, so a hostile
+from Redis are passed through `protocol.text`, and JSON escapes newlines and quotes, so a hostile
 holder string cannot break a line.
 
 Before each write the path is checked against the open descriptor (device and inode, as

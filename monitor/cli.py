@@ -19,14 +19,14 @@ import click
 import redis
 import yaml
 
-from monitor import __version__, audit_read, daemon, keys, logs, manual, report, service
+from monitor import __version__, audit_read, daemon, logs, manual, protocol, report, service
 from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
 from monitor.connection import connect, redis_down
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
 from monitor.health import Health, assess
-from monitor.reaper import Outcome
+from monitor.protocol import Outcome
 from monitor.service import status_ttl_ms
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -199,8 +199,8 @@ def health_check(settings: Settings) -> Health:
     try:
         client = connect(settings)  # a Cluster asks its nodes here already
         pipe = client.pipeline(transaction=False)
-        pipe.get(keys.monitor_status_key(host))
-        pipe.pttl(keys.monitor_status_key(host))
+        pipe.get(protocol.monitor_status_key(host))
+        pipe.pttl(protocol.monitor_status_key(host))
         raw, pttl = pipe.execute()
         snapshot = report.take(client, settings)
     except redis.RedisError as exc:  # unreachable, or any refusal (NOPERM, BUSY, WRONGTYPE...): critical

@@ -26,40 +26,16 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from monitor import keys
+from monitor import protocol
 from monitor.audit import JsonlFile, critical_record
 from monitor.errors import AuditWriteError, MonitorError, ReleaseError
 from monitor.logs import get_logger
-from monitor.reaper import Outcome, Reaper
-from monitor.scanner import EXPIRY_LUA
+from monitor.reaper import Reaper
 
 log = get_logger("gpulock_monitor.client")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms. Returns the
-# lock's absolute expiry (with the value, the holding's identity for the release script), or 0.
-# The first heartbeat is written with the lock: the monitor counts it as alive from the start, and
-# its first refresh proves it this holding's (DESIGN.md section 3).
-# Finding our own value means an earlier try succeeded but its reply was lost to a dropped
-# connection: that try's lock is ours, so say so instead of waiting on ourselves.
-ACQUIRE_SCRIPT = (
-    EXPIRY_LUA
-    + """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-return expiry(KEYS[1])
-"""
-)
-# KEYS lock, heartbeat; ARGV value, heartbeat value, heartbeat ttl ms.
-HEARTBEAT_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
 
 
 class AcquireTimeoutError(MonitorError):
@@ -119,8 +95,8 @@ class GpuLock:
         self.expiry_ms = -2  # the lock's absolute expiry on Redis's clock, once acquired
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._acquire = client.register_script(ACQUIRE_SCRIPT)
-        self._beat = client.register_script(HEARTBEAT_SCRIPT)
+        self._acquire = client.register_script(protocol.ACQUIRE_SCRIPT)
+        self._beat = client.register_script(protocol.HEARTBEAT_SCRIPT)
 
     # --- acquire ----------------------------------------------------------------------------------
 
@@ -136,8 +112,8 @@ class GpuLock:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AcquireTimeoutError(f"{keys.text(self.key)}: Redis unreachable: {exc}") from exc
-                log.warning("acquire_retry", lock_key=keys.text(self.key), error=str(exc))
+                    raise AcquireTimeoutError(f"{protocol.text(self.key)}: Redis unreachable: {exc}") from exc
+                log.warning("acquire_retry", lock_key=protocol.text(self.key), error=str(exc))
                 time.sleep(min(left, delay))
                 delay = min(delay * 2, self.poll_max_s)
         self.acquired_at = time.time()
@@ -152,15 +128,17 @@ class GpuLock:
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
         try:
             # Subscribed (and confirmed) before the first try: a release after it cannot be missed.
-            pubsub.subscribe(keys.release_channel(self.key))
+            pubsub.subscribe(protocol.release_channel(self.key))
             while pubsub.get_message(timeout=max(0.0, deadline - time.monotonic())) is None:
                 if time.monotonic() >= deadline:
-                    raise AcquireTimeoutError(f"{keys.text(self.key)}: could not subscribe within {self.max_wait:g} s")
+                    raise AcquireTimeoutError(
+                        f"{protocol.text(self.key)}: could not subscribe within {self.max_wait:g} s"
+                    )
             delay = self.poll_min_s
             while not self._try():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AcquireTimeoutError(f"{keys.text(self.key)} still held after {self.max_wait:g} s")
+                    raise AcquireTimeoutError(f"{protocol.text(self.key)} still held after {self.max_wait:g} s")
                 _wait_for_message(pubsub, min(left, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, self.poll_max_s)
         finally:
@@ -168,7 +146,7 @@ class GpuLock:
 
     def _try(self) -> bool:
         hb_ms = round(2 * self.heartbeat_interval * 1000)
-        keys_ = [self.key, keys.heartbeat_key(self.key)]
+        keys_ = [self.key, protocol.heartbeat_key(self.key)]
         expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
         if expiry == 0:
             return False
@@ -179,24 +157,24 @@ class GpuLock:
 
     def _heartbeat(self) -> None:
         hb_ms = round(2 * self.heartbeat_interval * 1000)
-        keys_ = [self.key, keys.heartbeat_key(self.key)]
+        keys_ = [self.key, protocol.heartbeat_key(self.key)]
         while not self._stop.wait(self.heartbeat_interval):
             try:
                 owned = self._beat(keys=keys_, args=[self.value, repr(time.time()), hb_ms])
             except redis.RedisError as exc:
                 # A blip: redis-py reconnects on the next call; the key's 2x TTL covers one miss.
                 COUNTERS.heartbeat_failures += 1
-                log.warning("heartbeat_failed", lock_key=keys.text(self.key), error=str(exc))
+                log.warning("heartbeat_failed", lock_key=protocol.text(self.key), error=str(exc))
                 continue
             if not owned:
                 COUNTERS.ownership_violations += 1
                 self.lost.set()
-                log.error("lock_lost", lock_key=keys.text(self.key), holder=keys.text(self.value))
+                log.error("lock_lost", lock_key=protocol.text(self.key), holder=protocol.text(self.value))
                 if self.on_lost is not None:
                     try:
                         self.on_lost(self)
                     except Exception:  # the task's callback must not kill the thread silently
-                        log.exception("on_lost_failed", lock_key=keys.text(self.key))
+                        log.exception("on_lost_failed", lock_key=protocol.text(self.key))
                 return
 
     def _stop_heartbeat(self) -> None:
@@ -218,13 +196,13 @@ class GpuLock:
         except ReleaseError as exc:
             COUNTERS.release_script_errors += 1
             raise redis.ResponseError(str(exc)) from exc
-        done = result.outcome is Outcome.RELEASED
+        done = result.outcome is protocol.Outcome.RELEASED
         if self.task_id is not None:
             with _BY_TASK_LOCK:
                 _BY_TASK.pop(self.task_id, None)
         if not done:
             COUNTERS.ownership_violations += 1
-            log.warning("release_not_owner", lock_key=keys.text(self.key), holder=keys.text(self.value))
+            log.warning("release_not_owner", lock_key=protocol.text(self.key), holder=protocol.text(self.value))
         return bool(done)
 
     def __enter__(self) -> GpuLock:
@@ -242,12 +220,12 @@ class GpuLock:
             try:
                 self.cleanup()
             except Exception:
-                log.exception("cleanup_failed", lock_key=keys.text(self.key))
+                log.exception("cleanup_failed", lock_key=protocol.text(self.key))
         try:  # 2
             return self.release(reason)
         except redis.RedisError as exc:
             COUNTERS.normal_release_failures += 1
-            log.warning("release_failed", lock_key=keys.text(self.key), error=str(exc))
+            log.warning("release_failed", lock_key=protocol.text(self.key), error=str(exc))
         COUNTERS.emergency_releases += 1
         pool: redis.ConnectionPool | None = None
         try:  # 3: the same owner-checked script on a new connection; never a blind DEL
@@ -261,12 +239,12 @@ class GpuLock:
                 try:
                     pool.disconnect()
                 except Exception:
-                    log.exception("emergency_close_failed", lock_key=keys.text(self.key))
+                    log.exception("emergency_close_failed", lock_key=protocol.text(self.key))
 
     def _critical(self, exc: Exception) -> None:
         record = critical_record(
-            lock_key=keys.text(self.key),
-            holder=keys.text(self.value),
+            lock_key=protocol.text(self.key),
+            holder=protocol.text(self.value),
             exc=exc,
             attempts=2,
             now=time.time(),

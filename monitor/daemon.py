@@ -21,7 +21,7 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from monitor import channels, keys, systemd
+from monitor import channels, protocol, systemd
 from monitor.alerts import Alerts
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
@@ -191,7 +191,7 @@ def start_alerts(monitor: Monitor) -> Alerts | None:
 
     def claim(digest: str) -> bool:
         # Replicas and restarts share this: the first to claim an alert sends it.
-        return bool(client.set(keys.MONITOR_PREFIX + b"alerted:" + digest.encode(), b"1", nx=True, ex=86400))
+        return bool(client.set(protocol.MONITOR_PREFIX + b"alerted:" + digest.encode(), b"1", nx=True, ex=86400))
 
     alerts = Alerts(
         settings,

@@ -21,12 +21,11 @@ from typing import Any
 import click
 import redis
 
-from monitor import daemon, keys, logs
+from monitor import daemon, logs, protocol
 from monitor.config import Settings
 from monitor.redis_server import RedisServer
 
 HB_INTERVAL_S = 0.5
-OWNER_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end return 0"
 TIMEOUT_S = 60.0
 SETTINGS = {
     "gpu_lock": {"lock_timeout": 60},
@@ -81,11 +80,12 @@ class Tour:
                 return
             if finish_at is not None and elapsed >= finish_at:
                 # Owner-checked release: delete only if we still hold it.
-                self.client.eval(OWNER_RELEASE, 2, key, keys.heartbeat_key(key), f"locked_by_{task}")
+                hb_key = protocol.heartbeat_key(key)
+                self.client.eval(protocol.LEGACY_RELEASE_SCRIPT, 2, key, hb_key, f"locked_by_{task}")
                 self.say("worker", f"{key.decode()} {task} finished and released its lock")
                 return
             if heartbeat:
-                self.client.set(keys.heartbeat_key(key), str(time.time()), px=int(2000 * HB_INTERVAL_S))
+                self.client.set(protocol.heartbeat_key(key), str(time.time()), px=int(2000 * HB_INTERVAL_S))
 
     def listen(self) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from monitor import keys
+from monitor import protocol
 from monitor.logs import get_logger
 
 log = get_logger("gpulock_monitor.nvml")
@@ -216,7 +216,7 @@ def device_for(lock_key: bytes, devices: Mapping[str, int | str], gpus: Mapping[
     `<anything>:<n>` means local device n when this host has one.
     """
     if devices:
-        target = devices.get(keys.text(lock_key))
+        target = devices.get(protocol.text(lock_key))
         if target is None:
             return None
         if isinstance(target, int):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from monitor import keys
+from monitor import protocol
 from monitor.gpu import GpuInfo, Nvml, device_for
 
 
@@ -70,7 +70,7 @@ class GpuWatch:
                 found.append(
                     (
                         "released_gpu_busy",
-                        {"lock_key": keys.text(lock_key), "holder": keys.text(holder), "gpu": info.as_dict()},
+                        {"lock_key": protocol.text(lock_key), "holder": protocol.text(holder), "gpu": info.as_dict()},
                     )
                 )
         self._after_release = [

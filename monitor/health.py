@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from monitor import keys
+from monitor import protocol
 from monitor.config import Settings
 from monitor.policy import Action, Reason
 from monitor.service import Verdict
@@ -79,7 +79,7 @@ def assess(
         worst, v = zombies[0]
         return Health(
             State.DEGRADED,
-            f"{len(zombies)} zombie lock(s) overdue for release, worst {keys.text(v.holding.key)} by {worst:.0f} s",
+            f"{len(zombies)} zombie lock(s) overdue for release, worst {protocol.text(v.holding.key)} by {worst:.0f} s",
         )
     if last_pass_age_s > 2 * interval + 5:
         return Health(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")

@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from monitor.keys import fingerprint
+from monitor.protocol import fingerprint
 from monitor.scanner import Observation
 
 # What the release script leaves in the record key of a holding it released: "+" when the holder's
@@ -47,7 +47,7 @@ class Record:
     a monitor's config, so replicas with other settings read the same record the same way.
     """
 
-    holder: bytes  # keys.fingerprint of the value: a hostile 10 MB value is not copied around
+    holder: bytes  # protocol.fingerprint of the value: a hostile 10 MB value is not copied around
     expiry_ms: int  # with `holder`, the holding's identity; -1 for a lock without a TTL
     first_seen_ms: int
     after_ms: int | None = None  # absent at a complete pass that began then: began later

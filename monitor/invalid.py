@@ -9,10 +9,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from monitor import keys
+from monitor import protocol
 
 SHOWN = 20  # invalid keys audited one by one; beyond, one event counts the rest
-SAID_KEY = keys.MONITOR_PREFIX + b"invalid_locks"
+SAID_KEY = protocol.MONITOR_PREFIX + b"invalid_locks"
 SAID_TTL_MS = 7 * 86_400_000
 
 

@@ -14,13 +14,14 @@ import secrets
 import time
 from collections.abc import Callable
 
-from monitor import keys
+from monitor import protocol
 from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client
 from monitor.errors import MonitorError
 from monitor.holding import Heartbeat, Holding
-from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.protocol import HeartbeatCheck, Outcome
+from monitor.reaper import Reaper, ReleaseResult
 from monitor.report import _cell
 from monitor.scanner import read_locks
 from monitor.service import evaluate, last_complete_pass_ms, lock_fields
@@ -52,7 +53,7 @@ def operator_name() -> str:
 def shown(value: bytes | str) -> str:
     """A key or holder as the operator sees it: cut with its digest when long, and escaped as
     `status` shows it, never raw."""
-    return _cell(keys.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
+    return _cell(protocol.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
 
 
 def check_lock_key(settings: Settings, lock_key: bytes) -> None:
@@ -60,9 +61,9 @@ def check_lock_key(settings: Settings, lock_key: bytes) -> None:
     pattern = settings.key_pattern
     if not redis_match(pattern.encode(), lock_key):
         raise MonitorError(f"{shown(lock_key)} is not under gpu_lock.key_pattern ({shown(pattern)}): not a lock")
-    if lock_key.startswith(keys.MONITOR_PREFIX):
+    if lock_key.startswith(protocol.MONITOR_PREFIX):
         raise MonitorError(f"{shown(lock_key)} is the monitor's own key, not a lock")
-    for suffix, what in ((keys.HEARTBEAT_SUFFIX, "a heartbeat key"), (keys.HOLDER_SUFFIX, "a holder record")):
+    for suffix, what in ((protocol.HEARTBEAT_SUFFIX, "a heartbeat key"), (protocol.HOLDER_SUFFIX, "a holder record")):
         if lock_key.endswith(suffix):
             lock = lock_key[: -len(suffix)]
             raise MonitorError(f"{shown(lock_key)} is {what}, not a lock (its lock is {shown(lock)})")
@@ -203,11 +204,11 @@ def _audit(
     current: bytes | None = None,
     forced: bool = False,
 ) -> None:
-    extra: dict[str, object] = {"lock_key": keys.shown(lock_key), **fields, "reason": RELEASE_REASON}
+    extra: dict[str, object] = {"lock_key": protocol.shown(lock_key), **fields, "reason": RELEASE_REASON}
     if requested is not None:
-        extra["requested_holder"] = keys.shown(requested)
+        extra["requested_holder"] = protocol.shown(requested)
     if current is not None and outcome != Outcome.RELEASED.value:
-        extra["current_holder"] = keys.shown(current)
+        extra["current_holder"] = protocol.shown(current)
     audit.event(
         "manual_release",
         sync=True,

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitor import __version__, keys
+from monitor import __version__, protocol
 from monitor.alerts import Alerts
 from monitor.errors import MonitorError
 from monitor.health import Health, State
@@ -52,7 +52,7 @@ class _Locks(Collector):
             labels=["lock"],
         )
         for v in verdicts:
-            lock = keys.text(v.holding.key)
+            lock = protocol.text(v.holding.key)
             held.add_metric([lock, v.decision.tier.value], v.holding.held_s)
             if v.holding.hb_age_s is not None:
                 age.add_metric([lock], v.holding.hb_age_s)
@@ -333,7 +333,7 @@ class _Server:
                 doc = {"state": health.state.name.lower(), "code": int(health.state), "reason": health.reason}
                 return 503 if health.state is State.CRITICAL else 200, "application/json", json.dumps(doc).encode()
         except Exception:  # a collector's bug: one 500, logged with its traceback; the server goes on
-            log.exception("metrics_request_failed", path=keys.text(target))
+            log.exception("metrics_request_failed", path=protocol.text(target))
             return 500, "text/plain", b"internal error\n"
         return 404, "text/plain", _NOT_FOUND
 

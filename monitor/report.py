@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from monitor import keys
+from monitor import protocol
 from monitor.config import Settings
 from monitor.connection import Client
 from monitor.gpu import GpuInfo, Nvml, device_for
@@ -60,9 +60,9 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
         "auto_recovery": not snapshot.dry_run,
         "locks": [
             {
-                "lock_key": keys.text(h.key),
-                "holder": keys.shown(h.holder),
-                "task_name": keys.shown(keys.task_name(h.holder)),
+                "lock_key": protocol.text(h.key),
+                "holder": protocol.shown(h.holder),
+                "task_name": protocol.shown(protocol.task_name(h.holder)),
                 "held_s": round(h.held_s, 3),
                 "ttl_s": round(h.pttl_ms / 1000, 3) if h.pttl_ms >= 0 else None,
                 "heartbeat": h.heartbeat.value,
@@ -75,7 +75,7 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
             for v in snapshot.verdicts
             for h in (v.holding,)
         ],
-        "invalid": [{"lock_key": keys.text(o.key), "reason": o.invalid} for o in snapshot.invalid],
+        "invalid": [{"lock_key": protocol.text(o.key), "reason": o.invalid} for o in snapshot.invalid],
         "nvml": {"available": bool(snapshot.gpus), "reason": None if snapshot.gpus else snapshot.nvml_reason},
         "gpus": [g.as_dict() for _, g in sorted(snapshot.gpus.items())],
     }
@@ -93,8 +93,8 @@ def as_table(snapshot: Snapshot) -> str:
         h = v.holding
         heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({human(h.hb_age_s)} ago)"
         row: tuple[str, ...] = (
-            _cell(keys.text(h.key)),
-            _cell(keys.shown(h.holder)),
+            _cell(protocol.text(h.key)),
+            _cell(protocol.shown(h.holder)),
             human(h.held_s),
             heartbeat,
             v.decision.tier.value,
@@ -106,7 +106,7 @@ def as_table(snapshot: Snapshot) -> str:
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines += [f"not a lock: {_cell(keys.text(o.key))} ({o.invalid})" for o in snapshot.invalid]
+    lines += [f"not a lock: {_cell(protocol.text(o.key))} ({o.invalid})" for o in snapshot.invalid]
     locked = {g.index for v in snapshot.verdicts if (g := snapshot.gpu_of(v)) is not None}
     for index, g in sorted(snapshot.gpus.items()):
         if index not in locked:

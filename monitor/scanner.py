@@ -24,64 +24,11 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from monitor import keys
+from monitor import protocol
 from monitor.connection import Client, is_cluster
 
 SCAN_COUNT = 5000
 READ_BATCH = 500
-# `expiry(key)`: absolute expiry in Redis-clock ms, -1 without a TTL, -2 when the key is absent.
-# PEXPIRETIME (Redis 7) is exact. Before it, PTTL counts from the server's clock at that call:
-# read between two TIMEs that show the same millisecond, TIME + PTTL is exact too (a millisecond
-# boundary falls between them about once in a thousand reads; the read is then made again).
-EXPIRY_LUA = """
-local exact = nil
-local function ms(t) return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end
-local function expiry(key)
-  if exact ~= false then
-    local e = redis.pcall('PEXPIRETIME', key)
-    if type(e) == 'number' then exact = true return e end
-    exact = false
-  end
-  local before, pttl, after
-  for _ = 1, 8 do
-    before = ms(redis.call('TIME'))
-    pttl = redis.call('PTTL', key)
-    if pttl < 0 then return pttl end
-    after = ms(redis.call('TIME'))
-    if before == after then break end
-  end
-  return after + pttl
-end
-"""
-
-# `fp(value)`: keys.fingerprint in Lua (the value, or its digest beyond keys.LONGEST_KEPT bytes).
-FINGERPRINT_LUA = """
-local function fp(v)
-  if #v <= 200 then return v end
-  return '\\0sha1:' .. redis.sha1hex(v) .. ':' .. #v
-end
-"""
-
-# KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
-# and its expiry, or -3 where ARGV[1] has "-" at its place (a record: only its value counts).
-# Replies start with Redis TIME (seconds, microseconds).
-READ_SCRIPT = (
-    EXPIRY_LUA
-    + """
-local t = redis.call('TIME')
-local out = {t[1], t[2]}
-local want = ARGV[1] or ''
-for i = 1, #KEYS do
-  local v = redis.pcall('GET', KEYS[i])
-  if type(v) == 'table' then v = 0 end
-  out[#out + 1] = v
-  if string.sub(want, i, i) == '-' then out[#out + 1] = -3 else out[#out + 1] = expiry(KEYS[i]) end
-end
-return out
-"""
-)
-# Per lock: the lock and its heartbeat with their expiries, the holding's record by value.
-_WANT = "ee-"
 
 
 @dataclass(frozen=True)
@@ -94,7 +41,7 @@ class Observation:
     expiry_ms: int  # absolute Redis-clock ms; -1 no expiry, -2 gone
     hb_value: bytes | None  # None: absent, or not a string
     hb_expiry_ms: int
-    record: bytes | None  # what the monitor persisted about the holding (keys.holding_key)
+    record: bytes | None  # what the monitor persisted about the holding (protocol.holding_key)
     invalid: str | None = None  # why this key is not a lock (e.g. wrong type)
 
     @property
@@ -111,7 +58,7 @@ def scan_candidates(client: Client, pattern: str) -> list[bytes]:
     """Every key matching `pattern` that could be a lock, deduplicated, in SCAN order."""
     seen: dict[bytes, None] = {}
     for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
-        if keys.is_lock_candidate(key):
+        if protocol.is_lock_candidate(key):
             seen.setdefault(key, None)
     return list(seen)
 
@@ -126,12 +73,13 @@ def read_locks(client: Client, candidates: Iterable[bytes]) -> list[Observation]
 
 
 def _lock_keys(key: bytes) -> list[bytes]:
-    return [key, keys.heartbeat_key(key), keys.holding_key(key)]
+    return [key, protocol.heartbeat_key(key), protocol.holding_key(key)]
 
 
 def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
     script_keys = [k for key in batch for k in _lock_keys(key)]
-    reply: list[Any] = client.register_script(READ_SCRIPT)(keys=script_keys, args=[_WANT * len(batch)])
+    read = client.register_script(protocol.READ_SCRIPT)
+    reply: list[Any] = read(keys=script_keys, args=[protocol.READ_WANT * len(batch)])
     now_ms = ms_of_time(reply[0], reply[1])
     return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 
@@ -141,11 +89,11 @@ def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]
     each lock (the lock and its record share a slot; an untagged heartbeat is elsewhere), in a
     pipeline that redis-py splits by node. Nodes' clocks agree to NTP accuracy. The script goes
     by its digest (SCRIPT LOAD reaches every primary), loaded again once if a node lost it."""
-    sha = hashlib.sha1(READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+    sha = hashlib.sha1(protocol.READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
     groups: list[tuple[list[bytes], str]] = []  # keys of one slot, and what to read of each
     for key in batch:
         by_slot: dict[int, tuple[list[bytes], list[str]]] = {}
-        for k, want in zip(_lock_keys(key), _WANT, strict=True):
+        for k, want in zip(_lock_keys(key), protocol.READ_WANT, strict=True):
             ks, wants = by_slot.setdefault(key_slot(k), ([], []))
             ks.append(k)
             wants.append(want)
@@ -156,7 +104,7 @@ def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]
             pipe.execute_command("EVALSHA", sha, len(group), *group, want)  # ClusterPipeline has no evalsha()
         replies = pipe.execute(raise_on_error=False)
         if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-            client.script_load(READ_SCRIPT)
+            client.script_load(protocol.READ_SCRIPT)
             continue
         break
     found: dict[bytes, tuple[int, Any, Any]] = {}

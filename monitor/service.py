@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from monitor import invalid, keys
+from monitor import invalid, protocol
 from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
@@ -31,11 +31,10 @@ from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, taints, track
 from monitor.logs import get_logger
 from monitor.policy import Action, Decision, Reason, Tiers, decide
-from monitor.reaper import HeartbeatCheck, Outcome, Reaper, ReleaseResult
+from monitor.protocol import HeartbeatCheck, Outcome
+from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
 from monitor.scanner import (
-    EXPIRY_LUA,
-    FINGERPRINT_LUA,
     READ_BATCH,
     Observation,
     ms_of_time,
@@ -46,44 +45,6 @@ from monitor.scanner import (
 
 log = get_logger("gpulock_monitor")
 
-# Compare-and-set of holding records. ARGV[1] "h" when KEYS[1] and KEYS[2] are the last-pass
-# and the monitor-status keys (then ARGV[3] is when this pass began, "" unless the pass was
-# complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] is unused. Then pairs of
-# KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder (fingerprint), expiry, the record as
-# read ("" none), the new record, its ms to live. A record is written only while the lock still
-# has that holding and nobody changed the record since it was read.
-PERSIST_SCRIPT = (
-    EXPIRY_LUA
-    + FINGERPRINT_LUA
-    + """
-local first = 1
-if ARGV[1] == 'h' then first = 3 end
-local skipped = 0
-for i = first, #KEYS, 2 do
-  local a = 6 + (i - first) / 2 * 5
-  local v = redis.pcall('GET', KEYS[i])
-  local ok = type(v) == 'string' and fp(v) == ARGV[a] and expiry(KEYS[i]) == tonumber(ARGV[a + 1])
-  local stored = redis.pcall('GET', KEYS[i + 1])
-  if type(stored) ~= 'string' then stored = '' end
-  if ok and stored == ARGV[a + 2] then
-    redis.call('SET', KEYS[i + 1], ARGV[a + 3], 'PX', ARGV[a + 4])
-  else
-    skipped = skipped + 1
-  end
-end
-if first == 3 then
-  if ARGV[3] ~= '' and tonumber(ARGV[3]) > (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) then
-    redis.call('SET', KEYS[1], ARGV[3])
-  end
-  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-end
-return skipped
-"""
-)
-RAISE_TO_SCRIPT = """
-local last = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1]) end
-"""
 # A record outlives its lock's expiry by this much; records of locks without a TTL are rewritten
 # every pass and last this long after the last one.
 RECORD_MARGIN_MS = 60_000
@@ -174,7 +135,7 @@ def evaluate(
 def mismatch_warning(client: Client, settings: Settings) -> str | None:
     """What the acting monitor last found of a worker EX shorter than gpu_lock.lock_timeout,
     while it still applies to this config; None when nothing was found."""
-    raw = client.get(keys.MISMATCH_KEY)
+    raw = client.get(protocol.MISMATCH_KEY)
     if raw is None:
         return None
     try:
@@ -192,7 +153,7 @@ def mismatch_warning(client: Client, settings: Settings) -> str | None:
 
 def last_complete_pass_ms(client: Client, settings: Settings) -> int | None:
     """When the last complete pass of an acting monitor began (Redis-clock ms), if known."""
-    raw = client.get(keys.last_pass_key(settings.key_pattern))
+    raw = client.get(protocol.last_pass_key(settings.key_pattern))
     try:
         return None if raw is None else int(raw)
     except ValueError:
@@ -203,8 +164,8 @@ def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
     """The lock part of an audit event (DESIGN.md section 7)."""
     h, d = verdict.holding, verdict.decision
     return {
-        "lock_key": keys.shown(h.key),
-        "holder": keys.shown(h.holder),
+        "lock_key": protocol.shown(h.key),
+        "holder": protocol.shown(h.holder),
         "held_s": round(h.held_s, 3),
         "heartbeat": h.heartbeat.value,
         "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
@@ -240,7 +201,7 @@ class Monitor:
         self.dry_run = audit.dry_run or not settings.auto_recovery
         self.wall = wall
         self.mono = mono
-        self._persist = client.register_script(PERSIST_SCRIPT)
+        self._persist = client.register_script(protocol.PERSIST_SCRIPT)
         self._failures: dict[tuple[bytes, bytes, int], _Failure] = {}  # by (lock, holder, holding)
         # What this monitor learned of each present holding, and when its last complete pass
         # began: the only memory of a monitor that does not act (it writes nothing to Redis).
@@ -331,7 +292,7 @@ class Monitor:
             return redis_time_ms(self.client), last_complete_pass_ms(self.client, self.settings)
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.get(keys.last_pass_key(self.settings.key_pattern))
+        pipe.get(protocol.last_pass_key(self.settings.key_pattern))
         if first:
             pipe.get(invalid.SAID_KEY)
         (seconds, micros), raw, *said = pipe.execute()
@@ -388,7 +349,7 @@ class Monitor:
         (compare-and-set) and, after a complete pass, when it began. One script call per
         READ_BATCH records written, the last also writing the mark and the status: one round trip
         in a steady pass (README "Performance"); in a cluster, a pipeline split by node."""
-        status_key = keys.monitor_status_key(self.audit.identity["host"])
+        status_key = protocol.monitor_status_key(self.audit.identity["host"])
         # The status key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
         status_ttl = status_ttl_ms(self.settings)
         if not self.acting:
@@ -401,18 +362,19 @@ class Monitor:
             if data == verdict.stored and h.expiry_ms >= 0:
                 continue
             life = NO_TTL_RECORD_MS if h.expiry_ms < 0 else max(1, h.expiry_ms - h.now_ms) + RECORD_MARGIN_MS
-            writes.append((h.key, [keys.fingerprint(h.holder), h.expiry_ms, verdict.stored or b"", data, life]))
+            writes.append((h.key, [protocol.fingerprint(h.holder), h.expiry_ms, verdict.stored or b"", data, life]))
         if is_cluster(self.client):
             self.client.set(status_key, status, px=status_ttl)
             self._remember_cluster(writes, began_ms)
             return
-        head = [keys.last_pass_key(self.settings.key_pattern), status_key]
+        head = [protocol.last_pass_key(self.settings.key_pattern), status_key]
         for start in range(0, max(1, len(writes)), READ_BATCH):
             batch = writes[start : start + READ_BATCH]
             header: list[Any] = ["", "", "", b"", 0]
             if start + READ_BATCH >= len(writes):  # the last call also says the pass is done
                 header = ["h", "", "" if began_ms is None else began_ms, status, status_ttl]
-            script_keys = (head if header[0] else []) + [k for key, _ in batch for k in (key, keys.holding_key(key))]
+            pairs = [k for key, _ in batch for k in (key, protocol.holding_key(key))]
+            script_keys = (head if header[0] else []) + pairs
             self._persist(keys=script_keys, args=header + [a for _, per in batch for a in per])
 
     def _remember_cluster(self, writes: list[tuple[bytes, list[Any]]], began_ms: int | None) -> None:
@@ -420,12 +382,12 @@ class Monitor:
         slot is not written: that holding is timed from first sight by each pass)."""
         pipe = self.client.pipeline()
         for key, per in writes:
-            record_key = keys.holding_key(key)
+            record_key = protocol.holding_key(key)
             if key_slot(record_key) == key_slot(key):
-                pipe.execute_command("EVAL", PERSIST_SCRIPT, 2, key, record_key, "", "", "", b"", 0, *per)
+                pipe.execute_command("EVAL", protocol.PERSIST_SCRIPT, 2, key, record_key, "", "", "", b"", 0, *per)
         pipe.execute()
         if began_ms is not None:
-            self.client.eval(RAISE_TO_SCRIPT, 1, keys.last_pass_key(self.settings.key_pattern), began_ms)
+            self.client.eval(protocol.RAISE_TO_SCRIPT, 1, protocol.last_pass_key(self.settings.key_pattern), began_ms)
 
     # --- actions ----------------------------------------------------------------------------
 
@@ -468,8 +430,8 @@ class Monitor:
             "worker_ex_at_most_s": round((h.expiry_ms - record.after_ms) / 1000, 3),
         }
         if self.acting:
-            found = {"lock_key": keys.text(h.key), "seen_ms": h.now_ms, **details}
-            self.client.set(keys.MISMATCH_KEY, json.dumps(found), px=MISMATCH_TTL_MS)
+            found = {"lock_key": protocol.text(h.key), "seen_ms": h.now_ms, **details}
+            self.client.set(protocol.MISMATCH_KEY, json.dumps(found), px=MISMATCH_TTL_MS)
         return self._once(record, verdict, "lock_timeout_mismatch", "warning", **details)
 
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
@@ -516,7 +478,7 @@ class Monitor:
             self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
             return
         if result.current is not None:
-            fields["current_holder"] = keys.shown(result.current)
+            fields["current_holder"] = protocol.shown(result.current)
         self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
 
     def _settle_unknown(self, report: PassReport) -> None:
@@ -580,7 +542,7 @@ class Monitor:
         report.invalid = len(found)
         said, new, summary = invalid.to_say(self._invalid_said or invalid.Said(), found)
         for key in new:
-            self.record("invalid_lock", "warning", lock_key=keys.shown(key), reason=found[key])
+            self.record("invalid_lock", "warning", lock_key=protocol.shown(key), reason=found[key])
         if summary is not None:
             reason = f"{summary} more keys under the pattern are not locks (not named one by one)"
             self.record("invalid_lock", "warning", lock_key=None, reason=reason, count=summary)

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 import yaml
 
-from monitor import keys
+from monitor import protocol
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.service import Monitor
@@ -93,8 +93,8 @@ def beat(
 
 
 def holding_records(client: redis.Redis) -> dict[bytes, bytes]:
-    """What the monitor keeps per holding (keys.holding_key), by record key: records and marks."""
-    return {key: client.get(key) for key in client.scan_iter(match=keys.HOLDING_PREFIX + b"*", count=5000)}
+    """What the monitor keeps per holding (protocol.holding_key), by record key: records and marks."""
+    return {key: client.get(key) for key in client.scan_iter(match=protocol.HOLDING_PREFIX + b"*", count=5000)}
 
 
 def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:

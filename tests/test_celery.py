@@ -18,7 +18,7 @@ import pytest
 import redis
 from helpers import FAST_HB_TIMEOUT_S, FAST_INTERVAL_S, events, fast_daemon, next_message, stop_daemon, wait_for
 
-from monitor import keys
+from monitor import protocol
 from monitor.errors import MonitorError
 from monitor.redis_server import RedisServer
 
@@ -72,7 +72,7 @@ def locks(base_url: str, worker: Path) -> Iterator[redis.Redis]:
 
 def notices(client: redis.Redis, gpu: int) -> Any:
     pubsub = client.pubsub()
-    pubsub.subscribe(keys.release_channel(f"gpu_lock:{gpu}".encode()))
+    pubsub.subscribe(protocol.release_channel(f"gpu_lock:{gpu}".encode()))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     return pubsub
 

@@ -19,10 +19,11 @@ from helpers import beat, build, config_file, events, hold, make_settings, wait_
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from monitor import keys
+from monitor import protocol
 from monitor.cli import main
 from monitor.holding import Record
-from monitor.reaper import HeartbeatCheck, Outcome, Reaper
+from monitor.protocol import HeartbeatCheck, Outcome
+from monitor.reaper import Reaper
 from monitor.redis_server import RedisServer, free_port
 from monitor.scanner import read_locks
 
@@ -131,10 +132,10 @@ def test_a_pass_across_the_cluster(rc, csettings):
     assert set(released) == {"gpu_lock:0", "gpu_lock:3", "gpu_lock:{2}"}
     assert released["gpu_lock:3"]["reason"] == "heartbeat_dead"
     # Records in each lock's own slot: the live holding's, and release marks for the others.
-    assert Record.loads(rc.get(keys.holding_key(alive))).holder == b"locked_by_alive"
+    assert Record.loads(rc.get(protocol.holding_key(alive))).holder == b"locked_by_alive"
     for key in (legacy, crashed, tagged):
-        assert rc.get(keys.holding_key(key)) == b"-released"
-        assert key_slot(keys.holding_key(key)) == key_slot(key)
+        assert rc.get(protocol.holding_key(key)) == b"-released"
+        assert key_slot(protocol.holding_key(key)) == key_slot(key)
 
 
 def test_release_fallback_keeps_its_owner_and_heartbeat_checks(rc, csettings):

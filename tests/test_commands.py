@@ -17,7 +17,7 @@ import redis
 from click.testing import CliRunner
 from helpers import beat, build, config_file, events, hold, make_settings
 
-from monitor import keys
+from monitor import protocol
 from monitor.cli import main
 from monitor.redis_server import RedisServer, free_port
 from monitor.report import human
@@ -306,7 +306,7 @@ def test_health_degraded_by_zombie_in_dry_run(r, redis_server, tmp_path):
 
 def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
     cfg = config_file(tmp_path, redis_server.url)
-    r.set(keys.monitor_status_key(os.uname().nodename), json.dumps({"failing_releases": 2}), px=600_000)
+    r.set(protocol.monitor_status_key(os.uname().nodename), json.dumps({"failing_releases": 2}), px=600_000)
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
     assert result.output.strip() == "critical: 2 release(s) failing"
@@ -314,11 +314,11 @@ def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
 
 def test_health_critical_when_last_pass_is_old(r, redis_server, tmp_path):
     cfg = config_file(tmp_path, redis_server.url)
-    r.set(keys.monitor_status_key(os.uname().nodename), b"{}", px=600_000 - 30_000)  # written 30 s ago
+    r.set(protocol.monitor_status_key(os.uname().nodename), b"{}", px=600_000 - 30_000)  # written 30 s ago
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
     assert result.output.startswith("critical: last successful pass 30 s ago")
-    r.set(keys.monitor_status_key(os.uname().nodename), b"not json", px=600_000 - 2_000)
+    r.set(protocol.monitor_status_key(os.uname().nodename), b"not json", px=600_000 - 2_000)
     assert cli("health", "-c", str(cfg)).exit_code == 0
 
 

@@ -17,7 +17,7 @@ from helpers import build, config_file, events, hold, make_settings, wait_for
 from redis._parsers.base import BaseParser
 from redis.client import Pipeline
 
-from monitor import keys, logs
+from monitor import logs, protocol
 from monitor.audit import monitor_identity
 from monitor.cli import main
 from monitor.config import Settings
@@ -123,7 +123,7 @@ def test_health_is_critical_when_an_acl_refuses_a_command(r, redis_server, tmp_p
 
 def test_health_is_critical_on_any_redis_error(r, redis_server, tmp_path):
     # The daemon's status key holds a hash: GET answers WRONGTYPE, a ResponseError.
-    r.hset(keys.monitor_status_key(str(monitor_identity()["host"])), "a", "b")
+    r.hset(protocol.monitor_status_key(str(monitor_identity()["host"])), "a", "b")
     code, output = health(config_file(tmp_path, redis_server.url))
     assert code == 2, output
     assert output.startswith("critical: redis refused the monitor's commands: ")

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import build, config_file, events
 
-from monitor import invalid, keys
+from monitor import invalid, protocol
 from monitor.cli import main
 from monitor.invalid import SHOWN, Said, digest, to_say
 
@@ -69,7 +69,7 @@ def test_huge_lock_value_is_bounded_in_record_audit_and_status(r, settings, redi
     report = monitor.run_pass()
     assert report is not None
     assert report.error is None
-    record = r.get(keys.holding_key(b"gpu_lock:0"))
+    record = r.get(protocol.holding_key(b"gpu_lock:0"))
     assert record is not None
     assert len(record) < 2000
     (warning,) = events(settings.audit_path, "lock_warning")
@@ -93,10 +93,10 @@ def test_huge_value_released_once_and_its_repeat_answered(r, settings):
     assert not r.exists(b"gpu_lock:0")
     (released,) = events(settings.audit_path, "lock_released")
     assert len(released["holder"]) < 400
-    assert len(r.get(keys.released_key(b"gpu_lock:0")) or b"") < 200  # the tombstone: a digest
+    assert len(r.get(protocol.released_key(b"gpu_lock:0")) or b"") < 200  # the tombstone: a digest
 
 
 def test_short_values_are_kept_as_they_are():
     hold_value = b"locked_by_tts"
-    assert keys.fingerprint(hold_value) == hold_value
-    assert keys.shown(hold_value) == "locked_by_tts"
+    assert protocol.fingerprint(hold_value) == hold_value
+    assert protocol.shown(hold_value) == "locked_by_tts"

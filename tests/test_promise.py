@@ -15,17 +15,18 @@ import pytest
 from helpers import beat, build, events, hold, make_settings, next_message, wait_for
 from proxy import ReplyDroppingProxy
 
-from monitor import keys, logs
+from monitor import logs, protocol
 from monitor.connection import connect
 from monitor.errors import ReleaseError
 from monitor.holding import Record
-from monitor.reaper import RELEASE_SCRIPT, HeartbeatCheck, Outcome, Reaper
+from monitor.protocol import RELEASE_SCRIPT, HeartbeatCheck, Outcome
+from monitor.reaper import Reaper
 from monitor.scanner import read_locks
 
 
 def subscribed(r, key: bytes):
     pubsub = r.pubsub()
-    pubsub.subscribe(keys.release_channel(key))
+    pubsub.subscribe(protocol.release_channel(key))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     return pubsub
 
@@ -95,7 +96,7 @@ def test_replicas_with_other_settings_share_one_record_and_one_warning(r, redis_
         (tmp_path / path).mkdir(exist_ok=True)
     key = hold(r, 0, "tts", age_s=350)  # past warning (300), heartbeat alive
     beat(r, key)
-    record_key = keys.holding_key(key)
+    record_key = protocol.holding_key(key)
     for _ in range(5):
         assert acting.run_pass().error is None
         stored = r.get(record_key)
@@ -142,7 +143,7 @@ def test_acting_monitor_never_resurrects_a_released_record(r, redis_server, tmp_
     assert a.run_pass().error is None
     assert not r.exists(key)
     assert len(events(tmp_path / "b" / "audit.jsonl", "lock_released")) == 1
-    assert r.get(keys.holding_key(key)) == b"-released"  # not a record brought back
+    assert r.get(protocol.holding_key(key)) == b"-released"  # not a record brought back
 
 
 @pytest.mark.parametrize("lock_timeout", [20, 60])
@@ -161,7 +162,7 @@ def test_mismatch_is_audited_once_and_shown_by_config_check(r, redis_server, tmp
     assert mismatch["lock_timeout_s"] == lock_timeout
     assert 5 <= mismatch["worker_ex_at_most_s"] < 10
     assert mismatch["held_s"] < 5
-    assert json.loads(r.get(keys.MISMATCH_KEY))["lock_key"] == "gpu_lock:0"
+    assert json.loads(r.get(protocol.MISMATCH_KEY))["lock_key"] == "gpu_lock:0"
     cfg = tmp_path / "m.yml"
     cfg.write_text(f"redis: {{url: '{redis_server.url}'}}\ngpu_lock: {{lock_timeout: {lock_timeout}}}\n")
     result = CliRunner().invoke(main, ["config", "check", "-c", str(cfg)])
@@ -315,7 +316,7 @@ def test_mismatch_warning_reads_what_the_daemon_left(r, settings, raw, shown):
     from monitor.service import mismatch_warning
 
     if raw is not None:
-        r.set(keys.MISMATCH_KEY, raw)
+        r.set(protocol.MISMATCH_KEY, raw)
     assert (mismatch_warning(r, settings) is not None) is shown
 
 
@@ -324,5 +325,5 @@ def test_last_complete_pass_tolerates_junk(r, settings, raw, expected):
     from monitor.service import last_complete_pass_ms
 
     if raw is not None:
-        r.set(keys.last_pass_key(settings.key_pattern), raw)
+        r.set(protocol.last_pass_key(settings.key_pattern), raw)
     assert last_complete_pass_ms(r, settings) == expected

@@ -13,9 +13,10 @@ import pytest
 import redis
 from helpers import beat, hold, next_message, wait_for
 
-from monitor import keys
+from monitor import protocol
 from monitor.errors import ReleaseError
-from monitor.reaper import HeartbeatCheck, Outcome, Reaper
+from monitor.protocol import HeartbeatCheck, Outcome
+from monitor.reaper import Reaper
 from monitor.redis_server import RedisServer, free_port
 from monitor.scanner import Observation, read_locks
 
@@ -40,7 +41,7 @@ def release_seen(reaper: Reaper, obs: Observation, check: HeartbeatCheck = Heart
 
 def subscribed(r, key: bytes):
     pubsub = r.pubsub()
-    pubsub.subscribe(keys.release_channel(key))
+    pubsub.subscribe(protocol.release_channel(key))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the server has it before we go on
     return pubsub
 
@@ -155,7 +156,7 @@ def test_release_marks_whether_a_live_heartbeat_was_ignored(r, reaper, check, ma
     key = hold(r, 0)
     beat(r, key)
     assert release_seen(reaper, look(r, key), check).outcome is Outcome.RELEASED
-    assert r.get(keys.holding_key(key)) == mark
+    assert r.get(protocol.holding_key(key)) == mark
 
 
 def test_heartbeat_appeared_is_revived(r, reaper):

@@ -12,7 +12,7 @@ import pytest
 import redis
 from helpers import LOCK_TIMEOUT_S, answer_at_terminal, beat, config_file, events, hold, make_settings
 
-from monitor import keys, manual
+from monitor import manual, protocol
 from monitor.audit import AuditLog, JsonlFile
 from monitor.errors import MonitorError
 
@@ -190,6 +190,6 @@ def test_a_refused_key_never_reaches_redis(tmp_path):
 
 def test_holder_records_are_not_lock_candidates():
     # The monitor's passes skip them as they skip heartbeats (DESIGN.md section 2).
-    assert not keys.is_lock_candidate(b"gpu_lock:0:holder")
-    assert not keys.is_lock_candidate(b"gpu_lock:0:heartbeat")
-    assert keys.is_lock_candidate(b"gpu_lock:0")
+    assert not protocol.is_lock_candidate(b"gpu_lock:0:holder")
+    assert not protocol.is_lock_candidate(b"gpu_lock:0:heartbeat")
+    assert protocol.is_lock_candidate(b"gpu_lock:0")

@@ -11,10 +11,11 @@ import pytest
 import redis
 from helpers import beat, build, events, hold, make_settings, next_message, read_jsonl
 
-from monitor import keys, logs
+from monitor import logs, protocol
 from monitor.audit import monitor_identity
 from monitor.holding import Record
-from monitor.reaper import TOMBSTONE_TTL_MS, Reaper
+from monitor.protocol import TOMBSTONE_TTL_MS
+from monitor.reaper import Reaper
 from monitor.scanner import READ_BATCH, SCAN_COUNT, read_locks
 from monitor.service import NO_TTL_RECORD_MS, RECORD_MARGIN_MS
 
@@ -198,28 +199,28 @@ def test_records_expire_with_their_locks_and_releases_mark_them(r, settings):
     monitor.run_pass()
     assert released_keys(settings) == ["gpu_lock:2"]
     # A record names its holding (value and expiry) and lives as long as its lock, plus a margin.
-    record = Record.loads(r.get(keys.holding_key(live)))
+    record = Record.loads(r.get(protocol.holding_key(live)))
     assert (record.holder, record.expiry_ms) == (b"locked_by_tts", obs.expiry_ms)
-    lock_pttl, record_pttl = r.pttl(live), r.pttl(keys.holding_key(live))
+    lock_pttl, record_pttl = r.pttl(live), r.pttl(protocol.holding_key(live))
     assert lock_pttl < record_pttl <= lock_pttl + RECORD_MARGIN_MS + 1000  # + the pass's own time
     # A lock without a TTL: its record lasts a day after the last pass that saw it.
-    assert Record.loads(r.get(keys.holding_key(no_ttl))).expiry_ms == -1
-    assert NO_TTL_RECORD_MS - 10_000 < r.pttl(keys.holding_key(no_ttl)) <= NO_TTL_RECORD_MS
+    assert Record.loads(r.get(protocol.holding_key(no_ttl))).expiry_ms == -1
+    assert NO_TTL_RECORD_MS - 10_000 < r.pttl(protocol.holding_key(no_ttl)) <= NO_TTL_RECORD_MS
     # A released holding's record is replaced by a mark, and its release by the attempt's
     # tombstone: both expire.
-    assert r.get(keys.holding_key(zombie)) == b"-released"
-    assert 0 < r.pttl(keys.holding_key(zombie)) <= TOMBSTONE_TTL_MS
-    assert r.get(keys.released_key(zombie)).endswith(b":locked_by_tts")
-    assert 0 < r.pttl(keys.released_key(zombie)) <= TOMBSTONE_TTL_MS
+    assert r.get(protocol.holding_key(zombie)) == b"-released"
+    assert 0 < r.pttl(protocol.holding_key(zombie)) <= TOMBSTONE_TTL_MS
+    assert r.get(protocol.released_key(zombie)).endswith(b":locked_by_tts")
+    assert 0 < r.pttl(protocol.released_key(zombie)) <= TOMBSTONE_TTL_MS
     # Its owner releases the live lock: the record is left to expire, never rewritten or extended.
-    stored = r.get(keys.holding_key(live))
+    stored = r.get(protocol.holding_key(live))
     r.delete(live)
     monitor.run_pass()
-    assert r.get(keys.holding_key(live)) == stored
-    assert r.pttl(keys.holding_key(live)) <= record_pttl
+    assert r.get(protocol.holding_key(live)) == stored
+    assert r.pttl(protocol.holding_key(live)) <= record_pttl
     # Every key the monitor wrote expires, except the mark of the last complete pass.
     mine = list(r.scan_iter(match=b"gpulock_monitor:*"))
-    assert [k for k in mine if r.pttl(k) < 0] == [keys.last_pass_key(settings.key_pattern)]
+    assert [k for k in mine if r.pttl(k) < 0] == [protocol.last_pass_key(settings.key_pattern)]
 
 
 class CountingConnection(redis.Connection):
@@ -328,8 +329,8 @@ def test_race_lock_released_by_owner_before_release(r, settings):
     monitor = build(settings, reaper=RacingReaper(r, lambda: r.delete(key)))
     monitor.run_pass()
     assert events(settings.audit_path, "release_skipped")[0]["outcome"] == "gone"
-    assert not r.exists(keys.holding_key(key))  # nothing kept about a holding that is gone
-    assert not r.exists(keys.released_key(key))  # nor claimed released
+    assert not r.exists(protocol.holding_key(key))  # nothing kept about a holding that is gone
+    assert not r.exists(protocol.released_key(key))  # nor claimed released
 
 
 def test_release_refused_retries_then_writes_critical_record(r, redis_server, tmp_path):
@@ -417,12 +418,12 @@ def test_batches_cover_every_lock(r, settings, n):
     locks = [f"gpu_lock:{i}".encode() for i in range(n)]
     # What remains: each release's mark and tombstone (both expire), the status, the pass mark.
     assert set(r.scan_iter(count=10_000)) == {
-        keys.monitor_status_key(monitor_host()),
-        keys.last_pass_key(settings.key_pattern),
-        *(keys.holding_key(k) for k in locks),
-        *(keys.released_key(k) for k in locks),
+        protocol.monitor_status_key(monitor_host()),
+        protocol.last_pass_key(settings.key_pattern),
+        *(protocol.holding_key(k) for k in locks),
+        *(protocol.released_key(k) for k in locks),
     }
-    assert set(r.mget([keys.holding_key(k) for k in locks])) == {b"-released"}
+    assert set(r.mget([protocol.holding_key(k) for k in locks])) == {b"-released"}
 
 
 def test_stale_heartbeat_released_only_if_still_unchanged(r, redis_server, tmp_path):
@@ -472,7 +473,7 @@ def monitor_host() -> str:
 def test_status_key_summarises_the_last_pass_and_ages_on_redis_clock(r, settings):
     hold(r, 0)
     build(settings).run_pass()
-    key = keys.monitor_status_key(monitor_host())
+    key = protocol.monitor_status_key(monitor_host())
     status = json.loads(r.get(key))
     assert status["locks"] == 1
     assert status["failing_releases"] == 0
@@ -487,7 +488,7 @@ def test_two_replicas_release_each_zombie_once(r, redis_server, tmp_path):
     b_settings = make_settings(redis_server.url, tmp_path / "b")
     zombies = [hold(r, 0, "dead", age_s=450), hold(r, 1, "dead", age_s=450)]
     pubsub = r.pubsub()
-    pubsub.subscribe(*(keys.release_channel(k) for k in zombies))
+    pubsub.subscribe(*(protocol.release_channel(k) for k in zombies))
     for _ in zombies:  # both subscriptions are in place before anyone publishes
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     a_done = []

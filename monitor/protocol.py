@@ -1,0 +1,338 @@
+"""The lock protocol (DESIGN.md sections 2 and 4), shared by the worker client and the daemon.
+
+Key templates, the release channel and notice, the heartbeat's TTL rule, and every Lua script
+that reads or writes protocol keys: one home, so worker and monitor cannot drift apart. Stdlib
+only (the worker imports it).
+
+Keys and values are handled as bytes end to end: Redis holds arbitrary bytes, and a
+lock value that is not UTF-8 must still be compared and released exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+
+from monitor.errors import ReleaseError
+
+LOCK_VALUE_PREFIX = b"locked_by_"
+HEARTBEAT_SUFFIX = b":heartbeat"
+# The record a holder may write beside its lock (DESIGN.md section 2): data, not a lock.
+HOLDER_SUFFIX = b":holder"
+# Existing waiters subscribe to "gpu_lock:" + the lock key, so the prefix appears twice.
+RELEASE_CHANNEL_PREFIX = b"gpu_lock:"
+# Everything the monitor itself remembers lives under this prefix.
+MONITOR_PREFIX = b"gpulock_monitor:"
+HOLDING_PREFIX = MONITOR_PREFIX + b"holding:"
+RELEASED_PREFIX = MONITOR_PREFIX + b"released:"
+# The last lock_timeout_mismatch an acting monitor found, for `config check` to show.
+MISMATCH_KEY = MONITOR_PREFIX + b"lock_timeout_mismatch"
+
+
+def heartbeat_key(lock_key: bytes) -> bytes:
+    return lock_key + HEARTBEAT_SUFFIX
+
+
+def holding_key(lock_key: bytes) -> bytes:
+    """Where the monitor keeps what it knows of the lock's current holding.
+
+    The key hashes to the lock's own Redis Cluster slot (the lock's hash tag, or the whole lock
+    key as one), so the release script can check and delete it with the lock atomically.
+    """
+    return HOLDING_PREFIX + _same_slot(lock_key)
+
+
+def released_key(lock_key: bytes) -> bytes:
+    """Where the release script leaves what it released (in the lock's slot, as holding_key)."""
+    return RELEASED_PREFIX + _same_slot(lock_key)
+
+
+def last_pass_key(pattern: str) -> bytes:
+    """Redis-clock ms when the last complete pass over `pattern` of an acting monitor began: a
+    holding without a record began after it (DESIGN.md section 3, held time)."""
+    return MONITOR_PREFIX + b"last_complete_pass_ms:" + pattern.encode()
+
+
+def _same_slot(lock_key: bytes) -> bytes:
+    return lock_key if _hash_tag(lock_key) is not None else b"{" + lock_key + b"}"
+
+
+def _hash_tag(key: bytes) -> bytes | None:
+    """The part of `key` Redis Cluster hashes when it is not the whole key."""
+    start = key.find(b"{")
+    if start < 0:
+        return None
+    end = key.find(b"}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def release_channel(lock_key: bytes) -> bytes:
+    return RELEASE_CHANNEL_PREFIX + lock_key
+
+
+def is_lock_candidate(key: bytes) -> bool:
+    """False for keys that match the pattern but are not locks by name."""
+    return not key.endswith((HEARTBEAT_SUFFIX, HOLDER_SUFFIX)) and not key.startswith(MONITOR_PREFIX)
+
+
+def task_name(value: bytes) -> bytes:
+    """The task name inside a lock value; the value itself when it lacks the prefix."""
+    if value.startswith(LOCK_VALUE_PREFIX):
+        return value[len(LOCK_VALUE_PREFIX) :]
+    return value
+
+
+def text(data: bytes) -> str:
+    """Redis bytes as printable text: invalid UTF-8 becomes backslash escapes, never an error."""
+    return data.decode("utf-8", "backslashreplace")
+
+
+# Values from Redis are data that anyone with write access controls: a 10 MB lock value must not
+# become a 10 MB record, audit line or alert. Longer ones are kept as a digest (records) or cut
+# with their length and digest (what people read).
+LONGEST_KEPT = 200
+
+
+def fingerprint(data: bytes) -> bytes:
+    """`data`, or a digest of it when it is long; the release scripts compute the same (`fp`)."""
+    if len(data) <= LONGEST_KEPT:
+        return data
+    return b"\x00sha1:" + hashlib.sha1(data, usedforsecurity=False).hexdigest().encode() + b":%d" % len(data)
+
+
+def shown(data: bytes) -> str:
+    """`text(data)`, cut when long, saying how long it was and its digest (to tell values apart)."""
+    if len(data) <= LONGEST_KEPT:
+        return text(data)
+    digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+    return f"{text(data[:LONGEST_KEPT])}... ({len(data)} bytes, sha1 {digest})"
+
+
+def monitor_status_key(host: str) -> bytes:
+    """Where the daemon on `host` leaves its last pass summary (read by `health`)."""
+    return MONITOR_PREFIX + b"monitor:" + host.encode()
+
+
+def heartbeat_ttl_ms(interval_s: float) -> int:
+    """Workers write the heartbeat with EX = 2 * interval, refreshed every interval."""
+    return round(2 * interval_s * 1000)
+
+
+# --- Lua scripts ---------------------------------------------------------------------------------
+# Building blocks first (EXPIRY_LUA, FINGERPRINT_LUA), then each script with its KEYS and ARGV.
+
+# `expiry(key)`: absolute expiry in Redis-clock ms, -1 without a TTL, -2 when the key is absent.
+# PEXPIRETIME (Redis 7) is exact. Before it, PTTL counts from the server's clock at that call:
+# read between two TIMEs that show the same millisecond, TIME + PTTL is exact too (a millisecond
+# boundary falls between them about once in a thousand reads; the read is then made again).
+EXPIRY_LUA = """
+local exact = nil
+local function ms(t) return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end
+local function expiry(key)
+  if exact ~= false then
+    local e = redis.pcall('PEXPIRETIME', key)
+    if type(e) == 'number' then exact = true return e end
+    exact = false
+  end
+  local before, pttl, after
+  for _ = 1, 8 do
+    before = ms(redis.call('TIME'))
+    pttl = redis.call('PTTL', key)
+    if pttl < 0 then return pttl end
+    after = ms(redis.call('TIME'))
+    if before == after then break end
+  end
+  return after + pttl
+end
+"""
+
+
+# `fp(value)`: fingerprint in Lua (the value, or its digest beyond LONGEST_KEPT bytes).
+FINGERPRINT_LUA = """
+local function fp(v)
+  if #v <= 200 then return v end
+  return '\\0sha1:' .. redis.sha1hex(v) .. ':' .. #v
+end
+"""
+
+
+# KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
+# and its expiry, or -3 where ARGV[1] has "-" at its place (a record: only its value counts).
+# Replies start with Redis TIME (seconds, microseconds).
+READ_SCRIPT = (
+    EXPIRY_LUA
+    + """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+local want = ARGV[1] or ''
+for i = 1, #KEYS do
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) == 'table' then v = 0 end
+  out[#out + 1] = v
+  if string.sub(want, i, i) == '-' then out[#out + 1] = -3 else out[#out + 1] = expiry(KEYS[i]) end
+end
+return out
+"""
+)
+
+
+# Per lock: the lock and its heartbeat with their expiries, the holding's record by value.
+READ_WANT = "ee-"
+
+
+TOMBSTONE_TTL_MS = 600_000
+
+
+# KEYS[1] lock, then what ARGV[9] names: "h" its heartbeat, "r" the holding's record and the
+# tombstone key (in Redis Cluster a key in another slot is left out).
+# ARGV[1] holder, ARGV[2] its expiry as observed (-1: no TTL), ARGV[3] "check" or "any" for the
+# heartbeat, ARGV[4] heartbeat value as observed ("" absent), ARGV[5] its expiry, ARGV[6]
+# channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[10] the attempt (who, which holding).
+RELEASE_SCRIPT = (
+    EXPIRY_LUA
+    + FINGERPRINT_LUA
+    + """
+local hb_key, rec_key, tomb_key, n = false, false, false, 2
+if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
+if string.find(ARGV[9], 'r', 1, true) then rec_key, tomb_key = KEYS[n], KEYS[n + 1] end
+local tomb = ARGV[10] .. ':' .. ARGV[2] .. ':' .. fp(ARGV[1])
+if tomb_key and redis.pcall('GET', tomb_key) == tomb then return {'released', ARGV[1], false} end
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then return {'holder_changed', false, false} end
+if not value then return {'gone', false, false} end
+if value ~= ARGV[1] or expiry(KEYS[1]) ~= tonumber(ARGV[2]) then
+  return {'holder_changed', value, false}
+end
+local hb = hb_key and redis.pcall('GET', hb_key)
+if type(hb) == 'table' then hb = false end  -- not a string: no heartbeat, and not ours to delete
+-- Gone since the read: still dead. Present: it must be the very write that was judged.
+if ARGV[3] == 'check' and hb and (hb ~= ARGV[4] or expiry(hb_key) ~= tonumber(ARGV[5])) then
+  return {'heartbeat_revived', value, false}
+end
+-- DEL first: where it is refused (a read-only replica after a failover, an ACL) the script
+-- stops here, and no notice announces a lock that is still held.
+redis.call('DEL', KEYS[1])
+if hb then redis.pcall('DEL', hb_key) end
+if rec_key then
+  -- "+": released while its heartbeat was there and not judged dead; its writer may live on.
+  local mark = (ARGV[3] == 'any' and hb) and '+released' or '-released'
+  redis.pcall('SET', rec_key, mark, 'PX', ARGV[8])
+  redis.pcall('SET', tomb_key, tomb, 'PX', ARGV[8])
+end
+local sent = redis.pcall('PUBLISH', ARGV[6], ARGV[7])
+if type(sent) == 'table' then return {'released', value, sent.err} end
+return {'released', value, false}
+"""
+)
+
+
+class Outcome(str, Enum):
+    RELEASED = "released"
+    HOLDER_CHANGED = "holder_changed"
+    HEARTBEAT_REVIVED = "heartbeat_revived"
+    GONE = "gone"
+
+
+class HeartbeatCheck(str, Enum):
+    ANY = "any"  # the hard cap and operators: whatever the heartbeat does
+    CHECK = "check"  # it must still be the write that was observed, or gone
+
+
+def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> bytes:
+    """The release notice in the workers' format (DESIGN.md section 2)."""
+    return json.dumps(
+        {
+            "event_type": "lock_released",
+            "lock_key": text(lock_key),
+            "task_name": text(task_name(holder)),
+            "release_reason": reason,
+            "timestamp": timestamp,
+        }
+    ).encode()
+
+
+# KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms. Returns the
+# lock's absolute expiry (with the value, the holding's identity for the release script), or 0.
+# The first heartbeat is written with the lock: the monitor counts it as alive from the start, and
+# its first refresh proves it this holding's (DESIGN.md section 3).
+# Finding our own value means an earlier try succeeded but its reply was lost to a dropped
+# connection: that try's lock is ours, so say so instead of waiting on ourselves.
+ACQUIRE_SCRIPT = (
+    EXPIRY_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return expiry(KEYS[1])
+"""
+)
+
+
+# KEYS lock, heartbeat; ARGV value, heartbeat value, heartbeat ttl ms.
+HEARTBEAT_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+# Compare-and-set of holding records. ARGV[1] "h" when KEYS[1] and KEYS[2] are the last-pass
+# and the monitor-status keys (then ARGV[3] is when this pass began, "" unless the pass was
+# complete, ARGV[4] the status, ARGV[5] its ms to live); ARGV[2] is unused. Then pairs of
+# KEYS (a lock, its record key) with five ARGV from ARGV[6] each: holder (fingerprint), expiry, the record as
+# read ("" none), the new record, its ms to live. A record is written only while the lock still
+# has that holding and nobody changed the record since it was read.
+PERSIST_SCRIPT = (
+    EXPIRY_LUA
+    + FINGERPRINT_LUA
+    + """
+local first = 1
+if ARGV[1] == 'h' then first = 3 end
+local skipped = 0
+for i = first, #KEYS, 2 do
+  local a = 6 + (i - first) / 2 * 5
+  local v = redis.pcall('GET', KEYS[i])
+  local ok = type(v) == 'string' and fp(v) == ARGV[a] and expiry(KEYS[i]) == tonumber(ARGV[a + 1])
+  local stored = redis.pcall('GET', KEYS[i + 1])
+  if type(stored) ~= 'string' then stored = '' end
+  if ok and stored == ARGV[a + 2] then
+    redis.call('SET', KEYS[i + 1], ARGV[a + 3], 'PX', ARGV[a + 4])
+  else
+    skipped = skipped + 1
+  end
+end
+if first == 3 then
+  if ARGV[3] ~= '' and tonumber(ARGV[3]) > (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) then
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+end
+return skipped
+"""
+)
+
+
+RAISE_TO_SCRIPT = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tonumber(ARGV[1]) > last then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+# What the fleet's existing workers run to release (DESIGN.md section 2): the value checked, then
+# lock and heartbeat deleted. The demo's simulated workers and the fleet tests use it.
+LEGACY_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end
+return 0
+"""
+
+
+def outcome_of(code: bytes) -> Outcome:
+    """The release script's return code as a named outcome; anything else is an error."""
+    try:
+        return Outcome(code.decode("ascii", "replace"))
+    except ValueError:
+        raise ReleaseError(f"release script answered {code!r}") from None
