@@ -15,14 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+from monitor import units
 from monitor.channels import SECRETS, Channel
 from monitor.config import Settings
 from monitor.logs import get_logger
 from monitor.redact import redact, secret_fragments
-from monitor.report import human
 
 log = get_logger("gpulock_monitor.alerts")
 
@@ -57,7 +56,7 @@ class Alert:
             "severity": self.severity,
             "event": self.event,
             "summary": self.summary,
-            "ts": datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": units.iso(self.ts),
             "host": self.host,
             "lock_key": self.lock_key,
             "holder": self.holder,
@@ -129,7 +128,7 @@ def _gpu(fields: dict[str, Any]) -> str:
 
 
 def _ago(seconds: object) -> str:
-    return human(float(seconds)) if isinstance(seconds, (int, float)) else "?"
+    return units.human(float(seconds)) if isinstance(seconds, (int, float)) else "?"
 
 
 @dataclass

@@ -23,20 +23,15 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from monitor import __version__
+from monitor import __version__, units
 from monitor.errors import AuditWriteError
 
 SCHEMA_VERSION = 1
 # Events waiting for a failing disk; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 10_000
-
-
-def utc_iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def monitor_identity() -> dict[str, Any]:
@@ -183,7 +178,7 @@ def critical_record(
     """One critical-failure line (DESIGN.md section 5), for the daemon and the worker client."""
     return {
         "v": SCHEMA_VERSION,
-        "ts": utc_iso(now),
+        "ts": units.iso(now),
         "timestamp": now,
         "event": "release_failed",
         "lock_key": lock_key,
@@ -206,6 +201,6 @@ class AuditLog:
         self.identity = monitor_identity()
 
     def event(self, name: str, *, sync: bool = False, now: float, **fields: Any) -> dict[str, Any]:
-        record = {"v": SCHEMA_VERSION, "ts": utc_iso(now), "event": name, **fields, "monitor": self.identity}
+        record = {"v": SCHEMA_VERSION, "ts": units.iso(now), "event": name, **fields, "monitor": self.identity}
         self.file.write(record, sync=sync)
         return record

@@ -5,32 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from monitor import units
 from monitor.errors import MonitorError
-
-_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_since(text: str, now: float) -> float:
     """A start time (epoch seconds) from `2h`, `90m`, `1d12h`, or an ISO 8601 time (UTC if naive)."""
-    spans = _SPAN.findall(text)
-    if spans and "".join(n + u for n, u in spans) == text:
-        return now - sum(float(n) * _UNIT_S[u] for n, u in spans)
+    span_s = units.parse_span(text)
+    if span_s is not None:
+        return now - span_s
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return units.parse_iso(text)
     except ValueError:
         raise MonitorError(f"--since: expected a span like 2h or 30m, or an ISO 8601 time, got {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,7 @@ class Filter:
             return False
         if self.since is not None:
             try:
-                ts = datetime.fromisoformat(str(record.get("ts"))).timestamp()
+                ts = units.parse_iso(str(record.get("ts")))
             except ValueError:
                 return False
             if ts < self.since:

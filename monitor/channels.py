@@ -27,6 +27,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol
 
+from monitor import units
 from monitor.errors import ConfigError
 from monitor.redact import label, redact, redact_url, short
 
@@ -90,7 +91,7 @@ class Slack(Channel):
 
 class DingTalk(Channel):
     def send(self, alert: AlertLike) -> None:
-        timestamp = str(round(time.time() * 1000))
+        timestamp = str(units.to_ms(time.time()))
         query = urllib.parse.urlencode(
             {
                 "access_token": self.options["access_token"],

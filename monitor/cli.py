@@ -19,7 +19,7 @@ import click
 import redis
 import yaml
 
-from monitor import __version__, audit_read, daemon, logs, manual, protocol, report, service
+from monitor import __version__, audit_read, daemon, logs, manual, protocol, report, service, units
 from monitor.audit import monitor_identity
 from monitor.config import Settings, load_settings
 from monitor.connection import connect, redis_down
@@ -215,7 +215,7 @@ def health_check(settings: Settings) -> Health:
     age = None
     failing = 0
     if raw is not None and pttl > 0:
-        age = (status_ttl_ms(settings) - pttl) / 1000
+        age = units.to_s(status_ttl_ms(settings) - pttl)
         try:
             failing = int(json.loads(raw).get("failing_releases", 0))
         except (ValueError, AttributeError, TypeError):

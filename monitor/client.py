@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from monitor import protocol
+from monitor import protocol, units
 from monitor.audit import JsonlFile, critical_record
 from monitor.errors import AuditWriteError, MonitorError, ReleaseError
 from monitor.logs import get_logger
@@ -81,7 +81,7 @@ class GpuLock:
         self.key = lock_key.encode()
         self.task_name = task_name
         self.value = f"locked_by_{task_name}#{uuid.uuid4().hex[:12]}".encode()
-        self.timeout_ms = round(timeout * 1000)
+        self.timeout_ms = units.to_ms(timeout)
         self.heartbeat_interval = heartbeat_interval
         self.max_wait = max_wait
         self.poll_min_s = poll_min_s
@@ -145,7 +145,7 @@ class GpuLock:
             pubsub.close()
 
     def _try(self) -> bool:
-        hb_ms = round(2 * self.heartbeat_interval * 1000)
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
         keys_ = [self.key, protocol.heartbeat_key(self.key)]
         expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
         if expiry == 0:
@@ -156,7 +156,7 @@ class GpuLock:
     # --- heartbeat ----------------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        hb_ms = round(2 * self.heartbeat_interval * 1000)
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
         keys_ = [self.key, protocol.heartbeat_key(self.key)]
         while not self._stop.wait(self.heartbeat_interval):
             try:

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 import yaml
 
-from monitor import channels
+from monitor import channels, protocol, units
 from monitor.errors import ConfigError
 from monitor.redact import label, redact, redact_url, short
 
@@ -212,7 +212,7 @@ class Settings:
     @property
     def heartbeat_ttl_s(self) -> float:
         """The expiry workers give their heartbeat key (DESIGN.md section 2)."""
-        return 2 * self.heartbeat_interval_s
+        return units.to_s(protocol.heartbeat_ttl_ms(self.heartbeat_interval_s))
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as `monitor.yml` sections, with secrets masked."""

@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
+from monitor import units
+from monitor.policy import Heartbeat
 from monitor.protocol import fingerprint
 from monitor.scanner import Observation
 
 # What the release script leaves in the record key of a holding it released: "+" when the holder's
 # heartbeat was still there at a release that ignored it (the hard cap, --force), "-" otherwise.
 RELEASED_MARK = b"released"
-
-
-class Heartbeat(str, Enum):
-    ALIVE = "alive"
-    DEAD = "dead"
-    NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -146,11 +141,11 @@ class Holding:
 
     @property
     def held_s(self) -> float:
-        return self.held_ms / 1000
+        return units.to_s(self.held_ms)
 
     @property
     def hb_age_s(self) -> float | None:
-        return None if self.hb_age_ms is None else self.hb_age_ms / 1000
+        return None if self.hb_age_ms is None else units.to_s(self.hb_age_ms)
 
     @property
     def pttl_ms(self) -> int:

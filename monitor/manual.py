@@ -19,7 +19,8 @@ from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client
 from monitor.errors import MonitorError
-from monitor.holding import Heartbeat, Holding
+from monitor.holding import Holding
+from monitor.policy import Heartbeat
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
 from monitor.report import _cell

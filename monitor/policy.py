@@ -1,11 +1,17 @@
-"""The decision rules of DESIGN.md section 3, as one pure function."""
+"""The decision rules of DESIGN.md section 3, as one pure function. Imports nothing of ours."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 
-from monitor.holding import Heartbeat
+
+class Heartbeat(str, Enum):
+    """What the heartbeat says of one holding (DESIGN.md section 3)."""
+
+    ALIVE = "alive"
+    DEAD = "dead"
+    NONE = "none"
 
 
 class Action(str, Enum):

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from monitor import protocol
+from monitor import protocol, units
 from monitor.config import Settings
 from monitor.connection import Client
 from monitor.gpu import GpuInfo, Nvml, device_for
@@ -56,7 +55,7 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
     now = snapshot.redis_time_ms
     return {
         "version": JSON_VERSION,
-        "redis_time": None if now is None else datetime.fromtimestamp(now / 1000, timezone.utc).isoformat(),
+        "redis_time": None if now is None else units.iso(units.to_s(now)),
         "auto_recovery": not snapshot.dry_run,
         "locks": [
             {
@@ -64,7 +63,7 @@ def as_json(snapshot: Snapshot) -> dict[str, Any]:
                 "holder": protocol.shown(h.holder),
                 "task_name": protocol.shown(protocol.task_name(h.holder)),
                 "held_s": round(h.held_s, 3),
-                "ttl_s": round(h.pttl_ms / 1000, 3) if h.pttl_ms >= 0 else None,
+                "ttl_s": round(units.to_s(h.pttl_ms), 3) if h.pttl_ms >= 0 else None,
                 "heartbeat": h.heartbeat.value,
                 "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
                 "tier": v.decision.tier.value,
@@ -91,11 +90,11 @@ def as_table(snapshot: Snapshot) -> str:
     rows = [header]
     for v in snapshot.verdicts:
         h = v.holding
-        heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({human(h.hb_age_s)} ago)"
+        heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({units.human(h.hb_age_s)} ago)"
         row: tuple[str, ...] = (
             _cell(protocol.text(h.key)),
             _cell(protocol.shown(h.holder)),
-            human(h.held_s),
+            units.human(h.held_s),
             heartbeat,
             v.decision.tier.value,
             would_do(v, snapshot.dry_run),
@@ -129,18 +128,6 @@ def gpu_cells(g: GpuInfo | None) -> tuple[str, str, str, str]:
     util = "-" if g.utilization_pct is None else f"{g.utilization_pct}%"
     procs = "-" if g.processes is None else str(len(g.processes))
     return (str(g.index), mem, util, procs)
-
-
-def human(seconds: float) -> str:
-    """A short duration: 42.0s, 5m12s, 2h05m, 3d04h."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    s = int(seconds)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _cell(text: str, limit: int = 48) -> str:

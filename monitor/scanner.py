@@ -24,7 +24,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from monitor import protocol
+from monitor import protocol, units
 from monitor.connection import Client, is_cluster
 
 SCAN_COUNT = 5000
@@ -48,10 +48,6 @@ class Observation:
     def pttl_ms(self) -> int:
         """The lock's remaining TTL as PTTL would say it."""
         return self.expiry_ms if self.expiry_ms < 0 else max(0, self.expiry_ms - self.now_ms)
-
-
-def redis_time_ms(client: Client) -> int:
-    return ms_of_time(*client.time())
 
 
 def scan_candidates(client: Client, pattern: str) -> list[bytes]:
@@ -80,7 +76,7 @@ def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
     script_keys = [k for key in batch for k in _lock_keys(key)]
     read = client.register_script(protocol.READ_SCRIPT)
     reply: list[Any] = read(keys=script_keys, args=[protocol.READ_WANT * len(batch)])
-    now_ms = ms_of_time(reply[0], reply[1])
+    now_ms = units.ms_of_time(reply[0], reply[1])
     return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 
 
@@ -112,7 +108,7 @@ def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]
         if isinstance(reply, Exception):
             raise reply
         for i, k in enumerate(group):
-            found[k] = (ms_of_time(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
+            found[k] = (units.ms_of_time(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
     observations = []
     for key in batch:
         lock, hb, rec = (found[k] for k in _lock_keys(key))
@@ -135,11 +131,6 @@ def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
         int(hb_expiry),
         record if isinstance(record, bytes) else None,
     )
-
-
-def ms_of_time(seconds: Any, micros: Any) -> int:
-    """A Redis TIME reply (seconds, microseconds) in milliseconds."""
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:

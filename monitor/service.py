@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from monitor import invalid, protocol
+from monitor import invalid, protocol, units
 from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
@@ -37,9 +37,7 @@ from monitor.redact import redact
 from monitor.scanner import (
     READ_BATCH,
     Observation,
-    ms_of_time,
     read_locks,
-    redis_time_ms,
     scan_candidates,
 )
 
@@ -56,7 +54,7 @@ MAX_BACKOFF_S = 5.0
 
 def status_ttl_ms(settings: Settings) -> int:
     """Lifetime of the daemon's status key: long enough to see a stalled daemon as stale."""
-    return round(max(10 * settings.monitor_interval_s, 600) * 1000)
+    return units.to_ms(max(10 * settings.monitor_interval_s, 600))
 
 
 @dataclass(frozen=True)
@@ -123,9 +121,9 @@ def evaluate(
             obs,
             prev,
             after_ms=after_ms,
-            lock_timeout_ms=round(settings.lock_timeout_s * 1000),
-            hb_ttl_ms=round(settings.heartbeat_ttl_s * 1000),
-            hb_timeout_ms=round(settings.heartbeat_timeout_s * 1000),
+            lock_timeout_ms=units.to_ms(settings.lock_timeout_s),
+            hb_ttl_ms=protocol.heartbeat_ttl_ms(settings.heartbeat_interval_s),
+            hb_timeout_ms=units.to_ms(settings.heartbeat_timeout_s),
             tainted=tainted,
         )
         verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
@@ -289,7 +287,7 @@ class Monitor:
         if is_cluster(self.client):  # TIME is no keyed command: no cluster pipeline takes it
             if first:
                 self._invalid_said = invalid.Said.loads(self.client.get(invalid.SAID_KEY))  # type: ignore[arg-type]
-            return redis_time_ms(self.client), last_complete_pass_ms(self.client, self.settings)
+            return units.redis_time_ms(self.client), last_complete_pass_ms(self.client, self.settings)
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
         pipe.get(protocol.last_pass_key(self.settings.key_pattern))
@@ -299,7 +297,7 @@ class Monitor:
         if first:
             self._invalid_said = invalid.Said.loads(said[0])
         persisted = int(raw) if raw is not None and raw.isdigit() else None
-        return ms_of_time(seconds, micros), persisted
+        return units.ms_of_time(seconds, micros), persisted
 
     def _own_notified(self, verdict: Verdict) -> Verdict:
         """A replica that does not act audits for itself: what it already said is its own."""
@@ -427,7 +425,7 @@ class Monitor:
         assert record.after_ms is not None  # a mismatch needs a pass that did not see the lock
         details = {
             "lock_timeout_s": self.settings.lock_timeout_s,
-            "worker_ex_at_most_s": round((h.expiry_ms - record.after_ms) / 1000, 3),
+            "worker_ex_at_most_s": round(units.to_s(h.expiry_ms - record.after_ms), 3),
         }
         if self.acting:
             found = {"lock_key": protocol.text(h.key), "seen_ms": h.now_ms, **details}

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
-from helpers import beat, build, config_file, events, hold, make_settings
+from helpers import beat, build, config_file, events, hold, make_settings, subscribed
 
 from monitor import protocol
 from monitor.cli import main
 from monitor.redis_server import RedisServer, free_port
-from monitor.report import human
+from monitor.units import human
 
 
 def cli(*args: str, input: str | None = None):
@@ -112,20 +112,17 @@ def test_status_without_redis_is_one_line(tmp_path):
 def test_release_with_holder_and_audit(r, cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("SUDO_USER", "alice")
     hold(r, 0, "tts", age_s=10)
-    pubsub = r.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    result = cli("release", "gpu_lock:0", "--holder", "locked_by_tts", "--yes", "-c", str(cfg))
-    assert result.exit_code == 0, result.output
-    assert result.output.strip() == "released gpu_lock:0 (was held by locked_by_tts)"
-    assert not r.exists(b"gpu_lock:0")
-    notice = json.loads(pubsub.get_message(timeout=5)["data"])
+    with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
+        result = cli("release", "gpu_lock:0", "--holder", "locked_by_tts", "--yes", "-c", str(cfg))
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == "released gpu_lock:0 (was held by locked_by_tts)"
+        assert not r.exists(b"gpu_lock:0")
+        notice = json.loads(pubsub.get_message(timeout=5)["data"])
     assert notice["release_reason"] == "manual_release"
     (event,) = events(tmp_path / "audit.jsonl", "manual_release")
     assert (event["operator"], event["outcome"], event["holder"]) == ("alice", "released", "locked_by_tts")
     assert event["requested_holder"] == "locked_by_tts"
     assert event["held_s"] >= 10
-    pubsub.close()
 
 
 def test_release_wrong_holder_releases_nothing(r, cfg, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
-from helpers import build, config_file, events, hold, make_settings, wait_for
+from helpers import acl_user, build, config_file, events, hold, make_settings, wait_for
 from redis._parsers.base import BaseParser
 from redis.client import Pipeline
 
@@ -23,8 +23,8 @@ from monitor.cli import main
 from monitor.config import Settings
 from monitor.connection import connect, redis_down
 from monitor.health import State, assess, overdue_s
-from monitor.holding import Heartbeat, Holding, Record
-from monitor.policy import Action, Decision, Reason, Tier
+from monitor.holding import Holding, Record
+from monitor.policy import Action, Decision, Heartbeat, Reason, Tier
 from monitor.redis_server import RedisServer, find_binary, free_port
 from monitor.service import Verdict
 
@@ -109,12 +109,8 @@ def test_health_is_critical_when_an_acl_refuses_a_command(r, redis_server, tmp_p
     hold(r, 0)
     build(make_settings(redis_server.url, tmp_path)).run_pass()  # the daemon's status is fresh
     # A user with every right but SCAN: `health` cannot see the locks.
-    r.acl_setuser("noscan", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-scan"])
-    try:
-        url = f"redis://noscan:pw@127.0.0.1:{redis_server.port}/0"
-        code, output = health(config_file(tmp_path, url))
-    finally:
-        r.acl_deluser("noscan")
+    with acl_user(r, "noscan", channels=["*"], commands=["+@all", "-scan"]) as noscan:
+        code, output = health(config_file(tmp_path, noscan.url))
     assert code == 2, output
     assert output.startswith("critical: redis refused the monitor's commands: ")
     assert "NOPERM" in output or "no permissions" in output

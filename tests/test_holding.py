@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from monitor.holding import RELEASED_MARK, Heartbeat, Record, taints, track
+from monitor.holding import RELEASED_MARK, Record, taints, track
+from monitor.policy import Heartbeat
 from monitor.scanner import Observation
 
 LOCK_MS = 600_000  # gpu_lock.lock_timeout: the shortest EX in use

@@ -2,8 +2,7 @@
 
 import pytest
 
-from monitor.holding import Heartbeat
-from monitor.policy import Action, Reason, Tier, Tiers, decide, tier_of
+from monitor.policy import Action, Heartbeat, Reason, Tier, Tiers, decide, tier_of
 
 T = Tiers(warning_s=300, soft_s=600, hard_s=900)
 NO_CAP = Tiers(warning_s=300, soft_s=600, hard_s=None)
