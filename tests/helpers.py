@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: settings, monitors, audit reading, awaiting, lock writing."""
+"""Helpers shared by the tests: settings, monitors, audit reading, awaiting, lock writing, release
+notice subscriptions, limited Redis users."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,34 @@ def holding_records(client: redis.Redis) -> dict[bytes, bytes]:
     return {key: client.get(key) for key in client.scan_iter(match=protocol.HOLDING_PREFIX + b"*", count=5000)}
 
 
+@contextmanager
+def subscribed(client: Any, *channels: bytes | str, timeout_s: float = 5.0) -> Iterator[Any]:
+    """A PubSub on `channels` (release channels: `protocol.release_channel(key)`), yielded once the
+    server has confirmed every subscription, so that nothing published afterwards can be missed;
+    closed on leaving. Fails the test when the confirmations do not come within `timeout_s`."""
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(*channels)
+        expected = {c.encode() if isinstance(c, str) else c for c in channels}
+        confirmed: set[bytes] = set()
+        deadline = time.monotonic() + timeout_s
+        while confirmed != expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"subscription to {sorted(expected - confirmed)} not confirmed within {timeout_s} s"
+                )
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] != "subscribe":
+                raise AssertionError(f"expected a subscribe confirmation, got {message!r}")
+            confirmed.add(message["channel"])
+        yield pubsub
+    finally:
+        pubsub.close()
+
+
 def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:
     """The next published message (subscribe confirmations skipped), or None at the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -105,6 +136,42 @@ def next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:
         if message is not None:
             return dict(message)
     return None
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """A Redis ACL user made by `acl_user`: its URL (the admin client's host, port and database) and
+    a client that logs in as it."""
+
+    url: str
+    client: redis.Redis
+
+
+@contextmanager
+def acl_user(
+    admin: redis.Redis,
+    name: str,
+    *,
+    commands: list[str],
+    keys: list[str] | None = None,
+    channels: list[str] | None = None,
+) -> Iterator[AclUser]:
+    """ACL SETUSER `name` with password `<name>-pw`, `commands` (e.g. ["+@all", "-del"]), `keys`
+    (every key unless given) and, when given, exactly `channels` (Redis 6.2 starts a user with every
+    channel, 7 with none); the client is closed and the user deleted on leaving."""
+    password = f"{name}-pw"
+    rules: dict[str, Any] = {"keys": keys if keys is not None else ["*"], "commands": commands}
+    if channels is not None:
+        rules.update(channels=channels, reset_channels=True)
+    admin.acl_setuser(name, enabled=True, passwords=[f"+{password}"], **rules)
+    at = admin.connection_pool.connection_kwargs
+    url = f"redis://{name}:{password}@{at.get('host', '127.0.0.1')}:{at.get('port', 6379)}/{at.get('db', 0)}"
+    client = redis.Redis.from_url(url, protocol=2)
+    try:
+        yield AclUser(url, client)
+    finally:
+        client.close()
+        admin.acl_deluser(name)
 
 
 def config_file(tmp: Path, url: str, **sections: Any) -> Path:

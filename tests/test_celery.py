@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import FAST_HB_TIMEOUT_S, FAST_INTERVAL_S, events, fast_daemon, next_message, stop_daemon, wait_for
+from helpers import (
+    FAST_HB_TIMEOUT_S,
+    FAST_INTERVAL_S,
+    events,
+    fast_daemon,
+    next_message,
+    stop_daemon,
+    subscribed,
+    wait_for,
+)
 
 from monitor import protocol
 from monitor.errors import MonitorError
@@ -70,11 +79,7 @@ def locks(base_url: str, worker: Path) -> Iterator[redis.Redis]:
     client.close()
 
 
-def notices(client: redis.Redis, gpu: int) -> Any:
-    pubsub = client.pubsub()
-    pubsub.subscribe(protocol.release_channel(f"gpu_lock:{gpu}".encode()))
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    return pubsub
+CHANNEL_0 = protocol.release_channel(b"gpu_lock:0")
 
 
 def reasons(pubsub: Any, count: int) -> list[str]:
@@ -87,35 +92,35 @@ def reasons(pubsub: Any, count: int) -> list[str]:
 
 
 def test_task_runs_holding_its_gpu_with_a_heartbeat(app, locks):
-    pubsub = notices(locks, 0)
-    seen = app.hold.delay(gpu_id=0).get(timeout=30)
+    with subscribed(locks, CHANNEL_0) as pubsub:
+        seen = app.hold.delay(gpu_id=0).get(timeout=30)
+        assert reasons(pubsub, 1) == ["normal"]
     assert seen["value"].startswith("locked_by_celery_app.hold#")
     assert seen["in_redis"] == seen["value"]
     assert seen["heartbeat"] == 1
-    assert reasons(pubsub, 1) == ["normal"]
     assert locks.exists(b"gpu_lock:0", b"gpu_lock:0:heartbeat") == 0
 
 
 def test_failing_task_releases_as_task_failure(app, locks):
-    pubsub = notices(locks, 0)
-    result = app.fail.delay(gpu_id=0)
-    with pytest.raises(RuntimeError, match="CUDA out of memory"):
-        result.get(timeout=30)
-    assert reasons(pubsub, 1) == ["task_failure"]
+    with subscribed(locks, CHANNEL_0) as pubsub:
+        result = app.fail.delay(gpu_id=0)
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            result.get(timeout=30)
+        assert reasons(pubsub, 1) == ["task_failure"]
     assert locks.exists(b"gpu_lock:0") == 0
 
 
 def test_retry_releases_then_holds_again(app, locks):
-    pubsub = notices(locks, 0)
-    assert app.retry_once.delay(gpu_id=0).get(timeout=30) == 1
-    assert reasons(pubsub, 2) == ["task_retry", "normal"]
+    with subscribed(locks, CHANNEL_0) as pubsub:
+        assert app.retry_once.delay(gpu_id=0).get(timeout=30) == 1
+        assert reasons(pubsub, 2) == ["task_retry", "normal"]
 
 
 def test_ignored_task_still_releases(app, locks):
     # Celery calls neither on_failure nor after_return for Ignore: only __call__ sees it end.
-    pubsub = notices(locks, 0)
-    app.ignored.delay(gpu_id=0)
-    assert reasons(pubsub, 1) == ["task_failure"]
+    with subscribed(locks, CHANNEL_0) as pubsub:
+        app.ignored.delay(gpu_id=0)
+        assert reasons(pubsub, 1) == ["task_failure"]
     assert locks.exists(b"gpu_lock:0") == 0
 
 
@@ -166,10 +171,9 @@ def test_eager_run_holds_and_releases(eager, r):
 
 
 def test_key_from_a_positional_argument(eager, r):
-    pubsub = notices(r, 4)
-    eager.hold.apply(args=(4,)).get()  # hold(gpu_id=4), passed by position
-    assert json.loads(next_message(pubsub, 5)["data"])["lock_key"] == "gpu_lock:4"
-    pubsub.close()
+    with subscribed(r, protocol.release_channel(b"gpu_lock:4")) as pubsub:
+        eager.hold.apply(args=(4,)).get()  # hold(gpu_id=4), passed by position
+        assert json.loads(next_message(pubsub, 5)["data"])["lock_key"] == "gpu_lock:4"
 
 
 def test_key_template_needs_its_argument(eager, r):

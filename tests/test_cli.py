@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import acl_user
 
 from monitor import __version__
 from monitor.cli import main
@@ -88,21 +89,18 @@ def test_unknown_option_is_a_usage_error():
     assert "No such option" in result.output
 
 
-def test_redis_refusal_is_one_line(tmp_path, redis_server, r):
-    r.acl_setuser("noscan", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-scan"])
+def test_redis_refusal_is_one_line(tmp_path, r):
     cfg = tmp_path / "m.yml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "redis": {"url": f"redis://noscan:pw@127.0.0.1:{redis_server.port}/0"},
-                "audit": {"path": str(tmp_path / "a.jsonl"), "critical_path": str(tmp_path / "c.jsonl")},
-            }
+    with acl_user(r, "noscan", commands=["+@all", "-scan"]) as noscan:
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "redis": {"url": noscan.url},
+                    "audit": {"path": str(tmp_path / "a.jsonl"), "critical_path": str(tmp_path / "c.jsonl")},
+                }
+            )
         )
-    )
-    try:
         result = CliRunner().invoke(main, ["run", "--once", "-c", str(cfg)])
-    finally:
-        r.acl_deluser("noscan")
     assert result.exit_code == 1
     assert "pass_failed" in result.stdout
     assert "NoPermissionError" in result.stdout

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import redis
-from helpers import build, events, next_message, read_jsonl, wait_for
+from helpers import acl_user, build, events, next_message, read_jsonl, subscribed, wait_for
 
 from monitor import client as client_mod
 from monitor.client import AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
@@ -75,19 +75,16 @@ def test_waiter_is_woken_by_the_notice_not_by_polling(r):
     waiter = lock(r, task_name="asr", poll_min_s=30, poll_max_s=30, max_wait=60)
     thread = threading.Thread(target=lambda: got.append(waiter.acquire().acquired_at))
     thread.start()
-    pubsub = r.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 2)  # the waiter listens
-    wait_for(lambda: r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 1)  # and tried
-    holder.release()
-    notice = json.loads(next_message(pubsub, 5)["data"])
+    with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
+        wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 2)  # the waiter listens
+        wait_for(lambda: r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 1)  # and tried
+        holder.release()
+        notice = json.loads(next_message(pubsub, 5)["data"])
     thread.join(timeout=10)
     assert got, "the waiter did not acquire"
     assert notice["release_reason"] == "normal"
     assert got[0] - notice["timestamp"] < 1.0  # polling alone would take 15-45 s
     waiter.release()
-    pubsub.close()
 
 
 def test_gives_up_after_max_wait(r):
@@ -100,20 +97,17 @@ def test_gives_up_after_max_wait(r):
 
 def test_context_manager_reason_and_cleanup_hook(r):
     cleaned = []
-    pubsub = r.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
 
     def broken_cleanup():
         cleaned.append(True)
         raise RuntimeError("cuda context gone")
 
-    with pytest.raises(ValueError, match="task blew up"), lock(r, cleanup=broken_cleanup):
-        raise ValueError("task blew up")
-    assert cleaned == [True]
-    assert not r.exists(b"gpu_lock:0")
-    assert json.loads(next_message(pubsub, 5)["data"])["release_reason"] == "task_failure"
-    pubsub.close()
+    with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
+        with pytest.raises(ValueError, match="task blew up"), lock(r, cleanup=broken_cleanup):
+            raise ValueError("task blew up")
+        assert cleaned == [True]
+        assert not r.exists(b"gpu_lock:0")
+        assert json.loads(next_message(pubsub, 5)["data"])["release_reason"] == "task_failure"
 
 
 def test_normal_release_fails_then_emergency_release_on_fresh_connection(r, redis_server):
@@ -148,17 +142,12 @@ def test_both_releases_fail_writes_critical_record(tmp_path):
     assert client_mod.COUNTERS.emergency_releases == 1
 
 
-def test_release_script_error_is_counted(r, redis_server):
+def test_release_script_error_is_counted(r):
     # An ACL that refuses DEL: the release script fails inside Redis, and nothing was released.
-    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
-    try:
-        held = lock(limited, heartbeat_interval=30).acquire()
+    with acl_user(r, "nodel", channels=["*"], commands=["+@all", "-del"]) as nodel:
+        held = lock(nodel.client, heartbeat_interval=30).acquire()
         with pytest.raises(redis.ResponseError):
             held.release()
-    finally:
-        limited.close()
-        r.acl_deluser("nodel")
     assert client_mod.COUNTERS.release_script_errors == 1
     assert r.get(b"gpu_lock:0") == held.value
 
@@ -172,24 +161,11 @@ def test_lock_whose_type_changed_is_not_ours(r):
     assert r.type(b"gpu_lock:0") == b"hash"
 
 
-def test_release_needs_no_access_to_the_monitors_keys(r, redis_server):
+def test_release_needs_no_access_to_the_monitors_keys(r):
     # A worker's ACL user reaches the lock keys and their channel only.
-    r.acl_setuser(
-        "worker",
-        enabled=True,
-        passwords=["+pw"],
-        keys=["gpu_lock:*"],
-        channels=["gpu_lock:*"],
-        reset_channels=True,  # Redis 6.2 starts a user with every channel
-        commands=["+@all"],
-    )
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="worker", password="pw", protocol=2)
-    try:
-        held = lock(limited, heartbeat_interval=30).acquire()
+    with acl_user(r, "worker", keys=["gpu_lock:*"], channels=["gpu_lock:*"], commands=["+@all"]) as worker:
+        held = lock(worker.client, heartbeat_interval=30).acquire()
         assert held.finish("normal")
-    finally:
-        limited.close()
-        r.acl_deluser("worker")
     assert not r.exists(b"gpu_lock:0")
     assert client_mod.COUNTERS.emergency_releases == 0
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 import trustme
-from helpers import next_message, read_jsonl, wait_for
+from helpers import next_message, read_jsonl, subscribed, wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -59,25 +59,22 @@ def emergency_release(
 ) -> Any:
     """Acquire through `worker`, exhaust its pool, finish; return the connection the release was made on.
     `handshakes` counts the server's accepted connections, where the test has a way to (TLS): one more."""
-    pubsub = observer.pubsub()
-    pubsub.subscribe(b"gpu_lock:" + KEY)
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    held = GpuLock(worker, KEY.decode(), task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "c"))
-    held.acquire()
-    pool = worker.connection_pool
-    hog = [pool.get_connection() for _ in range(pool.max_connections)]
-    before = len(made)
-    accepted = handshakes() if handshakes is not None else 0
-    try:
-        assert held.finish("normal")
-        made_by_finish = made[before:]
-    finally:
-        for connection in hog:
-            pool.release(connection)
-        pool.disconnect()
-    assert not observer.exists(KEY, KEY + b":heartbeat")
-    notice = next_message(pubsub, 5)
-    pubsub.close()
+    with subscribed(observer, b"gpu_lock:" + KEY) as pubsub:
+        held = GpuLock(worker, KEY.decode(), task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "c"))
+        held.acquire()
+        pool = worker.connection_pool
+        hog = [pool.get_connection() for _ in range(pool.max_connections)]
+        before = len(made)
+        accepted = handshakes() if handshakes is not None else 0
+        try:
+            assert held.finish("normal")
+            made_by_finish = made[before:]
+        finally:
+            for connection in hog:
+                pool.release(connection)
+            pool.disconnect()
+        assert not observer.exists(KEY, KEY + b":heartbeat")
+        notice = next_message(pubsub, 5)
     assert notice is not None
     assert json.loads(notice["data"])["release_reason"] == "normal"
     assert client_mod.COUNTERS.normal_release_failures == 1

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from click.testing import CliRunner
-from helpers import beat, build, config_file, events, hold, make_settings, wait_for
+from helpers import beat, build, config_file, events, hold, make_settings, subscribed, wait_for
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -158,19 +158,16 @@ def test_release_fallback_keeps_its_owner_and_heartbeat_checks(rc, csettings):
         )
         assert result.outcome is Outcome.HEARTBEAT_REVIVED, (hb_value, hb_expiry)
     assert rc.exists(key)
-    pubsub = rc.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    wait_for(lambda: (m := pubsub.get_message(timeout=1)) is not None and m["type"] == "subscribe")
-    assert reaper.release(key, holder, expiry, heartbeat=HeartbeatCheck.ANY).outcome is Outcome.RELEASED
-    assert not rc.exists(key)
-    assert rc.exists(key + b":heartbeat")  # in another slot: left to expire
-    message = wait_for(lambda: pubsub.get_message(timeout=1))
-    assert json.loads(message["data"])["release_reason"] == "forced_by_monitor"
+    with subscribed(rc, b"gpu_lock:gpu_lock:0") as pubsub:
+        assert reaper.release(key, holder, expiry, heartbeat=HeartbeatCheck.ANY).outcome is Outcome.RELEASED
+        assert not rc.exists(key)
+        assert rc.exists(key + b":heartbeat")  # in another slot: left to expire
+        message = wait_for(lambda: pubsub.get_message(timeout=1))
+        assert json.loads(message["data"])["release_reason"] == "forced_by_monitor"
     # The tombstone is in the lock's slot: the same attempt repeated (a lost reply) answers what it
     # did; anyone else's attempt finds the lock gone.
     assert reaper.release(key, holder, expiry).outcome is Outcome.RELEASED
     assert reaper.release(key, holder, expiry, attempt="another").outcome is Outcome.GONE
-    pubsub.close()
     # With the check, the very heartbeat write that was read lets the release through.
     other = hold(rc, 5, "checked")
     beat(rc, other, value="1.0")

@@ -25,6 +25,7 @@ from helpers import (
     next_message,
     start_daemon,
     stop_daemon,
+    subscribed,
     wait_for,
 )
 
@@ -55,21 +56,19 @@ def test_crashed_holder_released_within_heartbeat_timeout_plus_interval(r, redis
     config = write_config(tmp_path, redis_server.url)
     audit = tmp_path / "audit.jsonl"
     key = hold(r, 0, "tts_synthesize")
-    pubsub = r.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the server has it before we go on
-    proc = start_daemon(config)
-    try:
-        wait_for(lambda: started(audit))
-        for _ in range(8):  # a healthy worker: heartbeats, and the monitor keeps its lock
-            r.set(key + b":heartbeat", str(time.time()), px=int(2000 * HB_INTERVAL_S))
-            time.sleep(HB_INTERVAL_S)
-        assert r.exists(key)
-        crashed_at = time.monotonic()  # SIGKILL: no more heartbeats, no release
-        message = next_message(pubsub, HB_TIMEOUT_S + INTERVAL_S + 5)
-        recovered_s = time.monotonic() - crashed_at
-    finally:
-        code, out = stop_daemon(proc)
+    with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
+        proc = start_daemon(config)
+        try:
+            wait_for(lambda: started(audit))
+            for _ in range(8):  # a healthy worker: heartbeats, and the monitor keeps its lock
+                r.set(key + b":heartbeat", str(time.time()), px=int(2000 * HB_INTERVAL_S))
+                time.sleep(HB_INTERVAL_S)
+            assert r.exists(key)
+            crashed_at = time.monotonic()  # SIGKILL: no more heartbeats, no release
+            message = next_message(pubsub, HB_TIMEOUT_S + INTERVAL_S + 5)
+            recovered_s = time.monotonic() - crashed_at
+        finally:
+            code, out = stop_daemon(proc)
     assert message is not None, out
     assert json.loads(message["data"])["release_reason"] == "forced_by_monitor"
     assert recovered_s <= HB_TIMEOUT_S + INTERVAL_S + 1.0, recovered_s

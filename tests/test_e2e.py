@@ -20,8 +20,10 @@ from helpers import (
     FAST_INTERVAL_S,
     events,
     fast_daemon,
+    next_message,
     read_jsonl,
     stop_daemon,
+    subscribed,
     wait_for,
 )
 
@@ -103,21 +105,19 @@ def test_waiter_woken_by_notice_across_processes(redis_server, r, tmp_path):
         # Subscribed, then its first try (the acquire script) failed: now it waits on the channel.
         wait_for(lambda: r.pubsub_numsub(b"gpu_lock:gpu_lock:0")[0][1] >= 1)
         wait_for(lambda: r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) >= 1)
-        pubsub = r.pubsub()
-        pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-        holder.release()
-        assert waiter.wait(timeout=20) == 0
+        with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
+            holder.release()
+            assert waiter.wait(timeout=20) == 0
+            notice = next_message(pubsub, 5)
     finally:
         if waiter.poll() is None:
             waiter.kill()
-    notice = next(m for m in iter(lambda: pubsub.get_message(timeout=5), None) if m["type"] == "message")
+    assert notice is not None
     sent_at = json.loads(notice["data"])["timestamp"]
     acquired_at = next(e["t"] for e in read_jsonl(ledger) if e["event"] == "acquire")
     gap_ms = (acquired_at - sent_at) * 1000
     print(f"\nnotice -> acquire in another process: {gap_ms:.1f} ms")
     assert gap_ms < 500  # target 50 ms on loopback; slack for a loaded 2-core CI machine
-    pubsub.close()
 
 
 def test_long_heartbeating_task_past_soft_is_not_released(redis_server, r, tmp_path):

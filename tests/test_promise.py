@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import beat, build, events, hold, make_settings, next_message, wait_for
+from helpers import beat, build, events, hold, make_settings, next_message, subscribed, wait_for
 from proxy import ReplyDroppingProxy
 
 from monitor import logs, protocol
@@ -22,13 +22,6 @@ from monitor.holding import Record
 from monitor.protocol import RELEASE_SCRIPT, HeartbeatCheck, Outcome
 from monitor.reaper import Reaper
 from monitor.scanner import read_locks
-
-
-def subscribed(r, key: bytes):
-    pubsub = r.pubsub()
-    pubsub.subscribe(protocol.release_channel(key))
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    return pubsub
 
 
 def test_daemon_paused_between_read_and_release_spares_a_same_value_reacquire(r, settings):
@@ -61,27 +54,26 @@ def test_lost_release_reply_is_unknown_then_settled_once(r, redis_server, tmp_pa
         settings = make_settings(proxy.url, tmp_path)
         key = hold(r, 0, "tts", age_s=450)
         r.script_load(RELEASE_SCRIPT)  # so the EVALSHA whose reply is lost really runs
-        pubsub = subscribed(r, key)
-        monitor = build(settings, connect(settings))
-        proxy.drop_reply_to(hashlib.sha1(RELEASE_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode())
-        first = monitor.run_pass()
-        assert proxy.dropped.is_set()
-        assert first is not None
-        assert first.error is not None
-        assert not r.exists(key)  # it ran: the lock is gone though the reply never came
-        (unknown,) = events(settings.audit_path, "lock_released")
-        assert unknown["outcome"] == "unknown"
-        assert "settles" not in unknown
-        assert events(settings.audit_path, "release_failed") == []
-        second = monitor.run_pass()
-        assert second is not None
-        assert second.error is None
-        _, released = events(settings.audit_path, "lock_released")
-        assert (released["outcome"], released["settles"]) == ("released", "unknown")
-        assert events(settings.audit_path, "release_skipped") == []
-        assert next_message(pubsub, 5) is not None
-        assert pubsub.get_message(timeout=0.2) is None  # announced once
-        pubsub.close()
+        with subscribed(r, protocol.release_channel(key)) as pubsub:
+            monitor = build(settings, connect(settings))
+            proxy.drop_reply_to(hashlib.sha1(RELEASE_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode())
+            first = monitor.run_pass()
+            assert proxy.dropped.is_set()
+            assert first is not None
+            assert first.error is not None
+            assert not r.exists(key)  # it ran: the lock is gone though the reply never came
+            (unknown,) = events(settings.audit_path, "lock_released")
+            assert unknown["outcome"] == "unknown"
+            assert "settles" not in unknown
+            assert events(settings.audit_path, "release_failed") == []
+            second = monitor.run_pass()
+            assert second is not None
+            assert second.error is None
+            _, released = events(settings.audit_path, "lock_released")
+            assert (released["outcome"], released["settles"]) == ("released", "unknown")
+            assert events(settings.audit_path, "release_skipped") == []
+            assert next_message(pubsub, 5) is not None
+            assert pubsub.get_message(timeout=0.2) is None  # announced once
 
 
 def test_replicas_with_other_settings_share_one_record_and_one_warning(r, redis_server, tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import redis
-from helpers import beat, hold, next_message, wait_for
+from helpers import acl_user, beat, hold, next_message, subscribed, wait_for
 
 from monitor import protocol
 from monitor.errors import ReleaseError
@@ -39,31 +39,23 @@ def release_seen(reaper: Reaper, obs: Observation, check: HeartbeatCheck = Heart
     )
 
 
-def subscribed(r, key: bytes):
-    pubsub = r.pubsub()
-    pubsub.subscribe(protocol.release_channel(key))
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the server has it before we go on
-    return pubsub
-
-
 def test_release_deletes_lock_and_heartbeat_and_publishes_notice(r, reaper):
     key = hold(r, 0, "tts_synthesize")
     beat(r, key, value="1.5")
-    pubsub = subscribed(r, key)
-    result = release_seen(reaper, look(r, key))
-    assert result.outcome is Outcome.RELEASED
-    assert result.current == b"locked_by_tts_synthesize"
-    assert result.notice_error is None
-    assert r.exists(key, key + b":heartbeat") == 0
-    message = next_message(pubsub, 5)
-    assert message["channel"] == b"gpu_lock:gpu_lock:0"
-    notice = json.loads(message["data"])
-    assert notice["event_type"] == "lock_released"
-    assert notice["lock_key"] == "gpu_lock:0"
-    assert notice["task_name"] == "tts_synthesize"
-    assert notice["release_reason"] == "forced_by_monitor"
-    assert isinstance(notice["timestamp"], float)
-    pubsub.close()
+    with subscribed(r, protocol.release_channel(key)) as pubsub:
+        result = release_seen(reaper, look(r, key))
+        assert result.outcome is Outcome.RELEASED
+        assert result.current == b"locked_by_tts_synthesize"
+        assert result.notice_error is None
+        assert r.exists(key, key + b":heartbeat") == 0
+        message = next_message(pubsub, 5)
+        assert message["channel"] == b"gpu_lock:gpu_lock:0"
+        notice = json.loads(message["data"])
+        assert notice["event_type"] == "lock_released"
+        assert notice["lock_key"] == "gpu_lock:0"
+        assert notice["task_name"] == "tts_synthesize"
+        assert notice["release_reason"] == "forced_by_monitor"
+        assert isinstance(notice["timestamp"], float)
 
 
 def test_gone(r, reaper):
@@ -114,13 +106,12 @@ def test_repeated_call_answers_what_the_first_did(r, reaper):
     # A reply lost on the way back: the caller asks again with the same identity.
     key = hold(r, 0)
     seen = look(r, key)
-    pubsub = subscribed(r, key)
-    assert release_seen(reaper, seen).outcome is Outcome.RELEASED
-    again = release_seen(reaper, seen)
-    assert (again.outcome, again.current) == (Outcome.RELEASED, b"locked_by_tts")
-    assert next_message(pubsub, 5) is not None
-    assert pubsub.get_message(timeout=0.2) is None  # one notice, not two
-    pubsub.close()
+    with subscribed(r, protocol.release_channel(key)) as pubsub:
+        assert release_seen(reaper, seen).outcome is Outcome.RELEASED
+        again = release_seen(reaper, seen)
+        assert (again.outcome, again.current) == (Outcome.RELEASED, b"locked_by_tts")
+        assert next_message(pubsub, 5) is not None
+        assert pubsub.get_message(timeout=0.2) is None  # one notice, not two
 
 
 def test_repeated_call_after_a_same_value_retake_answers_released_and_spares_the_new_holding(r, reaper):
@@ -128,17 +119,16 @@ def test_repeated_call_after_a_same_value_retake_answers_released_and_spares_the
     # tombstone remembers. A new attempt on the new holding releases it.
     key = hold(r, 0, ttl=False)
     seen = look(r, key)
-    pubsub = subscribed(r, key)
-    assert release_seen(reaper, seen).outcome is Outcome.RELEASED
-    hold(r, 0, ttl=False)
-    assert release_seen(reaper, seen).outcome is Outcome.RELEASED  # what the first call did
-    assert r.exists(key)
-    assert next_message(pubsub, 5) is not None
-    assert pubsub.get_message(timeout=0.2) is None
-    again = reaper.release(key, b"locked_by_tts", -1, attempt="monitor:2")
-    assert again.outcome is Outcome.RELEASED
-    assert not r.exists(key)
-    pubsub.close()
+    with subscribed(r, protocol.release_channel(key)) as pubsub:
+        assert release_seen(reaper, seen).outcome is Outcome.RELEASED
+        hold(r, 0, ttl=False)
+        assert release_seen(reaper, seen).outcome is Outcome.RELEASED  # what the first call did
+        assert r.exists(key)
+        assert next_message(pubsub, 5) is not None
+        assert pubsub.get_message(timeout=0.2) is None
+        again = reaper.release(key, b"locked_by_tts", -1, attempt="monitor:2")
+        assert again.outcome is Outcome.RELEASED
+        assert not r.exists(key)
 
 
 def test_tombstone_of_another_attempt_does_not_answer(r, reaper):
@@ -235,34 +225,21 @@ def test_script_reloaded_after_script_flush(r, reaper):
     assert release_seen(reaper, seen).outcome is Outcome.RELEASED
 
 
-def test_acl_refusal_is_a_release_error(r, redis_server):
-    r.acl_setuser("noeval", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-evalsha", "-eval"])
+def test_acl_refusal_is_a_release_error(r):
     key = hold(r, 0)
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="noeval", password="pw", protocol=2)
-    try:
-        with pytest.raises(ReleaseError):
-            release_seen(Reaper(limited), look(r, key))
-    finally:
-        limited.close()
-        r.acl_deluser("noeval")
+    with acl_user(r, "noeval", commands=["+@all", "-evalsha", "-eval"]) as noeval, pytest.raises(ReleaseError):
+        release_seen(Reaper(noeval.client), look(r, key))
     assert r.exists(key)
 
 
-def test_del_refused_publishes_nothing(r, redis_server):
+def test_del_refused_publishes_nothing(r):
     # An ACL that lets the script run but refuses DEL: nothing deleted, no notice sent.
-    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
     key = hold(r, 0)
-    pubsub = subscribed(r, key)
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
-    try:
-        with pytest.raises(ReleaseError):
-            release_seen(Reaper(limited), look(r, key))
-    finally:
-        limited.close()
-        r.acl_deluser("nodel")
-    assert r.exists(key)
-    assert pubsub.get_message(timeout=0.3) is None
-    pubsub.close()
+    with subscribed(r, protocol.release_channel(key)) as pubsub:
+        with acl_user(r, "nodel", channels=["*"], commands=["+@all", "-del"]) as nodel, pytest.raises(ReleaseError):
+            release_seen(Reaper(nodel.client), look(r, key))
+        assert r.exists(key)
+        assert pubsub.get_message(timeout=0.3) is None
 
 
 def test_read_only_replica_after_failover_publishes_nothing(redis_server, r):
@@ -272,11 +249,10 @@ def test_read_only_replica_after_failover_publishes_nothing(redis_server, r):
     with RedisServer(free_port(), "--replicaof", "127.0.0.1", str(redis_server.port)) as replica:
         on_replica = redis.Redis.from_url(replica.url, protocol=2)
         wait_for(lambda: on_replica.get(key) == b"locked_by_tts")
-        pubsub = subscribed(on_replica, key)
-        with pytest.raises(ReleaseError, match="read only replica"):
-            release_seen(Reaper(on_replica), look(on_replica, key))
-        assert pubsub.get_message(timeout=0.3) is None
-        pubsub.close()
+        with subscribed(on_replica, protocol.release_channel(key)) as pubsub:
+            with pytest.raises(ReleaseError, match="read only replica"):
+                release_seen(Reaper(on_replica), look(on_replica, key))
+            assert pubsub.get_message(timeout=0.3) is None
         on_replica.close()
     assert r.get(key) == b"locked_by_tts"
 
@@ -288,17 +264,12 @@ def test_unknown_script_answer_is_a_release_error(r, monkeypatch):
         reaper.release(b"gpu_lock:0", b"v", 1)
 
 
-def test_refused_notice_still_reports_the_release(r, redis_server):
+def test_refused_notice_still_reports_the_release(r):
     # PUBLISH refused (an ACL without the channel): the lock is gone; the result says the
     # notice was not sent, for the audit, instead of failing a release that happened.
-    r.acl_setuser("nopub", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-publish"])
     key = hold(r, 0)
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nopub", password="pw", protocol=2)
-    try:
-        result = release_seen(Reaper(limited), look(r, key))
-    finally:
-        limited.close()
-        r.acl_deluser("nopub")
+    with acl_user(r, "nopub", commands=["+@all", "-publish"]) as nopub:
+        result = release_seen(Reaper(nopub.client), look(r, key))
     assert result.outcome is Outcome.RELEASED
     assert result.notice_error is not None
     assert "can't run this command" in result.notice_error

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import beat, build, events, hold, make_settings, next_message, read_jsonl
+from helpers import acl_user, beat, build, events, hold, make_settings, next_message, read_jsonl, subscribed
 
 from monitor import logs, protocol
 from monitor.audit import monitor_identity
@@ -335,28 +335,23 @@ def test_race_lock_released_by_owner_before_release(r, settings):
 
 def test_release_refused_retries_then_writes_critical_record(r, redis_server, tmp_path):
     s = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"cleanup": {"max_retry": 2, "retry_delay": 0.01}})
+    key = hold(r, 0, "stuck", age_s=450)
+    clock = [0.0]
     # A user that may not DEL (as a read-only replica refuses it): the script fails at its first
     # write, the DEL, before anything changed.
-    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
-    key = hold(r, 0, "stuck", age_s=450)
-    pubsub = r.pubsub()
-    pubsub.subscribe(b"gpu_lock:gpu_lock:0")
-    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    clock = [0.0]
-    monitor = build(s, limited, reaper=Reaper(limited), mono=lambda: clock[0])
-    try:
+    with (
+        acl_user(r, "nodel", channels=["*"], commands=["+@all", "-del"]) as nodel,
+        subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub,
+    ):
+        monitor = build(s, nodel.client, reaper=Reaper(nodel.client), mono=lambda: clock[0])
         monitor.run_pass()
         monitor.run_pass()  # retry_delay not yet passed: no attempt
         clock[0] = 1.0
         monitor.run_pass()
         clock[0] = 2.0
         monitor.run_pass()  # attempts continue, the critical record is not repeated
-    finally:
-        r.acl_deluser("nodel")
-    assert r.get(key) == b"locked_by_stuck"
-    assert pubsub.get_message(timeout=0.2) is None  # no waiter woken by any of the attempts
-    pubsub.close()
+        assert r.get(key) == b"locked_by_stuck"
+        assert pubsub.get_message(timeout=0.2) is None  # no waiter woken by any of the attempts
     failed = events(s.audit_path, "release_failed")
     assert [e["attempt"] for e in failed] == [1, 2, 3]
     assert [e["retries_spent"] for e in failed] == [False, True, True]
@@ -449,15 +444,11 @@ def test_critical_record_that_cannot_be_written_is_logged_and_kept(r, redis_serv
         gpu_lock_monitor={"cleanup": {"max_retry": 1, "retry_delay": 0.01}},
         audit={"critical_path": str(tmp_path / "plain-file" / "critical.jsonl")},
     )
-    r.acl_setuser("nodel", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-del"])
-    limited = redis.Redis(host="127.0.0.1", port=redis_server.port, username="nodel", password="pw", protocol=2)
     hold(r, 0, "stuck", age_s=450)
     logs.configure("info", "json", stream=sys.stdout)  # sys.stdout is capsys's now
-    try:
-        monitor = build(s, limited)
+    with acl_user(r, "nodel", channels=["*"], commands=["+@all", "-del"]) as nodel:
+        monitor = build(s, nodel.client)
         report = monitor.run_pass()
-    finally:
-        r.acl_deluser("nodel")
     assert report.error is None
     assert monitor.critical.pending == 1
     out = capsys.readouterr().out
@@ -487,10 +478,6 @@ def test_two_replicas_release_each_zombie_once(r, redis_server, tmp_path):
     a = build(make_settings(redis_server.url, tmp_path / "a"))
     b_settings = make_settings(redis_server.url, tmp_path / "b")
     zombies = [hold(r, 0, "dead", age_s=450), hold(r, 1, "dead", age_s=450)]
-    pubsub = r.pubsub()
-    pubsub.subscribe(*(protocol.release_channel(k) for k in zombies))
-    for _ in zombies:  # both subscriptions are in place before anyone publishes
-        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     a_done = []
 
     def replica_a_acts_first() -> None:
@@ -499,16 +486,16 @@ def test_two_replicas_release_each_zombie_once(r, redis_server, tmp_path):
             hold(r, 0, "waiter")
 
     b = build(b_settings, reaper=RacingReaper(r, replica_a_acts_first))
-    b.run_pass()
+    with subscribed(r, *(protocol.release_channel(k) for k in zombies)) as pubsub:
+        b.run_pass()
+        notices = list(iter(lambda: next_message(pubsub, 0.5), None))
     released = sorted(e["lock_key"] for e in events(tmp_path / "a" / "audit.jsonl", "lock_released"))
     assert released == ["gpu_lock:0", "gpu_lock:1"]
     assert events(b_settings.audit_path, "lock_released") == []
     outcomes = {e["lock_key"]: e["outcome"] for e in events(b_settings.audit_path, "release_skipped")}
     assert outcomes == {"gpu_lock:0": "holder_changed", "gpu_lock:1": "gone"}
     assert r.get(b"gpu_lock:0") == b"locked_by_waiter"
-    notices = list(iter(lambda: next_message(pubsub, 0.5), None))
     assert sorted(m["channel"] for m in notices) == [b"gpu_lock:gpu_lock:0", b"gpu_lock:gpu_lock:1"]
-    pubsub.close()
 
 
 def test_replicas_sharing_a_record_never_claim_each_others_release(r, redis_server, tmp_path):
