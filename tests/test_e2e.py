@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -155,9 +154,46 @@ def test_redis_restart_under_running_workers(tmp_path):
     assert lines[2]["t"] >= lines[1]["t"]
 
 
-def test_counters_in_worker_process_environment():
-    # The simulated worker is importable and its argument parser rejects nonsense with exit 2.
-    result = subprocess.run([sys.executable, "-m", "monitor.simworker", "--gpu", "x"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "usage:" in result.stderr
-    assert os.path.basename(sys.executable)
+# The simulated worker's tasks, then its process's reference-client counters as one JSON line.
+COUNTING_WORKER = """
+import dataclasses, json, sys
+from monitor.client import COUNTERS
+from monitor.simworker import main
+code = main(sys.argv[1:])
+print(json.dumps(dataclasses.asdict(COUNTERS)))
+sys.exit(code)
+"""
+
+
+def test_worker_process_counters_count_a_stolen_lock_twice_and_nothing_else(redis_server, r, tmp_path):
+    # COUNTERS is process-wide and starts at zero in a worker: a lock taken from under the first
+    # task is one ownership violation seen by its heartbeat thread and one by its release; the
+    # second task, a normal holding, adds nothing.
+    ledger = tmp_path / "ledger.jsonl"
+    args = ["--redis", redis_server.url, "--gpu", "0", "--ledger", str(ledger), "--name", "counted"]
+    args += ["--tasks", "2", "--task-s", "2", "--heartbeat-s", "0.1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COUNTING_WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: read_jsonl(ledger))  # the first task holds GPU 0
+        r.set(b"gpu_lock:0", b"locked_by_intruder", px=1000)  # its lock ran out and was taken, say
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert [(e["event"], e.get("lost")) for e in read_jsonl(ledger)] == [
+        ("acquire", None),
+        ("release", True),
+        ("acquire", None),
+        ("release", False),
+    ]
+    assert json.loads(out.splitlines()[-1]) == {
+        "normal_release_failures": 0,
+        "emergency_releases": 0,
+        "release_script_errors": 0,
+        "ownership_violations": 2,
+        "heartbeat_failures": 0,
+    }
