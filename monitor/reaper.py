@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import redis
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from monitor import protocol
-from monitor.connection import Client, is_cluster
 from monitor.errors import ReleaseError
+
+# A plain (or Sentinel-found) Redis, or a Redis Cluster: connection.Client, spelled here so that
+# the worker client, which releases through this module, loads no config or connection code.
+Client: TypeAlias = "redis.Redis | RedisCluster"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class Reaper:
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._cluster = is_cluster(client)
+        self._cluster = isinstance(client, RedisCluster)
         self._script = client.register_script(protocol.RELEASE_SCRIPT)
 
     def release(
