@@ -20,6 +20,7 @@ from typing import Any
 from monitor import units
 from monitor.channels import SECRETS, Channel
 from monitor.config import Settings
+from monitor.events import Event
 from monitor.logs import get_logger
 from monitor.redact import redact, secret_fragments
 
@@ -67,35 +68,35 @@ class Alert:
         }
 
 
-def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> Alert | None:
+def alert_for(event: Event, fields: dict[str, Any], *, host: str, now: float) -> Alert | None:
     """The alert an audited event raises, if any. Pure."""
-    severity = _severity(event, fields)
-    if severity is None:
+    level = severity(event, fields)
+    if level is None:
         return None
     lock, holder = fields.get("lock_key"), fields.get("holder")
     held, heartbeat = fields.get("held_s"), fields.get("heartbeat")
     decision: dict[str, Any] | None = {k: fields[k] for k in ("tier", "reason", "outcome") if k in fields} or None
     where = f"{lock} held by {holder} for {_ago(held)}, heartbeat {heartbeat}" if lock and holder else str(lock or "")
     summaries = {
-        "lock_warning": f"{where}: past the warning threshold",
-        "long_task_overrun": f"{where}: protected long task still running",
-        "lock_released": f"{where}: released ({fields.get('reason')})"
+        Event.LOCK_WARNING: f"{where}: past the warning threshold",
+        Event.LONG_TASK_OVERRUN: f"{where}: protected long task still running",
+        Event.LOCK_RELEASED: f"{where}: released ({fields.get('reason')})"
         + (" [dry run: not released]" if fields.get("dry_run") else "")
         + (" [reply lost: outcome unknown until the next pass]" if fields.get("outcome") == "unknown" else ""),
-        "release_skipped": f"{where}: heartbeat came back just before release",
-        "release_failed": f"{where}: RELEASE FAILED after {fields.get('attempt')} attempts: {fields.get('error')}",
-        "invalid_lock": f"{lock}: not a lock ({fields.get('reason')})",
-        "gpu_busy_unlocked": f"GPU {_gpu(fields)} busy with no lock held for {_ago(fields.get('busy_s'))}",
-        "released_gpu_busy": f"{lock} released, but GPU {_gpu(fields)} still has processes",
-        "redis_unavailable_long": f"Redis unreachable for {_ago(fields.get('down_s'))}: {fields.get('error')}",
+        Event.RELEASE_SKIPPED: f"{where}: heartbeat came back just before release",
+        Event.RELEASE_FAILED: f"{where}: RELEASE FAILED after {fields.get('attempt')} attempts: {fields.get('error')}",
+        Event.INVALID_LOCK: f"{lock}: not a lock ({fields.get('reason')})",
+        Event.GPU_BUSY_UNLOCKED: f"GPU {_gpu(fields)} busy with no lock held for {_ago(fields.get('busy_s'))}",
+        Event.RELEASED_GPU_BUSY: f"{lock} released, but GPU {_gpu(fields)} still has processes",
+        Event.REDIS_UNAVAILABLE_LONG: f"Redis unreachable for {_ago(fields.get('down_s'))}: {fields.get('error')}",
     }
     details = {k: v for k, v in fields.items() if k not in ("lock_key", "holder", "held_s", "heartbeat")}
-    if event == "gpu_busy_unlocked":
+    if event is Event.GPU_BUSY_UNLOCKED:
         details["holding"] = f"gpu{(fields.get('gpu') or {}).get('index')}@{round(now)}"  # one page per episode
     return Alert(
-        severity=severity,
-        event=event,
-        summary=f"{host}: {summaries.get(event, event)}",
+        severity=level,
+        event=event.value,
+        summary=f"{host}: {summaries.get(event, event.value)}",
         host=host,
         ts=now,
         lock_key=lock,
@@ -107,18 +108,15 @@ def alert_for(event: str, fields: dict[str, Any], *, host: str, now: float) -> A
     )
 
 
-def _severity(event: str, fields: dict[str, Any]) -> str | None:
-    if event in ("lock_warning", "long_task_overrun", "invalid_lock", "gpu_busy_unlocked", "released_gpu_busy"):
-        return "warning"
-    if event == "lock_released":
+def severity(event: Event, fields: dict[str, Any]) -> str | None:
+    """The page `event` raises: the event's own, refined by its fields for releases."""
+    if event is Event.LOCK_RELEASED:
         return "critical" if fields.get("reason") == "hard_timeout" and not fields.get("dry_run") else "warning"
-    if event == "release_skipped" and fields.get("outcome") == "heartbeat_revived":
+    if event is Event.RELEASE_SKIPPED and fields.get("outcome") == "heartbeat_revived":
         return "warning"  # a heartbeat that died and came back: a worker in trouble
-    if event == "release_failed" and fields.get("retries_spent"):
+    if event is Event.RELEASE_FAILED and fields.get("retries_spent"):
         return "critical"
-    if event == "redis_unavailable_long":
-        return "critical"
-    return None
+    return event.alert
 
 
 def _gpu(fields: dict[str, Any]) -> str:
@@ -270,7 +268,7 @@ class Alerts:
             box._thread.start()
         return self
 
-    def on_event(self, event: str, fields: dict[str, Any]) -> None:
+    def on_event(self, event: Event, fields: dict[str, Any]) -> None:
         """A Monitor listener: called on the scanning path, so it only enqueues."""
         alert = alert_for(event, fields, host=self.host, now=self._wall())
         if alert is not None:
@@ -283,7 +281,7 @@ class Alerts:
         elif down_s >= self.settings.redis_down_alert_s and not self._down_alerted:
             self._down_alerted = True
             self.on_event(
-                "redis_unavailable_long", {"down_s": round(down_s, 1), "error": error, "holding": self._wall()}
+                Event.REDIS_UNAVAILABLE_LONG, {"down_s": round(down_s, 1), "error": error, "holding": self._wall()}
             )
 
     def submit(self, alert: Alert) -> None:

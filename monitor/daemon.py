@@ -27,6 +27,7 @@ from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.connection import connect
 from monitor.errors import MonitorError
+from monitor.events import Event
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
 from monitor.health import Health, assess
@@ -130,9 +131,9 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
     _on_signals(stop, reopen)
     monitor = build_monitor(settings, dry_run=dry_run)
     if once:
-        _lifecycle(monitor, "monitor_started")
+        _lifecycle(monitor, Event.MONITOR_STARTED)
         report = monitor.run_pass()
-        _lifecycle(monitor, "monitor_stopped")
+        _lifecycle(monitor, Event.MONITOR_STOPPED)
         error = None if report is None else report.error
         if error:
             log.error("pass_failed", error=error)
@@ -147,7 +148,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         exporter = metrics.Metrics(monitor, alerts)
         stop_http = metrics.serve(settings.metrics_listen, exporter, runner.health)
         runner.observe = exporter.observe
-    _lifecycle(monitor, "monitor_started")
+    _lifecycle(monitor, Event.MONITOR_STARTED)
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(
         runner,
@@ -174,7 +175,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         systemd.notify("STOPPING=1")
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
-        _lifecycle(monitor, "monitor_stopped")
+        _lifecycle(monitor, Event.MONITOR_STOPPED)
         if alerts is not None:
             alerts.stop(timeout_s=5.0)
         if stop_http is not None:
@@ -203,11 +204,10 @@ def start_alerts(monitor: Monitor) -> Alerts | None:
     return alerts
 
 
-def _lifecycle(monitor: Monitor, event: str) -> None:
+def _lifecycle(monitor: Monitor, event: Event) -> None:
     s = monitor.settings
     monitor.record(
         event,
-        "info",
         sync=True,
         dry_run=monitor.dry_run,
         key_pattern=s.key_pattern,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from monitor import protocol
+from monitor.events import Event
 from monitor.gpu import GpuInfo, Nvml, device_for
 
 
@@ -49,18 +50,18 @@ class GpuWatch:
 
     def findings(
         self, held: Iterable[bytes], released: Iterable[tuple[bytes, bytes]]
-    ) -> list[tuple[str, dict[str, Any]]]:
+    ) -> list[tuple[Event, dict[str, Any]]]:
         """Events for this pass, given the locks held now and those the monitor just released."""
         now = self._mono()
         held_devices = {info.index for key in held if (info := self.for_lock(key)) is not None}
-        found: list[tuple[str, dict[str, Any]]] = []
+        found: list[tuple[Event, dict[str, Any]]] = []
         for index in self._lockable():
             info = self.last[index]
             if info.processes and index not in held_devices:
                 since = self._busy_since.setdefault(index, now)
                 if now - since >= self.busy_grace_s and index not in self._reported:
                     self._reported.add(index)
-                    found.append(("gpu_busy_unlocked", {"busy_s": round(now - since, 1), "gpu": info.as_dict()}))
+                    found.append((Event.GPU_BUSY_UNLOCKED, {"busy_s": round(now - since, 1), "gpu": info.as_dict()}))
             else:
                 self._busy_since.pop(index, None)
                 self._reported.discard(index)
@@ -69,7 +70,7 @@ class GpuWatch:
             if info is not None and info.processes and index not in held_devices:
                 found.append(
                     (
-                        "released_gpu_busy",
+                        Event.RELEASED_GPU_BUSY,
                         {"lock_key": protocol.text(lock_key), "holder": protocol.text(holder), "gpu": info.as_dict()},
                     )
                 )

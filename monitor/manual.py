@@ -19,6 +19,7 @@ from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client
 from monitor.errors import MonitorError
+from monitor.events import Event
 from monitor.holding import Holding
 from monitor.policy import Heartbeat
 from monitor.protocol import HeartbeatCheck, Outcome
@@ -211,7 +212,7 @@ def _audit(
     if current is not None and outcome != Outcome.RELEASED.value:
         extra["current_holder"] = protocol.shown(current)
     audit.event(
-        "manual_release",
+        Event.MANUAL_RELEASE.value,
         sync=True,
         now=time.time(),
         operator=operator_name(),

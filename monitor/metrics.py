@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from monitor import __version__, protocol
 from monitor.alerts import Alerts
 from monitor.errors import MonitorError
+from monitor.events import Event
 from monitor.health import Health, State
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
@@ -136,17 +137,17 @@ class Metrics:
         self.monitor = monitor
         monitor.listeners.append(self.on_event)
 
-    def on_event(self, event: str, fields: dict[str, Any]) -> None:
-        self.events.labels(event).inc()
-        if event in ("lock_released", "release_skipped", "release_failed"):
-            outcome = "failed" if event == "release_failed" else str(fields.get("outcome"))
+    def on_event(self, event: Event, fields: dict[str, Any]) -> None:
+        self.events.labels(event.value).inc()
+        if event in (Event.LOCK_RELEASED, Event.RELEASE_SKIPPED, Event.RELEASE_FAILED):
+            outcome = "failed" if event is Event.RELEASE_FAILED else str(fields.get("outcome"))
             self.releases.labels(str(fields.get("reason")), outcome).inc()
 
     def observe(self, report: PassReport | None) -> None:
         if report is None:  # skipped while backing off
             return
         self.pass_duration.observe(report.duration_s)
-        self.redis_up.set(0 if report.error and report.error.startswith("redis unavailable") else 1)
+        self.redis_up.set(0 if report.redis_down else 1)
         if report.error:
             self.pass_errors.inc()
         else:

@@ -27,6 +27,7 @@ from monitor.audit import AuditLog, JsonlFile, critical_record
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
+from monitor.events import Event
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, taints, track
 from monitor.logs import get_logger
@@ -72,6 +73,7 @@ class PassReport:
     invalid: int = 0
     released_keys: set[bytes] = field(default_factory=set)
     error: str | None = None
+    redis_down: bool = False  # the error is Redis being unreachable (or not yet serving)
 
     @property
     def released(self) -> int:
@@ -215,7 +217,7 @@ class Monitor:
         self.redis_error: str | None = None  # set while Redis is unreachable
         self._down_passes = 0
         self._skip = 0
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[Event, dict[str, Any]], None]] = []
         self.last_report: PassReport | None = None
         self.last_success: float | None = None
 
@@ -233,6 +235,7 @@ class Monitor:
         except Exception as exc:
             if redis_down(exc):  # unreachable, loading its data, or BUSY with a script
                 report.error = f"redis unavailable: {exc}"
+                report.redis_down = True
                 self._redis_lost(exc)
             else:
                 report.error = f"{exc.__class__.__name__}: {exc}"
@@ -316,7 +319,7 @@ class Monitor:
         held = [v.holding.key for v in verdicts if v.holding.key not in released]
         gone = [(v.holding.key, v.holding.holder) for v in verdicts if v.holding.key in released]
         for event, fields in self.gpus.findings(held, gone):
-            self.record(event, "warning", **fields)
+            self.record(event, **fields)
 
     def _fields(self, verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
         """An event's lock fields, with what NVML shows of the lock's GPU when it is local."""
@@ -396,25 +399,25 @@ class Monitor:
             record = self._mismatch(record, verdict)
         action, reason = verdict.decision.action, verdict.decision.reason
         if action is Action.WARN:
-            return self._once(record, verdict, "lock_warning", "warning")
+            return self._once(record, verdict, Event.LOCK_WARNING)
         if action is Action.KEEP:
             if reason is not Reason.LONG_TASK_PROTECTED:
                 return record
-            record = self._once(record, verdict, "long_task_protected", "info")
+            record = self._once(record, verdict, Event.LONG_TASK_PROTECTED)
             if self.settings.hard_timeout_s is None and verdict.holding.held_s >= 2 * self.settings.soft_timeout_s:
                 # No cap will ever end it: say so once, loudly enough to alert on.
-                record = self._once(record, verdict, "long_task_overrun", "warning")
+                record = self._once(record, verdict, Event.LONG_TASK_OVERRUN)
             return record
         if self.dry_run:
-            return self._once(record, verdict, "lock_released", "warning", outcome="dry_run")
+            return self._once(record, verdict, Event.LOCK_RELEASED, outcome="dry_run")
         return self._release(verdict, report, record)
 
-    def _once(self, record: Record, verdict: Verdict, event: str, level: str, **extra: Any) -> Record:
+    def _once(self, record: Record, verdict: Verdict, event: Event, **extra: Any) -> Record:
         """Audit `event` once per holding; the record remembers that it was sent."""
-        if event in record.notified:
+        if event.value in record.notified:
             return record
-        self.record(event, level, **self._fields(verdict, dry_run=self.dry_run), **extra)
-        return replace(record, notified=record.notified | {event})
+        self.record(event, **self._fields(verdict, dry_run=self.dry_run), **extra)
+        return replace(record, notified=record.notified | {event.value})
 
     def _mismatch(self, record: Record, verdict: Verdict) -> Record:
         """The lock's TTL says it is older than a complete pass that did not see it: its worker
@@ -430,7 +433,7 @@ class Monitor:
         if self.acting:
             found = {"lock_key": protocol.text(h.key), "seen_ms": h.now_ms, **details}
             self.client.set(protocol.MISMATCH_KEY, json.dumps(found), px=MISMATCH_TTL_MS)
-        return self._once(record, verdict, "lock_timeout_mismatch", "warning", **details)
+        return self._once(record, verdict, Event.LOCK_TIMEOUT_MISMATCH, **details)
 
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
         h = verdict.holding
@@ -445,7 +448,7 @@ class Monitor:
             # The script may have run: its outcome is unknown until the next pass asks again.
             self._unsettled[h.key] = verdict
             error = redact(f"{exc.__class__.__name__}: {exc}")
-            self.record("lock_released", "warning", sync=True, outcome="unknown", error=error, **fields)
+            self.record(Event.LOCK_RELEASED, sync=True, outcome="unknown", error=error, **fields)
             raise
         except (ReleaseError, redis.RedisError) as exc:
             self._release_failed(fid, fields, exc)
@@ -473,11 +476,11 @@ class Monitor:
             report.released_keys.add(key)
             if result.notice_error is not None:
                 fields["notice_error"] = result.notice_error
-            self.record("lock_released", "warning", sync=True, outcome=result.outcome.value, **fields)
+            self.record(Event.LOCK_RELEASED, sync=True, outcome=result.outcome.value, **fields)
             return
         if result.current is not None:
             fields["current_holder"] = protocol.shown(result.current)
-        self.record("release_skipped", "info", outcome=result.outcome.value, **fields)
+        self.record(Event.RELEASE_SKIPPED, outcome=result.outcome.value, **fields)
 
     def _settle_unknown(self, report: PassReport) -> None:
         """Ask again about releases whose reply was lost; the script answers what it did."""
@@ -505,8 +508,7 @@ class Monitor:
         spent = failure.attempts >= self.settings.max_retry
         error = redact(f"{exc.__class__.__name__}: {exc}")
         self.record(
-            "release_failed",
-            "error",
+            Event.RELEASE_FAILED,
             sync=True,
             attempt=failure.attempts,
             max_retry=self.settings.max_retry,
@@ -540,10 +542,10 @@ class Monitor:
         report.invalid = len(found)
         said, new, summary = invalid.to_say(self._invalid_said or invalid.Said(), found)
         for key in new:
-            self.record("invalid_lock", "warning", lock_key=protocol.shown(key), reason=found[key])
+            self.record(Event.INVALID_LOCK, lock_key=protocol.shown(key), reason=found[key])
         if summary is not None:
             reason = f"{summary} more keys under the pattern are not locks (not named one by one)"
-            self.record("invalid_lock", "warning", lock_key=None, reason=reason, count=summary)
+            self.record(Event.INVALID_LOCK, lock_key=None, reason=reason, count=summary)
         if said != self._invalid_said and self.acting:
             self.client.set(invalid.SAID_KEY, said.dumps(), px=invalid.SAID_TTL_MS)
         self._invalid_said = said
@@ -557,7 +559,7 @@ class Monitor:
         self.redis_error = str(exc)
         if self._down_since is None:
             self._down_since = self.wall()
-            self.record("redis_unavailable", "error", error=redact(str(exc)))
+            self.record(Event.REDIS_UNAVAILABLE, error=redact(str(exc)))
 
     def down_for_s(self) -> float | None:
         """How long Redis has been unreachable, or None while it answers."""
@@ -569,21 +571,21 @@ class Monitor:
         if self._down_since is not None:
             down_s = round(self.wall() - self._down_since, 3)
             self._down_since = None
-            self.record("redis_recovered", "warning", down_s=down_s)
+            self.record(Event.REDIS_RECOVERED, down_s=down_s)
 
     # --- audit ----------------------------------------------------------------------------------
 
-    def record(self, event: str, level: str, *, sync: bool = False, **fields: Any) -> None:
+    def record(self, event: Event, *, sync: bool = False, **fields: Any) -> None:
         """Log, audit and announce one event; never raises."""
-        getattr(log, level)(event, **{k: v for k, v in fields.items() if k != "dry_run" or v})
+        getattr(log, event.level)(event.value, **{k: v for k, v in fields.items() if k != "dry_run" or v})
         try:
-            self.audit.event(event, sync=sync, now=self.wall(), **fields)
+            self.audit.event(event.value, sync=sync, now=self.wall(), **fields)
         except AuditWriteError as exc:
             # The event is kept in memory and written before the next one; the log line above
             # already holds it for journald.
-            log.error("audit_write_failed", error=str(exc), audit_event=event)
+            log.error("audit_write_failed", error=str(exc), audit_event=event.value)
         for listener in self.listeners:
             try:
                 listener(event, fields)
             except Exception:  # a listener's bug must not stop a release (logged with its traceback)
-                log.exception("event_listener_failed", audit_event=event)
+                log.exception("event_listener_failed", audit_event=event.value)

@@ -28,6 +28,7 @@ from monitor.alerts import Alert, Alerts, alert_for
 from monitor.channels import Channel, dingtalk_sign
 from monitor.config import Settings
 from monitor.errors import ConfigError
+from monitor.events import Event
 from monitor.redis_server import free_port
 
 
@@ -121,12 +122,12 @@ RELEASED = {
     ],
 )
 def test_alert_table(event, fields, severity):
-    alert = alert_for(event, fields, host="h1", now=0.0)
+    alert = alert_for(Event(event), fields, host="h1", now=0.0)
     assert (alert.severity if alert else None) == severity
 
 
 def test_alert_carries_everything_an_operator_needs():
-    alert = alert_for("lock_released", RELEASED, host="gpu-node-7", now=1_700_000_000.0)
+    alert = alert_for(Event.LOCK_RELEASED, RELEASED, host="gpu-node-7", now=1_700_000_000.0)
     doc = alert.document()
     assert doc["severity"] == "critical"
     assert (doc["lock_key"], doc["holder"], doc["held_s"], doc["heartbeat"]) == (
@@ -154,7 +155,7 @@ def test_webhook_slack_and_signed_dingtalk(http):
         {"type": "dingtalk", "access_token": "TOKEN", "secret": "SEC123", "url": http.url + "/robot/send"},
     )
     alerts = manager(s)
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     by_path = {urllib.parse.urlsplit(r["path"]).path: r for r in http.requests}
     hook = by_path["/hook"]
@@ -174,7 +175,7 @@ def test_webhook_slack_and_signed_dingtalk(http):
     assert ding["body"] == {
         "msgtype": "text",
         "text": {
-            "content": "[gpulock-monitor] " + alert_for("lock_released", RELEASED, host="gpu-node-7", now=0).summary
+            "content": "[gpulock-monitor] " + alert_for(Event.LOCK_RELEASED, RELEASED, host="gpu-node-7", now=0).summary
         },
     }
     assert {name: (st.sent, st.failed) for name, st in alerts.stats().items()} == {
@@ -193,7 +194,7 @@ def test_dingtalk_refusal_counts_as_failure(http):
     http.replies = [(200, b'{"errcode": 310000, "errmsg": "sign not match"}')] * 2
     s = settings_with({"type": "dingtalk", "access_token": "T", "secret": "S", "url": http.url, "retries": 1})
     alerts = manager(s, sleep=lambda _s: None)
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     assert alerts.stats()["dingtalk[0]"].failed == 1
     assert len(http.requests) == 2
@@ -259,7 +260,7 @@ def test_email_over_smtp(tls, ca, tmp_path):
     login = {} if tls == "none" else {"user": "gpulock", "password": "s3cret", "ca_file": str(ca_file)}
     with smtp_server(tls, ca) as (port, inbox):
         alerts = manager(settings_with(email_channel(port, tls, **login)))
-        alerts.on_event("lock_released", RELEASED)
+        alerts.on_event(Event.LOCK_RELEASED, RELEASED)
         assert alerts.wait_idle(10)
     assert alerts.stats()["email[0]"].sent == 1
     (envelope,) = inbox.received
@@ -289,7 +290,7 @@ def test_email_failures_are_counted_never_raised(tls, extra, why, ca, tmp_path):
         extra = {**extra, "ca_file": str(tmp_path / "ca.pem")}
     with smtp_server(tls, ca) as (port, inbox):
         alerts = manager(settings_with(email_channel(port, tls, retries=0, **extra)))
-        alerts.on_event("lock_released", RELEASED)
+        alerts.on_event(Event.LOCK_RELEASED, RELEASED)
         assert alerts.wait_idle(10)
     assert (alerts.stats()["email[0]"].sent, alerts.stats()["email[0]"].failed) == (0, 1), why
     assert inbox.received == []
@@ -306,8 +307,8 @@ def test_min_severity_routes(http):
         {"type": "webhook", "url": http.url + "/all"},
     )
     alerts = manager(s)
-    alerts.on_event("lock_warning", {"lock_key": "gpu_lock:1", "holder": "h", "held_s": 301, "holding": 1})
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_WARNING, {"lock_key": "gpu_lock:1", "holder": "h", "held_s": 301, "holding": 1})
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     paths = sorted(r["path"] for r in http.requests)
     assert paths == ["/all", "/all", "/crit"]
@@ -320,7 +321,7 @@ def test_retries_with_backoff_then_success(http):
     http.replies = [(500, b"no"), (502, b"no")]
     naps: list[float] = []
     alerts = manager(settings_with({"type": "webhook", "url": http.url, "retries": 3}), sleep=naps.append)
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     assert len(http.requests) == 3
     assert naps == [0.5, 1.0]
@@ -334,7 +335,7 @@ def test_dead_channel_is_counted_never_raised():
         settings_with({"type": "webhook", "url": f"http://127.0.0.1:{free_port()}/", "retries": 2}),
         sleep=lambda _s: None,
     )
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     assert alerts.stats()["webhook[0]"].failed == 1
     assert alerts.stats()["webhook[0]"].sent == 0
@@ -352,7 +353,7 @@ def test_rate_limit_spaces_sends(http):
         settings_with({"type": "webhook", "url": http.url, "rate_per_minute": 2}), sleep=nap, mono=lambda: clock[0]
     )
     for n in range(3):
-        alerts.on_event("lock_warning", {"lock_key": f"gpu_lock:{n}", "holder": "h", "held_s": 301, "holding": n})
+        alerts.on_event(Event.LOCK_WARNING, {"lock_key": f"gpu_lock:{n}", "holder": "h", "held_s": 301, "holding": n})
     assert alerts.wait_idle(10)
     assert len(http.requests) == 3
     assert naps
@@ -379,10 +380,10 @@ def test_full_queue_drops_oldest_warning_never_a_critical():
     alerts = Alerts(Settings(), [gate], host="h", capacity=3).start()
 
     def warn(n):
-        alerts.on_event("lock_warning", {"lock_key": f"w{n}", "holder": "h", "holding": n})
+        alerts.on_event(Event.LOCK_WARNING, {"lock_key": f"w{n}", "holder": "h", "holding": n})
 
     def crit(n):
-        alerts.on_event("lock_released", {**RELEASED, "lock_key": f"c{n}"})
+        alerts.on_event(Event.LOCK_RELEASED, {**RELEASED, "lock_key": f"c{n}"})
 
     warn(0)
     assert gate.started.wait(5)  # w0 is being sent; the queue is empty again
@@ -418,7 +419,7 @@ def test_zombie_across_ten_passes_alerts_once_new_holding_alerts_again(r, redis_
     hold(r, 0, "stuck", age_s=450)
     for _ in range(10):
         monitor.run_pass()
-        alerts.on_event("lock_released", {**RELEASED, "holding": 1})  # the same event again, by hand
+        alerts.on_event(Event.LOCK_RELEASED, {**RELEASED, "holding": 1})  # the same event again, by hand
     hold(r, 0, "stuck")  # the same task name, a new holding
     time.sleep(0.35)
     monitor.run_pass()
@@ -436,8 +437,8 @@ def test_replicas_share_dedup_through_redis(r, http):
 
     s = settings_with({"type": "webhook", "url": http.url})
     a, b = manager(s, claim=claim), manager(s, claim=claim)
-    a.on_event("lock_released", RELEASED)
-    b.on_event("lock_released", RELEASED)
+    a.on_event(Event.LOCK_RELEASED, RELEASED)
+    b.on_event(Event.LOCK_RELEASED, RELEASED)
     assert a.wait_idle(10)
     assert b.wait_idle(10)
     assert len(http.requests) == 1
@@ -448,7 +449,7 @@ def test_dedup_store_down_sends_anyway(http):
         raise redis.ConnectionError("down")
 
     alerts = manager(settings_with({"type": "webhook", "url": http.url}), claim=claim)
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert alerts.wait_idle(10)
     assert len(http.requests) == 1
 
@@ -547,7 +548,7 @@ def test_non_http_url_fails_the_send():
 
 def test_gpu_finding_summary():
     alert = alert_for(
-        "gpu_busy_unlocked",
+        Event.GPU_BUSY_UNLOCKED,
         {"busy_s": 61, "gpu": {"index": 1, "processes": [{"pid": 7}, {"pid": 9}]}},
         host="n",
         now=5.0,
@@ -562,7 +563,7 @@ def test_slow_dedup_store_stays_off_the_scanning_path(http):
 
     alerts = manager(settings_with({"type": "webhook", "url": http.url}), claim=slow_claim)
     t0 = time.perf_counter()
-    alerts.on_event("lock_released", RELEASED)
+    alerts.on_event(Event.LOCK_RELEASED, RELEASED)
     assert time.perf_counter() - t0 < 0.2
     assert alerts.wait_idle(10)
     assert len(http.requests) == 1
