@@ -120,7 +120,11 @@ def test_hard_timeout_null_never_caps_alive_holder(r, redis_server, tmp_path):
     )
     key = hold(r, 0, age_s=599)
     beat(r, key)
-    build(s).run_pass()
+    report = build(s).run_pass()
+    assert report.error is None
+    assert [(v.decision.action.value, v.decision.reason.value) for v in report.verdicts] == [
+        ("keep", "long_task_protected")
+    ]
     assert r.exists(key)
 
 
