@@ -25,8 +25,8 @@ from pathlib import Path
 import redis
 import yaml
 
-from monitor.client import GpuLock
 from monitor.redis_server import RedisServer
+from monitor.worker.client import GpuLock
 
 HB_S, HB_TIMEOUT_S, INTERVAL_S = 0.2, 1.0, 0.2
 

@@ -16,7 +16,7 @@ import time
 
 import redis
 
-from monitor.client import GpuLock
+from monitor.worker.client import GpuLock
 
 
 def record(ledger: str, **fields: object) -> None:

@@ -15,7 +15,7 @@ import redis
 from celery import Celery, signals
 from celery.exceptions import Ignore
 
-from monitor.celery_task import GpuTask
+from monitor.worker.celery_task import GpuTask
 
 URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:1")
 app = Celery("gpu_tasks", broker=f"{URL}/1", backend=f"{URL}/1")

@@ -192,7 +192,8 @@ def test_without_celery_the_import_says_what_to_install():
     code = "import sys; sys.modules['celery'] = None; import monitor.celery_task"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "ImportError: monitor.celery_task needs Celery: pip install 'gpulock-monitor[celery]'" in result.stderr
+    needs = "ImportError: monitor.worker.celery_task needs Celery: pip install 'gpulock-monitor[celery]'"
+    assert needs in result.stderr
 
 
 def test_call_with_arguments_the_task_does_not_take_leaks_no_lock(eager, r):

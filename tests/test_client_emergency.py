@@ -23,9 +23,9 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 from tlsproxy import TlsProxy, server_context
 
-from monitor import client as client_mod
-from monitor.client import GpuLock
 from monitor.redis_server import RedisServer
+from monitor.worker import client as client_mod
+from monitor.worker.client import GpuLock
 
 KEY = b"gpu_lock:0"
 

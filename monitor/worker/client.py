@@ -1,0 +1,312 @@
+"""The reference worker client: the lock protocol done right, for new workers and for our tests.
+
+    with GpuLock(redis_client, "gpu_lock:0", task_name="tts_synthesize") as lock:
+        run_on_gpu(stop_if=lock.lost.is_set)
+
+What it fixes in the workers this protocol comes from:
+- waiters subscribe to the release channel before their first try (no lost wake-up), each
+  waiter with its own PubSub (never shared across threads);
+- a heartbeat thread keeps `<lock>:heartbeat` fresh while the lock is owned, rides out Redis
+  blips, and reports a lost lock instead of dying silently;
+- every release is an owner-checked script, the emergency one included: never a blind DEL;
+- the value is `locked_by_<task>#<token>`, unique per acquisition, so owner checks are exact.
+
+It logs through the standard library (logger `gpulock_monitor.client`), each message the event's
+name and its fields: a worker's own logging set-up decides where they go, and a worker that set up
+none gets warnings and worse on stderr (Python's last-resort handler), never on its stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+
+from monitor import protocol, units
+from monitor.audit import JsonlFile, critical_record
+from monitor.errors import AuditWriteError, MonitorError, ReleaseError
+from monitor.reaper import Reaper
+
+log = logging.getLogger("gpulock_monitor.client")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class AcquireTimeoutError(MonitorError):
+    """The lock stayed held by others for all of `max_wait`."""
+
+
+@dataclass
+class Counters:
+    """Process-wide counts of what went wrong on the release path."""
+
+    normal_release_failures: int = 0
+    emergency_releases: int = 0
+    release_script_errors: int = 0
+    ownership_violations: int = 0
+    heartbeat_failures: int = 0  # refreshes that hit a Redis error (retried at the next interval)
+
+
+COUNTERS = Counters()
+_BY_TASK: dict[str, GpuLock] = {}
+_BY_TASK_LOCK = threading.Lock()
+
+
+class GpuLock:
+    """One acquisition of one GPU lock. Use as a context manager (or acquire/release)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        lock_key: str,
+        *,
+        task_name: str,
+        timeout: float = 600,
+        heartbeat_interval: float = 60,
+        max_wait: float = 300,
+        poll_min_s: float = 0.05,
+        poll_max_s: float = 5.0,
+        task_id: str | None = None,
+        cleanup: Callable[[], None] | None = None,
+        on_lost: Callable[[GpuLock], None] | None = None,
+        critical_path: str | None = None,
+    ) -> None:
+        self.client = client
+        self.key = lock_key.encode()
+        self.task_name = task_name
+        self.value = f"locked_by_{task_name}#{uuid.uuid4().hex[:12]}".encode()
+        self.timeout_ms = units.to_ms(timeout)
+        self.heartbeat_interval = heartbeat_interval
+        self.max_wait = max_wait
+        self.poll_min_s = poll_min_s
+        self.poll_max_s = poll_max_s
+        self.task_id = task_id
+        self.cleanup = cleanup
+        self.on_lost = on_lost
+        self.critical_path = critical_path
+        self.lost = threading.Event()  # set when the heartbeat finds the lock no longer ours
+        self.acquired_at: float | None = None
+        self.expiry_ms = -2  # the lock's absolute expiry on Redis's clock, once acquired
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._acquire = client.register_script(protocol.ACQUIRE_SCRIPT)
+        self._beat = client.register_script(protocol.HEARTBEAT_SCRIPT)
+
+    # --- acquire ----------------------------------------------------------------------------------
+
+    def acquire(self) -> GpuLock:
+        """Wait up to `max_wait` for the lock: woken by release notices, polling as a fallback,
+        riding out Redis restarts (resubscribing) until the deadline."""
+        deadline = time.monotonic() + self.max_wait
+        delay = self.poll_min_s
+        while True:
+            try:
+                self._wait_and_take(deadline)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AcquireTimeoutError(f"{protocol.text(self.key)}: Redis unreachable: {exc}") from exc
+                log.warning("acquire_retry lock_key=%s error=%s", protocol.text(self.key), exc)
+                time.sleep(min(left, delay))
+                delay = min(delay * 2, self.poll_max_s)
+        self.acquired_at = time.time()
+        if self.task_id is not None:
+            with _BY_TASK_LOCK:
+                _BY_TASK[self.task_id] = self
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.key!r}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _wait_and_take(self, deadline: float) -> None:
+        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            # Subscribed (and confirmed) before the first try: a release after it cannot be missed.
+            pubsub.subscribe(protocol.release_channel(self.key))
+            while pubsub.get_message(timeout=max(0.0, deadline - time.monotonic())) is None:
+                if time.monotonic() >= deadline:
+                    raise AcquireTimeoutError(
+                        f"{protocol.text(self.key)}: could not subscribe within {self.max_wait:g} s"
+                    )
+            delay = self.poll_min_s
+            while not self._try():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AcquireTimeoutError(f"{protocol.text(self.key)} still held after {self.max_wait:g} s")
+                _wait_for_message(pubsub, min(left, delay * random.uniform(0.5, 1.5)))
+                delay = min(delay * 2, self.poll_max_s)
+        finally:
+            pubsub.close()
+
+    def _try(self) -> bool:
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
+        keys_ = [self.key, protocol.heartbeat_key(self.key)]
+        expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
+        if expiry == 0:
+            return False
+        self.expiry_ms = expiry
+        return True
+
+    # --- heartbeat ----------------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
+        keys_ = [self.key, protocol.heartbeat_key(self.key)]
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                owned = self._beat(keys=keys_, args=[self.value, repr(time.time()), hb_ms])
+            except redis.RedisError as exc:
+                # A blip: redis-py reconnects on the next call; the key's 2x TTL covers one miss.
+                COUNTERS.heartbeat_failures += 1
+                log.warning("heartbeat_failed lock_key=%s error=%s", protocol.text(self.key), exc)
+                continue
+            if not owned:
+                COUNTERS.ownership_violations += 1
+                self.lost.set()
+                log.error("lock_lost lock_key=%s holder=%s", protocol.text(self.key), protocol.text(self.value))
+                if self.on_lost is not None:
+                    try:
+                        self.on_lost(self)
+                    except Exception:  # the task's callback must not kill the thread silently
+                        log.exception("on_lost_failed lock_key=%s", protocol.text(self.key))
+                return
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # --- release --------------------------------------------------------------------------------------
+
+    def release(self, reason: str = "normal", client: redis.Redis | None = None) -> bool:
+        """Identity-checked release, by the monitor's own script; False when the lock was no
+        longer this holding (nothing deleted)."""
+        self._stop_heartbeat()
+        try:
+            # No bookkeeping keys: a worker's ACL need not reach the monitor's own keys.
+            result = Reaper(client or self.client).release(
+                self.key, self.value, self.expiry_ms, reason=reason, bookkeeping=False
+            )
+        except ReleaseError as exc:
+            COUNTERS.release_script_errors += 1
+            raise redis.ResponseError(str(exc)) from exc
+        done = result.outcome is protocol.Outcome.RELEASED
+        if self.task_id is not None:
+            with _BY_TASK_LOCK:
+                _BY_TASK.pop(self.task_id, None)
+        if not done:
+            COUNTERS.ownership_violations += 1
+            log.warning("release_not_owner lock_key=%s holder=%s", protocol.text(self.key), protocol.text(self.value))
+        return bool(done)
+
+    def __enter__(self) -> GpuLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish("normal" if exc_type is None else "task_failure")
+
+    def finish(self, reason: str) -> bool:
+        """The three-layer `finally`: cleanup hook, owner-checked release, emergency release."""
+        self._stop_heartbeat()
+        if self.cleanup is not None:  # 1: e.g. free GPU memory; its failure must not keep the lock
+            try:
+                self.cleanup()
+            except Exception:
+                log.exception("cleanup_failed lock_key=%s", protocol.text(self.key))
+        try:  # 2
+            return self.release(reason)
+        except redis.RedisError as exc:
+            COUNTERS.normal_release_failures += 1
+            log.warning("release_failed lock_key=%s error=%s", protocol.text(self.key), exc)
+        COUNTERS.emergency_releases += 1
+        pool: redis.ConnectionPool | None = None
+        try:  # 3: the same owner-checked script on a new connection; never a blind DEL
+            pool = _fresh_pool(self.client)
+            return self.release(reason, client=redis.Redis(connection_pool=pool))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it ends in the critical record, not out of `finally`
+            self._critical(exc)
+            return False
+        finally:
+            if pool is not None:
+                try:
+                    pool.disconnect()
+                except Exception:
+                    log.exception("emergency_close_failed lock_key=%s", protocol.text(self.key))
+
+    def _critical(self, exc: Exception) -> None:
+        record = critical_record(
+            lock_key=protocol.text(self.key),
+            holder=protocol.text(self.value),
+            exc=exc,
+            attempts=2,
+            now=time.time(),
+            source="client",
+        )
+        log.critical(
+            "release_failed_critical lock_key=%s holder=%s error_type=%s error=%s",
+            record["lock_key"],
+            record["holder"],
+            record["error_type"],
+            record["error"],
+        )
+        if self.critical_path:
+            try:
+                JsonlFile(self.critical_path).write(record, sync=True)
+            except AuditWriteError:
+                log.exception("critical_write_failed path=%s record=%s", self.critical_path, record)
+
+
+def gpu_lock(client: redis.Redis, lock_key: str, **options: Any) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: run the function holding `lock_key` (task_name defaults to its name)."""
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with GpuLock(client, lock_key, **{"task_name": func.__name__, **options}):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def release_for_task(task_id: str, reason: str = "task_failure") -> bool:
+    """For a task framework's failure callback (Celery `on_failure`): release, owner-checked,
+    the lock that task `task_id` holds in this process. False when it holds none."""
+    with _BY_TASK_LOCK:
+        lock = _BY_TASK.get(task_id)
+    return lock.finish(reason) if lock is not None else False
+
+
+def _fresh_pool(client: redis.Redis) -> redis.ConnectionPool:
+    """A new pool that makes connections exactly as `client`'s pool does, sharing none of them.
+
+    `connection_kwargs` alone is not enough: the connection class is kept apart from them, and without it a
+    unix socket path, TLS options or a Sentinel pool's master-discovery proxy reach a plain TCP `Connection`.
+    Given the class, every kind redis-py offers is rebuilt as it was: `UnixDomainSocketConnection` on the same
+    path, `SSLConnection` with the same CA and checks, `SentinelManagedConnection` asking the same Sentinels
+    for the master (its kwargs carry the original pool's proxy). `pool.make_connection()` on the client's own
+    pool would also do, but it takes one of that pool's `max_connections` for good, and fails when it is full.
+    """
+    pool = client.connection_pool
+    return redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs)
+
+
+def _wait_for_message(pubsub: Any, timeout_s: float) -> None:
+    """Return when a release notice arrives or `timeout_s` passes, whichever is first."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if pubsub.get_message(ignore_subscribe_messages=True, timeout=left) is not None:
+            return
