@@ -99,7 +99,7 @@ def main() -> None:
             client = redis.Redis.from_url(server.url, protocol=2)
             for i in range(args.cycles):
                 ledger = tmp / f"wake-{i}.jsonl"
-                holder = GpuLock(client, "gpu_lock:1", task_name="holder", heartbeat_interval=30).acquire()
+                holder = GpuLock(client, "gpu_lock:1", task_name="holder", heartbeat_interval_s=30).acquire()
                 base = [sys.executable, "-m", "monitor.simworker", "--redis", server.url, "--gpu", "1"]
                 waiter = subprocess.Popen(
                     [*base, "--ledger", str(ledger), "--task-s", "0", "--poll-min-s", "30", "--poll-max-s", "30"]

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             client,
             f"gpu_lock:{args.gpu}",
             task_name=args.name,
-            timeout=600,
-            heartbeat_interval=args.heartbeat_s,
-            max_wait=args.max_wait_s,
+            timeout_s=600,
+            heartbeat_interval_s=args.heartbeat_s,
+            max_wait_s=args.max_wait_s,
             poll_min_s=args.poll_min_s,
             poll_max_s=args.poll_max_s,
         )

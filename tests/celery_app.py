@@ -25,7 +25,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-FAST = {"heartbeat_interval": 0.2, "max_wait": 30, "poll_max_s": 0.2}
+FAST = {"heartbeat_interval_s": 0.2, "max_wait_s": 30, "poll_max_s": 0.2}
 
 
 @signals.task_prerun.connect

@@ -17,8 +17,8 @@ import pytest
 import redis
 from helpers import beat, config_file, events, hold, wait_for
 
-from monitor.client import GpuLock
 from monitor.redis_server import RedisServer, find_binary
+from monitor.worker.client import GpuLock
 
 REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "deploy" / "redis-acl.conf"
@@ -220,12 +220,12 @@ def test_what_no_redis_acl_limits_is_as_the_readme_says(acl_redis):
 def test_worker_user_runs_the_reference_client(acl_redis):
     admin = acl_redis.admin
     worker = acl_redis.client("gpulock-worker")
-    first = GpuLock(worker, "gpu_lock:0", task_name="train", heartbeat_interval=0.2, max_wait=10)
+    first = GpuLock(worker, "gpu_lock:0", task_name="train", heartbeat_interval_s=0.2, max_wait_s=10)
     first.acquire()
     assert admin.get(b"gpu_lock:0") == first.value
     wait_for(lambda: admin.exists(b"gpu_lock:0:heartbeat"))
     took: list[GpuLock] = []
-    second = GpuLock(acl_redis.client("gpulock-worker"), "gpu_lock:0", task_name="eval", max_wait=10)
+    second = GpuLock(acl_redis.client("gpulock-worker"), "gpu_lock:0", task_name="eval", max_wait_s=10)
     waiter = threading.Thread(target=lambda: took.append(second.acquire()))
     waiter.start()  # waits for the release notice on gpu_lock:gpu_lock:0
     assert first.release() is True

@@ -22,12 +22,12 @@ def fresh_counters(monkeypatch):
 
 def lock(r, key="gpu_lock:0", **kw) -> GpuLock:
     return GpuLock(
-        r, key, task_name=kw.pop("task_name", "tts"), heartbeat_interval=kw.pop("heartbeat_interval", 0.1), **kw
+        r, key, task_name=kw.pop("task_name", "tts"), heartbeat_interval_s=kw.pop("heartbeat_interval_s", 0.1), **kw
     )
 
 
 def test_acquire_writes_unique_value_ttl_and_first_heartbeat(r):
-    a = lock(r, timeout=30).acquire()
+    a = lock(r, timeout_s=30).acquire()
     try:
         assert r.get(b"gpu_lock:0") == a.value
         assert a.value.startswith(b"locked_by_tts#")
@@ -69,10 +69,10 @@ def test_heartbeat_survives_a_redis_blip(r):
 
 
 def test_waiter_is_woken_by_the_notice_not_by_polling(r):
-    holder = lock(r, heartbeat_interval=30).acquire()  # no heartbeat scripts during the test
+    holder = lock(r, heartbeat_interval_s=30).acquire()  # no heartbeat scripts during the test
     r.config_resetstat()
     got: list[float] = []
-    waiter = lock(r, task_name="asr", poll_min_s=30, poll_max_s=30, max_wait=60)
+    waiter = lock(r, task_name="asr", poll_min_s=30, poll_max_s=30, max_wait_s=60)
     thread = threading.Thread(target=lambda: got.append(waiter.acquire().acquired_at))
     thread.start()
     with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
@@ -91,7 +91,7 @@ def test_gives_up_after_max_wait(r):
     r.set(b"gpu_lock:0", b"locked_by_forever")
     start = time.monotonic()
     with pytest.raises(AcquireTimeoutError, match=r"still held after 0\.3 s"):
-        lock(r, max_wait=0.3, poll_min_s=0.05, poll_max_s=0.1).acquire()
+        lock(r, max_wait_s=0.3, poll_min_s=0.05, poll_max_s=0.1).acquire()
     assert time.monotonic() - start < 3
 
 
@@ -113,7 +113,7 @@ def test_context_manager_reason_and_cleanup_hook(r):
 def test_normal_release_fails_then_emergency_release_on_fresh_connection(r, redis_server):
     pool = redis.ConnectionPool.from_url(redis_server.url, protocol=2, max_connections=2)
     starved = redis.Redis(connection_pool=pool)
-    held = lock(starved, heartbeat_interval=30).acquire()
+    held = lock(starved, heartbeat_interval_s=30).acquire()
     hog = [pool.get_connection(), pool.get_connection()]  # the worker's pool is exhausted
     try:
         assert held.finish("normal")
@@ -129,7 +129,7 @@ def test_both_releases_fail_writes_critical_record(tmp_path):
     with RedisServer() as own:
         c = redis.Redis.from_url(own.url, protocol=2)
         held = GpuLock(
-            c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "crit.jsonl")
+            c, "gpu_lock:0", task_name="tts", heartbeat_interval_s=30, critical_path=str(tmp_path / "crit.jsonl")
         )
         held.acquire()
         own.stop()
@@ -145,7 +145,7 @@ def test_both_releases_fail_writes_critical_record(tmp_path):
 def test_release_script_error_is_counted(r):
     # An ACL that refuses DEL: the release script fails inside Redis, and nothing was released.
     with acl_user(r, "nodel", channels=["*"], commands=["+@all", "-del"]) as nodel:
-        held = lock(nodel.client, heartbeat_interval=30).acquire()
+        held = lock(nodel.client, heartbeat_interval_s=30).acquire()
         with pytest.raises(redis.ResponseError):
             held.release()
     assert client_mod.COUNTERS.release_script_errors == 1
@@ -153,7 +153,7 @@ def test_release_script_error_is_counted(r):
 
 
 def test_lock_whose_type_changed_is_not_ours(r):
-    held = lock(r, heartbeat_interval=30).acquire()
+    held = lock(r, heartbeat_interval_s=30).acquire()
     r.delete(b"gpu_lock:0")
     r.hset(b"gpu_lock:0", "x", "y")
     assert not held.release()
@@ -164,21 +164,21 @@ def test_lock_whose_type_changed_is_not_ours(r):
 def test_release_needs_no_access_to_the_monitors_keys(r):
     # A worker's ACL user reaches the lock keys and their channel only.
     with acl_user(r, "worker", keys=["gpu_lock:*"], channels=["gpu_lock:*"], commands=["+@all"]) as worker:
-        held = lock(worker.client, heartbeat_interval=30).acquire()
+        held = lock(worker.client, heartbeat_interval_s=30).acquire()
         assert held.finish("normal")
     assert not r.exists(b"gpu_lock:0")
     assert client_mod.COUNTERS.emergency_releases == 0
 
 
 def test_decorator_and_failure_callback(r):
-    @gpu_lock(r, "gpu_lock:1", heartbeat_interval=30)
+    @gpu_lock(r, "gpu_lock:1", heartbeat_interval_s=30)
     def synthesize() -> bytes:
         return r.get(b"gpu_lock:1")
 
     assert synthesize().startswith(b"locked_by_synthesize#")
     assert not r.exists(b"gpu_lock:1")
 
-    held = lock(r, task_id="celery-task-42", heartbeat_interval=30).acquire()
+    held = lock(r, task_id="celery-task-42", heartbeat_interval_s=30).acquire()
     assert release_for_task("celery-task-42")  # what a Celery on_failure handler would call
     assert not r.exists(b"gpu_lock:0")
     assert not release_for_task("celery-task-42")
@@ -186,7 +186,7 @@ def test_decorator_and_failure_callback(r):
 
 
 def test_monitor_sees_client_holdings_as_alive(r, settings):
-    with lock(r, heartbeat_interval=0.1):
+    with lock(r, heartbeat_interval_s=0.1):
         first = r.get(b"gpu_lock:0:heartbeat")
         wait_for(lambda: r.get(b"gpu_lock:0:heartbeat") != first)  # a refresh, not only the first beat
         report = build(settings).run_pass()
@@ -196,7 +196,7 @@ def test_monitor_sees_client_holdings_as_alive(r, settings):
 
 def test_retried_try_after_a_lost_reply_finds_its_own_lock(r):
     # The first try succeeded, but the worker never heard: the retry must not wait on itself.
-    held = lock(r, heartbeat_interval=30)
+    held = lock(r, heartbeat_interval_s=30)
     assert held._try()
     assert held._try()
     assert lock(r, task_name="other")._try() is False
@@ -215,7 +215,7 @@ def own_redis():
 
 def test_heartbeat_rides_out_a_redis_outage(own_redis):
     c = redis.Redis.from_url(own_redis.url, protocol=2)
-    held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=0.1).acquire()
+    held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval_s=0.1).acquire()
     try:
         own_redis.stop()
         wait_for(lambda: client_mod.COUNTERS.heartbeat_failures >= 2)
@@ -233,7 +233,7 @@ def test_acquire_waits_out_a_redis_outage_within_max_wait(own_redis):
     restarted = threading.Timer(0.5, own_redis.start)
     restarted.start()
     try:
-        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, max_wait=30).acquire()
+        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval_s=30, max_wait_s=30).acquire()
     finally:
         restarted.join()
     assert c.get(b"gpu_lock:0") == held.value
@@ -244,7 +244,7 @@ def test_acquire_gives_up_when_redis_stays_down(own_redis):
     c = redis.Redis.from_url(own_redis.url, protocol=2)
     own_redis.stop()
     with pytest.raises(AcquireTimeoutError, match="gpu_lock:0: Redis unreachable"):
-        GpuLock(c, "gpu_lock:0", task_name="tts", max_wait=0.3).acquire()
+        GpuLock(c, "gpu_lock:0", task_name="tts", max_wait_s=0.3).acquire()
 
 
 def test_failing_on_lost_callback_is_logged_not_raised(r):
@@ -262,7 +262,7 @@ def test_failing_on_lost_callback_is_logged_not_raised(r):
 def test_unwritable_critical_log_is_logged_not_raised(tmp_path):
     with RedisServer() as own:
         c = redis.Redis.from_url(own.url, protocol=2)
-        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path))
+        held = GpuLock(c, "gpu_lock:0", task_name="tts", heartbeat_interval_s=30, critical_path=str(tmp_path))
         held.acquire()
         own.stop()
         assert not held.finish("normal")  # a directory is no log file: the record goes to the log only

@@ -60,7 +60,9 @@ def emergency_release(
     """Acquire through `worker`, exhaust its pool, finish; return the connection the release was made on.
     `handshakes` counts the server's accepted connections, where the test has a way to (TLS): one more."""
     with subscribed(observer, b"gpu_lock:" + KEY) as pubsub:
-        held = GpuLock(worker, KEY.decode(), task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "c"))
+        held = GpuLock(
+            worker, KEY.decode(), task_name="tts", heartbeat_interval_s=30, critical_path=str(tmp_path / "c")
+        )
         held.acquire()
         pool = worker.connection_pool
         hog = [pool.get_connection() for _ in range(pool.max_connections)]
@@ -193,7 +195,7 @@ def test_emergency_release_through_sentinel(sentinel, made, tmp_path):
 
 
 def test_unexpected_error_in_the_emergency_release_is_a_critical_record(r, monkeypatch, tmp_path):
-    held = GpuLock(r, KEY.decode(), task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "c.jsonl"))
+    held = GpuLock(r, KEY.decode(), task_name="tts", heartbeat_interval_s=30, critical_path=str(tmp_path / "c.jsonl"))
     held.acquire()
     clients: list[redis.Redis | None] = []
 
@@ -236,7 +238,7 @@ def test_a_connection_that_cannot_be_built_is_a_critical_record(r, redis_server,
         connection_class=BuildOnce, host="127.0.0.1", port=redis_server.port, protocol=2, max_connections=2
     )
     worker = redis.Redis(connection_pool=pool)
-    held = GpuLock(worker, KEY.decode(), task_name="tts", heartbeat_interval=30, critical_path=str(tmp_path / "c"))
+    held = GpuLock(worker, KEY.decode(), task_name="tts", heartbeat_interval_s=30, critical_path=str(tmp_path / "c"))
     held.acquire()
     hog = [pool.get_connection() for _ in range(2)]
     try:

@@ -26,8 +26,8 @@ from helpers import (
     wait_for,
 )
 
-from monitor.client import GpuLock
 from monitor.redis_server import RedisServer
+from monitor.worker.client import GpuLock
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_killed_worker_gpu_recovered_and_never_double_held(redis_server, r, tmp_
 
 def test_waiter_woken_by_notice_across_processes(redis_server, r, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
-    holder = GpuLock(r, "gpu_lock:0", task_name="holder", heartbeat_interval=30).acquire()
+    holder = GpuLock(r, "gpu_lock:0", task_name="holder", heartbeat_interval_s=30).acquire()
     r.config_resetstat()
     # Polling every 30 s: only the release notice can explain a quick acquire.
     waiter = worker(redis_server.url, 0, ledger, "--poll-min-s", "30", "--poll-max-s", "30", "--task-s", "0")

@@ -43,7 +43,7 @@ R = TypeVar("R")
 
 
 class AcquireTimeoutError(MonitorError):
-    """The lock stayed held by others for all of `max_wait`."""
+    """The lock stayed held by others for all of `max_wait_s`."""
 
 
 @dataclass
@@ -71,9 +71,9 @@ class GpuLock:
         lock_key: str,
         *,
         task_name: str,
-        timeout: float = 600,
-        heartbeat_interval: float = 60,
-        max_wait: float = 300,
+        timeout_s: float = 600,
+        heartbeat_interval_s: float = 60,
+        max_wait_s: float = 300,
         poll_min_s: float = 0.05,
         poll_max_s: float = 5.0,
         task_id: str | None = None,
@@ -85,9 +85,9 @@ class GpuLock:
         self.key = lock_key.encode()
         self.task_name = task_name
         self.value = f"locked_by_{task_name}#{uuid.uuid4().hex[:12]}".encode()
-        self.timeout_ms = units.to_ms(timeout)
-        self.heartbeat_interval = heartbeat_interval
-        self.max_wait = max_wait
+        self.timeout_ms = units.to_ms(timeout_s)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_wait_s = max_wait_s
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
         self.task_id = task_id
@@ -105,9 +105,9 @@ class GpuLock:
     # --- acquire ----------------------------------------------------------------------------------
 
     def acquire(self) -> GpuLock:
-        """Wait up to `max_wait` for the lock: woken by release notices, polling as a fallback,
+        """Wait up to `max_wait_s` for the lock: woken by release notices, polling as a fallback,
         riding out Redis restarts (resubscribing) until the deadline."""
-        deadline = time.monotonic() + self.max_wait
+        deadline = time.monotonic() + self.max_wait_s
         delay = self.poll_min_s
         while True:
             try:
@@ -136,20 +136,20 @@ class GpuLock:
             while pubsub.get_message(timeout=max(0.0, deadline - time.monotonic())) is None:
                 if time.monotonic() >= deadline:
                     raise AcquireTimeoutError(
-                        f"{protocol.text(self.key)}: could not subscribe within {self.max_wait:g} s"
+                        f"{protocol.text(self.key)}: could not subscribe within {self.max_wait_s:g} s"
                     )
             delay = self.poll_min_s
             while not self._try():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AcquireTimeoutError(f"{protocol.text(self.key)} still held after {self.max_wait:g} s")
+                    raise AcquireTimeoutError(f"{protocol.text(self.key)} still held after {self.max_wait_s:g} s")
                 _wait_for_message(pubsub, min(left, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, self.poll_max_s)
         finally:
             pubsub.close()
 
     def _try(self) -> bool:
-        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval_s)
         keys_ = [self.key, protocol.heartbeat_key(self.key)]
         expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
         if expiry == 0:
@@ -160,9 +160,9 @@ class GpuLock:
     # --- heartbeat ----------------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval)
+        hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval_s)
         keys_ = [self.key, protocol.heartbeat_key(self.key)]
-        while not self._stop.wait(self.heartbeat_interval):
+        while not self._stop.wait(self.heartbeat_interval_s):
             try:
                 owned = self._beat(keys=keys_, args=[self.value, repr(time.time()), hb_ms])
             except redis.RedisError as exc:
