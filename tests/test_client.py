@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 import threading
 import time
 
@@ -150,6 +153,39 @@ def test_release_script_error_is_counted(r):
             held.release()
     assert client_mod.COUNTERS.release_script_errors == 1
     assert r.get(b"gpu_lock:0") == held.value
+
+
+def test_warnings_go_through_stdlib_logging(r, caplog, capsys):
+    held = lock(r, heartbeat_interval_s=30).acquire()
+    r.set(b"gpu_lock:0", b"locked_by_someone_else")  # expired and re-acquired, say
+    with caplog.at_level(logging.WARNING, logger="gpulock_monitor.client"):
+        assert not held.release()
+    (record,) = (rec for rec in caplog.records if rec.name == "gpulock_monitor.client")
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == f"release_not_owner lock_key=gpu_lock:0 holder={held.value.decode()}"
+    assert capsys.readouterr().out == ""
+
+
+# A worker that never set up logging: it takes the lock, loses it to another holder, releases.
+UNCONFIGURED_WORKER = """
+import sys
+import redis
+from monitor.worker.client import GpuLock
+r = redis.Redis.from_url(sys.argv[1], protocol=2)
+held = GpuLock(r, "gpu_lock:0", task_name="tts", heartbeat_interval_s=30).acquire()
+r.set(b"gpu_lock:0", b"locked_by_someone_else")
+assert not held.release()
+"""
+
+
+def test_a_worker_without_logging_set_up_gets_warnings_on_stderr_not_stdout(r, redis_server):
+    # A worker's stdout may be its output (a pipe, a protocol): the client never writes there.
+    result = subprocess.run(
+        [sys.executable, "-c", UNCONFIGURED_WORKER, redis_server.url], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "release_not_owner lock_key=gpu_lock:0 holder=locked_by_tts#" in result.stderr
 
 
 def test_lock_whose_type_changed_is_not_ours(r):
