@@ -121,7 +121,7 @@ RELEASED = {
         ("released_gpu_busy", {"lock_key": "gpu_lock:1", "gpu": {"index": 1, "processes": []}}, "warning"),
     ],
 )
-def test_alert_table(event, fields, severity):
+def test_each_event_alerts_at_its_severity_or_not_at_all(event, fields, severity):
     alert = alert_for(Event(event), fields, host="h1", now=0.0)
     assert (alert.severity if alert else None) == severity
 
@@ -148,7 +148,7 @@ def test_alert_carries_everything_an_operator_needs():
 # --- the channels, against real servers -------------------------------------------------------------
 
 
-def test_webhook_slack_and_signed_dingtalk(http):
+def test_webhook_slack_and_dingtalk_each_get_the_alert_dingtalk_signed(http):
     s = settings_with(
         {"type": "webhook", "url": http.url + "/hook", "headers": {"X-Token": "abc"}},
         {"type": "slack", "url": http.url + "/slack"},
@@ -254,7 +254,7 @@ implicit_tls_auth = pytest.mark.filterwarnings("ignore:Requiring AUTH while not 
 
 @implicit_tls_auth
 @pytest.mark.parametrize("tls", ["none", "starttls", "ssl"])
-def test_email_over_smtp(tls, ca, tmp_path):
+def test_email_alert_is_delivered_over_plain_starttls_and_ssl_smtp(tls, ca, tmp_path):
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     login = {} if tls == "none" else {"user": "gpulock", "password": "s3cret", "ca_file": str(ca_file)}
@@ -301,7 +301,7 @@ def test_email_ca_file_must_exist(tmp_path):
         settings_with(email_channel(25, "starttls", ca_file=str(tmp_path / "missing.pem")))
 
 
-def test_min_severity_routes(http):
+def test_channel_with_min_severity_critical_gets_no_warnings(http):
     s = settings_with(
         {"type": "webhook", "url": http.url + "/crit", "min_severity": "critical"},
         {"type": "webhook", "url": http.url + "/all"},
@@ -521,12 +521,12 @@ def test_hung_webhook_does_not_delay_a_release(r, redis_server, tmp_path, http):
         ({"type": "webhook", "url": "u", "headers": ["x"]}, "alerts.channels[0].headers: expected a mapping"),
     ],
 )
-def test_channel_config_errors(channel, message):
+def test_bad_channel_options_are_config_errors_naming_the_key(channel, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         settings_with(channel)
 
 
-def test_secrets_from_file_and_env(tmp_path):
+def test_channel_secrets_are_read_from_file_or_environment_and_refused_when_missing(tmp_path):
     (tmp_path / "secret").write_text("FROM-FILE\n")
     s = settings_with({"type": "dingtalk", "access_token_env": "DING_TOKEN", "secret_file": str(tmp_path / "secret")})
     (ding,) = channels.build(s.alert_channels, {"DING_TOKEN": "FROM-ENV"})
@@ -546,7 +546,7 @@ def test_non_http_url_fails_the_send():
         hook.send(Alert("critical", "e", "s", "h", 0.0))
 
 
-def test_gpu_finding_summary():
+def test_busy_gpu_alert_summary_names_the_gpu_its_processes_and_how_long():
     alert = alert_for(
         Event.GPU_BUSY_UNLOCKED,
         {"busy_s": 61, "gpu": {"index": 1, "processes": [{"pid": 7}, {"pid": 9}]}},

@@ -19,7 +19,7 @@ def lines(path):
     return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def test_event_schema(tmp_path):
+def test_every_event_has_schema_version_utc_time_name_and_monitor_pid(tmp_path):
     log = AuditLog(JsonlFile(tmp_path / "a.jsonl"))
     log.event("monitor_started", now=0.0, dry_run=False)
     (event,) = lines(tmp_path / "a.jsonl")
@@ -176,7 +176,7 @@ def test_parse_lines_skips_foreign_and_torn_lines():
         ({"event": "lock_released", "lock_key": "gpu_lock:0"}, False),
     ],
 )
-def test_filter(record, kept):
+def test_filter_keeps_only_records_of_the_event_lock_and_time_asked_for(record, kept):
     since = audit_read.parse_since("2026-01-01T00:00:00Z", now=0.0)
     assert audit_read.Filter(since=since, lock="gpu_lock:0", event="lock_released")(record) is kept
 

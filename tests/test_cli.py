@@ -22,7 +22,7 @@ def invoke(*args: str, **kw):
     return CliRunner().invoke(main, list(args), catch_exceptions=False, **kw)
 
 
-def test_version_everywhere():
+def test_version_option_prints_the_package_version():
     assert invoke("--version").output.strip() == f"gpulock-monitor, version {__version__}"
 
 
@@ -41,7 +41,7 @@ def test_version_everywhere():
         ["demo"],
     ],
 )
-def test_help_everywhere(args):
+def test_every_command_has_help(args):
     result = invoke(*args, "--help")
     assert result.exit_code == 0
     assert "Usage:" in result.output
@@ -51,14 +51,14 @@ def test_help_everywhere(args):
 NO_REDIS = {"GPULOCK_MONITOR_REDIS_URL": "unix:///nonexistent/redis.sock"}
 
 
-def test_config_check_valid_with_warning():
+def test_config_check_of_the_shipped_config_is_ok_with_a_hard_timeout_warning():
     result = CliRunner().invoke(main, ["config", "check", "-c", str(REPO / "monitor.yml")], env=NO_REDIS)
     assert result.exit_code == 0
     assert result.stdout.strip() == "config ok"
     assert "warning: gpu_lock_monitor.timeout_levels.hard_timeout" in result.stderr
 
 
-def test_config_check_invalid(tmp_path):
+def test_config_check_of_an_invalid_config_exits_1_with_one_line_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("gpu_lock_monitor:\n  timeout_levels: {warning: 700}\n")
     result = CliRunner().invoke(main, ["config", "check", "-c", str(bad)])
@@ -106,7 +106,7 @@ def test_redis_refusal_is_one_line(tmp_path, r):
     assert "NoPermissionError" in result.stdout
 
 
-def test_installed_console_script():
+def test_installed_console_script_runs():
     script = shutil.which("gpulock-monitor") or str(Path(sys.executable).parent / "gpulock-monitor")
     result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert __version__ in result.stdout

@@ -96,7 +96,7 @@ def test_untagged_keys_really_are_in_different_slots():
     assert key_slot(b"gpu_lock:{0}") == key_slot(b"gpu_lock:{0}:heartbeat")
 
 
-def test_a_pass_across_the_cluster(rc, csettings):
+def test_passes_across_the_cluster_release_zombies_keep_the_alive_and_record_in_each_locks_slot(rc, csettings):
     from monitor.connection import connect
 
     client = connect(csettings)
@@ -184,7 +184,7 @@ def test_release_fallback_keeps_its_owner_and_heartbeat_checks(rc, csettings):
     assert not rc.exists(other)
 
 
-def test_status_over_a_cluster(rc, cluster, tmp_path):
+def test_status_through_any_cluster_node_lists_the_locks_and_releases_nothing(rc, cluster, tmp_path):
     hold(rc, 0, "tts", age_s=450)
     cfg = config_file(tmp_path, f"redis://127.0.0.1:{cluster[1].port}/0", redis={"cluster": True})
     result = CliRunner().invoke(main, ["status", "--json", "-c", str(cfg)])

@@ -36,7 +36,7 @@ def cfg(redis_server, tmp_path) -> Path:
 # --- status ---------------------------------------------------------------------------------
 
 
-def test_status_table_and_json(r, cfg):
+def test_status_table_and_json_show_each_lock_with_holder_age_heartbeat_and_decision(r, cfg):
     key = hold(r, 0, "tts_synthesize", age_s=450)
     beat(r, key, age_s=5)
     hold(r, 1, "legacy", age_s=450)
@@ -82,7 +82,7 @@ def test_status_never_writes(r, cfg):
     assert r.dbsize() == before
 
 
-def test_status_no_locks_and_hostile_values(r, cfg):
+def test_status_says_no_locks_held_and_escapes_control_characters(r, cfg):
     assert cli("status", "-c", str(cfg)).output.strip() == "no locks held"
     r.set(b"gpu_lock:0", b"locked_by_\n\x1b[31mred" + b"x" * 100)
     out = cli("status", "-c", str(cfg)).output
@@ -94,7 +94,7 @@ def test_status_no_locks_and_hostile_values(r, cfg):
     ("seconds", "text"),
     [(0, "0.0s"), (59.94, "59.9s"), (60, "1m00s"), (3599, "59m59s"), (3600, "1h00m"), (90000, "1d01h")],
 )
-def test_human_durations(seconds, text):
+def test_human_durations_show_the_two_largest_units(seconds, text):
     assert human(seconds) == text
 
 
@@ -109,7 +109,7 @@ def test_status_without_redis_is_one_line(tmp_path):
 # --- release ------------------------------------------------------------------------------------
 
 
-def test_release_with_holder_and_audit(r, cfg, tmp_path, monkeypatch):
+def test_release_with_the_holder_named_deletes_notifies_waiters_and_audits_the_operator(r, cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("SUDO_USER", "alice")
     hold(r, 0, "tts", age_s=10)
     with subscribed(r, b"gpu_lock:gpu_lock:0") as pubsub:
@@ -134,14 +134,14 @@ def test_release_wrong_holder_releases_nothing(r, cfg, tmp_path):
     assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "holder_changed"
 
 
-def test_release_gone(r, cfg, tmp_path):
+def test_release_of_a_lock_not_held_exits_1_and_audits_gone(r, cfg, tmp_path):
     result = cli("release", "gpu_lock:7", "--yes", "-c", str(cfg))
     assert result.exit_code == 1
     assert result.output.strip() == "gpulock-monitor: nothing released: gpu_lock:7 is not held"
     assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "gone"
 
 
-def test_release_not_a_lock(r, cfg):
+def test_release_of_a_key_that_is_not_a_string_is_refused_as_not_a_lock(r, cfg):
     r.rpush(b"gpu_lock:list", "x")
     result = cli("release", "gpu_lock:list", "--yes", "-c", str(cfg))
     assert result.exit_code == 1
@@ -162,7 +162,7 @@ def test_release_asks_on_a_terminal(r, cfg, monkeypatch):
     assert not r.exists(b"gpu_lock:0")
 
 
-def test_release_same_name_reacquired_after_confirmation(r, cfg, redis_server, tmp_path):
+def test_release_confirmed_while_the_same_task_retook_the_lock_spares_the_new_holding(r, cfg, redis_server, tmp_path):
     # Without --holder, the operator confirms the holding that was read; a re-acquire by the
     # same task name between read and release is a different holding and is left alone.
     from monitor import manual
@@ -236,20 +236,20 @@ def test_audit_reads_rotated_files_in_order_with_filters(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["yesterday", "5x", "h2"])
-def test_audit_bad_since(cfg, tmp_path, bad):
+def test_audit_since_that_is_no_time_or_span_exits_1_saying_what_is_expected(cfg, tmp_path, bad):
     (tmp_path / "audit.jsonl").write_text("")
     result = cli("audit", "--since", bad, "-c", str(cfg))
     assert result.exit_code == 1
     assert "--since: expected a span like 2h or 30m" in result.output
 
 
-def test_audit_missing_log(cfg):
+def test_audit_without_a_log_exits_1_saying_so(cfg):
     result = cli("audit", "-c", str(cfg))
     assert result.exit_code == 1
     assert "no audit log at" in result.output
 
 
-def test_audit_follow_across_rotation(cfg, tmp_path):
+def test_audit_follow_shows_appended_lines_and_goes_on_after_rotation(cfg, tmp_path):
     path = tmp_path / "audit.jsonl"
     audit_lines(path, [{"ts": "2026-01-01T00:00:00+00:00", "event": "old"}])
     proc = subprocess.Popen(
@@ -328,7 +328,7 @@ def test_health_critical_when_redis_down(tmp_path):
     assert result.output.startswith("critical: redis unreachable:")
 
 
-def test_health_as_a_subprocess_for_nagios(r, cfg):
+def test_health_as_a_subprocess_prints_one_line_and_exits_with_the_nagios_code(r, cfg):
     result = subprocess.run([sys.executable, "-m", "monitor", "health", "-c", str(cfg)], capture_output=True, text=True)
     assert result.returncode == 2
     assert len(result.stdout.splitlines()) == 1

@@ -42,7 +42,7 @@ def test_documented_default_config_equals_builtin_defaults():
     assert warning.startswith("gpu_lock_monitor.timeout_levels.hard_timeout: 900 s is not below")
 
 
-def test_fleet_sections_and_fractional_seconds():
+def test_fleet_sections_are_read_with_fractional_seconds():
     s = Settings.from_mapping(
         {
             "gpu_lock": {"key_pattern": "gpu:*", "lock_timeout": 3600},
@@ -123,7 +123,7 @@ def test_warnings_for_unknown_sections_and_useless_hard_cap():
     assert any("hard_timeout" in w and "lock_timeout" in w for w in s.warnings)
 
 
-def test_nvml_devices_by_index_or_uuid():
+def test_nvml_devices_map_lock_keys_to_a_device_index_or_uuid():
     s = Settings.from_mapping({"nvml": {"devices": {"gpu_lock:n7-0": 0, "gpu_lock:n7-1": "GPU-8a1e"}}}, env={})
     assert s.nvml_devices == {"gpu_lock:n7-0": 0, "gpu_lock:n7-1": "GPU-8a1e"}
 
@@ -138,7 +138,7 @@ def test_env_overrides_redis_url():
     assert s.redis_url == "redis://b:2/2"
 
 
-def test_search_order(tmp_path, monkeypatch):
+def test_config_file_is_found_by_flag_then_environment_then_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_config(None, env={}) in (None, Path("/etc/gpulock-monitor/monitor.yml"))
     (tmp_path / "monitor.yml").write_text("{}")
@@ -176,7 +176,7 @@ def test_semantic_error_names_file(tmp_path):
         load_settings(str(bad), env={})
 
 
-def test_unreadable_file(tmp_path):
+def test_config_file_that_is_not_text_cannot_be_read(tmp_path):
     bad = tmp_path / "bin.yml"
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
@@ -189,7 +189,7 @@ def test_empty_file_is_defaults(tmp_path):
     assert load_settings(str(empty), env={}) == Settings()
 
 
-def test_password_file_with_credentials_directory(tmp_path):
+def test_password_file_is_read_from_the_credentials_directory(tmp_path):
     (tmp_path / "redis-password").write_text("s3cret\n")
     s = Settings.from_mapping({"redis": {"password_file": "${CREDENTIALS_DIRECTORY}/redis-password"}}, env={})
     assert read_password(s, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
@@ -198,7 +198,7 @@ def test_password_file_with_credentials_directory(tmp_path):
     assert read_password(Settings(), env={}) is None
 
 
-def test_redaction():
+def test_redacted_settings_mask_every_password_token_secret_and_header():
     assert redact_url("redis://user:pw@host:6380/2") == "redis://user:***@host:6380/2"
     assert redact_url("redis://:pw@host/0") == "redis://:***@host/0"
     assert redact_url("redis://host/0") == "redis://host/0"
@@ -407,7 +407,7 @@ def test_cli_fleet_password_is_sent_and_never_shown(tmp_path):
         ("cost $5", {}, "cost $5"),
     ],
 )
-def test_expansion(value, env, expected):
+def test_environment_references_expand_with_defaults_in_one_pass(value, env, expected):
     s = Settings.from_mapping({"gpu_lock": {"key_pattern": f"{value}*"}}, env=env)
     assert s.key_pattern == f"{expected}*"
     assert type(s.key_pattern) is str
@@ -500,7 +500,7 @@ def test_config_show_dumps_expanded_values(tmp_path):
         ({"host": "redis"}, {REDIS_URL_ENV: ""}, "redis://redis:6379/0"),
     ],
 )
-def test_redis_address_forms(redis_section, env, url):
+def test_redis_host_port_and_db_give_the_url_unless_url_or_environment_is_set(redis_section, env, url):
     assert Settings.from_mapping({"redis": redis_section}, env=env).redis_url == url
 
 
@@ -1058,7 +1058,7 @@ def test_tls_options_are_read_and_shown():
         ({"tls": "yes"}, "redis.tls: expected a mapping"),
     ],
 )
-def test_tls_option_errors(redis_section, message):
+def test_bad_tls_options_are_config_errors_naming_the_key(redis_section, message):
     with pytest.raises(ConfigError) as info:
         Settings.from_mapping({"redis": redis_section}, env={})
     assert str(info.value).startswith(message)

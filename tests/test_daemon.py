@@ -210,7 +210,7 @@ def test_unwritable_audit_path_is_one_line(redis_server, tmp_path):
     assert line.startswith("gpulock-monitor: audit.path: cannot open")
 
 
-def test_env_config_and_url_override(r, redis_server, tmp_path):
+def test_run_takes_its_config_and_redis_url_from_the_environment(r, redis_server, tmp_path):
     config = write_config(tmp_path, "redis://127.0.0.1:1/0")  # wrong on purpose: the env wins
     hold(r, 0, age_s=250)
     env = {**os.environ, "GPULOCK_MONITOR_CONFIG": str(config), "GPULOCK_MONITOR_REDIS_URL": redis_server.url}

@@ -179,7 +179,7 @@ HEARTBEAT = [
 
 
 @pytest.mark.parametrize(("looks", "state", "age_s"), [h[1:] for h in HEARTBEAT], ids=[h[0] for h in HEARTBEAT])
-def test_heartbeat_state(looks, state, age_s):
+def test_heartbeat_state_and_age_follow_from_the_looks_at_a_holding(looks, state, age_s):
     h = run(*looks)
     assert h.heartbeat is state
     assert h.hb_age_ms == (None if age_s is None else round(age_s * 1000))
@@ -324,7 +324,7 @@ def test_lock_that_ran_out_under_a_beating_holder_taints_the_next_holding():
         (Record(V, lock(-20, 12), ms(-20)).dumps(), False),  # ran out, no heartbeat at the last look
     ],
 )
-def test_what_taints_a_new_holding(raw_before, tainted):
+def test_only_a_release_or_run_out_under_a_live_heartbeat_taints_the_next_holding(raw_before, tainted):
     assert taints(raw_before, NOW) is tainted
 
 

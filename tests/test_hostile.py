@@ -33,7 +33,7 @@ def junk(n: int, start: int = 0) -> dict[bytes, str]:
         (Said(frozenset(digest(k) for k in junk(SHOWN)), 0), junk(SHOWN, start=1), 1, None, 0),
     ],
 )
-def test_what_is_said_of_invalid_keys(said, found, named, summary, summed_up):
+def test_new_invalid_keys_are_named_up_to_a_limit_the_rest_counted_on_change(said, found, named, summary, summed_up):
     new_said, new, count = to_say(said, found)
     assert len(new) == named
     assert count == summary

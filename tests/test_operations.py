@@ -50,7 +50,7 @@ def test_notify_sends_datagrams(notify_socket):
     assert not systemd.notify("READY=1", env={"NOTIFY_SOCKET": path + ".missing"})
 
 
-def test_notify_abstract_socket():
+def test_notify_reaches_an_abstract_socket():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"gpulock-test-{os.getpid()}"
     sock.bind("\0" + name)
@@ -72,7 +72,7 @@ def test_notify_abstract_socket():
         ({}, None),
     ],
 )
-def test_watchdog_period(env, period):
+def test_watchdog_period_is_half_the_timeout_and_only_for_this_process(env, period):
     assert systemd.watchdog_period_s(env) == period
 
 
@@ -415,7 +415,7 @@ def test_unit_verifies_silently(installed_unit):
 
 
 @needs_systemd_analyze
-def test_unit_security_score_and_nvidia_devices(installed_unit):
+def test_unit_exposure_is_at_most_2_with_only_nvidia_devices_allowed(installed_unit):
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(installed_unit)],
         capture_output=True, text=True, cwd=installed_unit.parent,

@@ -45,7 +45,7 @@ KEEP, WARN, RELEASE = Action.KEEP, Action.WARN, Action.RELEASE
         (299.999, NONE, T, KEEP, Tier.OK, Reason.WITHIN_LIMITS),
     ],
 )
-def test_decide(held_s, heartbeat, tiers, action, tier, reason):
+def test_each_held_time_and_heartbeat_gets_the_design_rules_decision(held_s, heartbeat, tiers, action, tier, reason):
     decision = decide(held_s, heartbeat, tiers)
     assert (decision.action, decision.tier, decision.reason) == (action, tier, reason)
 
@@ -54,7 +54,7 @@ def test_decide(held_s, heartbeat, tiers, action, tier, reason):
     ("held_s", "tier"),
     [(0, Tier.OK), (299.9, Tier.OK), (300, Tier.WARNING), (600, Tier.SOFT), (900, Tier.HARD), (1e9, Tier.HARD)],
 )
-def test_tier_of(held_s, tier):
+def test_each_tier_starts_at_its_threshold(held_s, tier):
     assert tier_of(held_s, T) is tier
 
 

@@ -14,17 +14,17 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True)
 
 
-def test_ruff_lint():
+def test_ruff_lint_passes():
     result = run("ruff", "check", "monitor", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_ruff_format():
+def test_code_is_ruff_formatted():
     result = run("ruff", "format", "--check", "monitor", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_strict():
+def test_mypy_strict_passes():
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
 

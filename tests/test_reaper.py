@@ -58,7 +58,7 @@ def test_release_deletes_lock_and_heartbeat_and_publishes_notice(r, reaper):
         assert isinstance(notice["timestamp"], float)
 
 
-def test_gone(r, reaper):
+def test_release_of_a_lock_that_is_gone_answers_gone(r, reaper):
     result = reaper.release(b"gpu_lock:9", b"locked_by_x", 123)
     assert (result.outcome, result.current) == (Outcome.GONE, None)
 

@@ -67,7 +67,7 @@ SECRET = "S3cr3tValue"  # what no surface may show
         ("no url at all", "no url at all"),
     ],
 )
-def test_redact_url(url, shown):
+def test_redact_url_masks_password_and_secret_query_values_in_any_url_form(url, shown):
     assert redact_url(url) == shown
 
 
@@ -125,7 +125,7 @@ def test_redact_alert_url_masks_path_and_query(url, shown):
         ("", (), ""),
     ],
 )
-def test_redact_text(text, secrets, shown):
+def test_redact_masks_urls_secret_assignments_and_known_secrets_in_text(text, secrets, shown):
     pieces = [p for s in secrets for p in secret_fragments(s)]
     out = redact(text, secrets=pieces)
     if shown is not None:
@@ -160,7 +160,7 @@ def test_redact_text(text, secrets, shown):
         ("", False),
     ],
 )
-def test_secret_names(name, secret):
+def test_secret_names_are_recognised_and_lookalikes_are_not(name, secret):
     assert is_secret_name(name) is secret
 
 
@@ -220,7 +220,7 @@ def test_short_never_cuts_a_password_in_half():
         ("x" * 500, None),
     ],
 )
-def test_label(value, shown):
+def test_label_shows_a_value_as_it_is_or_escaped_and_bounded(value, shown):
     out = label(value)
     if shown is not None:
         assert out == shown

@@ -24,7 +24,7 @@ def test_explicit_binary_wins(monkeypatch):
     assert redis_server.find_binary() == "/opt/redis/bin/redis-server"
 
 
-def test_path_before_bundled(nowhere, tmp_path):
+def test_redis_server_on_path_is_chosen_before_the_bundled_one(nowhere, tmp_path):
     binary = tmp_path / "redis-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)

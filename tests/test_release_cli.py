@@ -71,7 +71,7 @@ def test_live_holder_needs_force(r, cfg, tmp_path):
 
 
 @pytest.mark.parametrize(("answer", "released"), [("n", False), ("y", True)])
-def test_prompt_at_a_terminal(r, cfg, answer, released):
+def test_prompt_at_a_terminal_releases_only_on_yes(r, cfg, answer, released):
     hold(r, 4, "tts", age_s=450)
     code, out = at_terminal("release", "gpu_lock:4", "-c", str(cfg), answer=answer)
     assert "gpu_lock:4 held by locked_by_tts" in out

@@ -40,7 +40,7 @@ def test_monitor_reaches_the_master_through_sentinel(sentinel, tmp_path):
         ({"service": "s", "nodes": ["h:26379"], "cluster": True}, "redis.cluster: a cluster is not reached through"),
     ],
 )
-def test_sentinel_config_errors(sentinel_cfg, message):
+def test_bad_sentinel_options_are_config_errors(sentinel_cfg, message):
     cluster = sentinel_cfg.pop("cluster", False)
     with pytest.raises(ConfigError, match=message):
         Settings.from_mapping({"redis": {"sentinel": sentinel_cfg, "cluster": cluster}}, env={})
