@@ -170,7 +170,7 @@ def test_eager_run_holds_and_releases(eager, r):
     assert r.exists(b"gpu_lock:3") == 0
 
 
-def test_key_from_a_positional_argument(eager, r):
+def test_lock_key_template_takes_an_argument_given_by_position(eager, r):
     with subscribed(r, protocol.release_channel(b"gpu_lock:4")) as pubsub:
         eager.hold.apply(args=(4,)).get()  # hold(gpu_id=4), passed by position
         assert json.loads(next_message(pubsub, 5)["data"])["lock_key"] == "gpu_lock:4"
@@ -182,7 +182,7 @@ def test_key_template_needs_its_argument(eager, r):
     assert r.keys(b"gpu_lock:*") == []
 
 
-def test_redis_url_is_required(eager):
+def test_task_without_a_redis_url_fails_saying_to_set_it(eager):
     eager.app.conf.update(gpu_lock_redis_url=None)
     with pytest.raises(MonitorError, match="set gpu_lock_redis_url"):
         eager.hold.apply(kwargs={"gpu_id": 0}, throw=True)

@@ -98,7 +98,7 @@ def test_gives_up_after_max_wait(r):
     assert time.monotonic() - start < 3
 
 
-def test_context_manager_reason_and_cleanup_hook(r):
+def test_failing_with_block_runs_a_broken_cleanup_and_still_releases_as_task_failure(r):
     cleaned = []
 
     def broken_cleanup():
@@ -206,7 +206,7 @@ def test_release_needs_no_access_to_the_monitors_keys(r):
     assert client_mod.COUNTERS.emergency_releases == 0
 
 
-def test_decorator_and_failure_callback(r):
+def test_decorator_holds_the_lock_for_the_call_and_release_for_task_releases_once(r):
     @gpu_lock(r, "gpu_lock:1", heartbeat_interval_s=30)
     def synthesize() -> bytes:
         return r.get(b"gpu_lock:1")
