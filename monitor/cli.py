@@ -19,15 +19,13 @@ import click
 import redis
 import yaml
 
-from monitor import __version__, audit_read, daemon, logs, manual, protocol, report, service, units
-from monitor.audit import monitor_identity
+from monitor import __version__, audit_read, daemon, logs, manual, report, snapshot
 from monitor.config import Settings, load_settings
-from monitor.connection import connect, redis_down
+from monitor.connection import connect
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
-from monitor.health import Health, assess
+from monitor.health import health_check
 from monitor.protocol import Outcome
-from monitor.service import status_ttl_ms
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,11 +93,11 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Every lock: holder, held time, heartbeat, tier, and what the monitor would do. Read-only."""
     settings = load_settings(config_path)
     logs.configure("warning", "console", stream=sys.stderr)  # keep stdout for the table or JSON
-    snapshot = report.take(connect(settings), settings, Nvml(settings.nvml_enabled))
+    snap = snapshot.take(connect(settings), settings, Nvml(settings.nvml_enabled))
     if as_json:
-        click.echo(json.dumps(report.as_json(snapshot), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report.as_json(snap), indent=2, ensure_ascii=False))
     else:
-        click.echo(report.as_table(snapshot))
+        click.echo(report.as_table(snap))
 
 
 @main.command()
@@ -194,35 +192,6 @@ def health(config_path: str | None) -> None:
     sys.exit(int(result.state))
 
 
-def health_check(settings: Settings) -> Health:
-    host = str(monitor_identity()["host"])
-    try:
-        client = connect(settings)  # a Cluster asks its nodes here already
-        pipe = client.pipeline(transaction=False)
-        pipe.get(protocol.monitor_status_key(host))
-        pipe.pttl(protocol.monitor_status_key(host))
-        raw, pttl = pipe.execute()
-        snapshot = report.take(client, settings)
-    except redis.RedisError as exc:  # unreachable, or any refusal (NOPERM, BUSY, WRONGTYPE...): critical
-        return assess(
-            settings,
-            redis_error=str(exc),
-            redis_refused=not redis_down(exc),
-            last_pass_age_s=None,
-            failing_releases=0,
-            verdicts=[],
-        )
-    age = None
-    failing = 0
-    if raw is not None and pttl > 0:
-        age = units.to_s(status_ttl_ms(settings) - pttl)
-        try:
-            failing = int(json.loads(raw).get("failing_releases", 0))
-        except (ValueError, AttributeError, TypeError):
-            failing = 0
-    return assess(settings, redis_error=None, last_pass_age_s=age, failing_releases=failing, verdicts=snapshot.verdicts)
-
-
 @main.group()
 def config() -> None:
     """Validate or show the configuration."""
@@ -245,7 +214,7 @@ def config_check(config_path: str | None) -> None:
         warnings.append(str(exc))
     else:
         with contextlib.suppress(redis.RedisError):  # validating the file must not depend on Redis
-            found = service.mismatch_warning(client, settings)
+            found = snapshot.mismatch_warning(client, settings)
     if found is not None:
         warnings.append(found)
     for warning in warnings:

@@ -1,19 +1,24 @@
-"""Health: healthy (0), degraded (1) or critical (2), with one line of reason. Pure.
+"""Health: healthy (0), degraded (1) or critical (2), with one line of reason.
 
-The same judgement serves `gpulock-monitor health` (from what the daemon left in Redis) and
-the daemon's `/healthz` (from its own memory).
+One pure judgement (`assess`) serves `gpulock-monitor health` (`health_check`, from what the
+daemon left in Redis) and the daemon's `/healthz` (from its own memory).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from monitor import protocol
+import redis
+
+from monitor import protocol, snapshot, units
+from monitor.audit import monitor_identity
 from monitor.config import Settings
+from monitor.connection import connect, redis_down
 from monitor.policy import Action, Reason
-from monitor.service import Verdict
+from monitor.verdict import Verdict
 
 
 class State(IntEnum):
@@ -91,3 +96,33 @@ def _printable(text: str, limit: int = 300) -> str:
     Redis error is anyone's data), and cut at `limit` characters."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def health_check(settings: Settings) -> Health:
+    """`gpulock-monitor health`: judge from what the daemon on this host left in Redis."""
+    host = str(monitor_identity()["host"])
+    try:
+        client = connect(settings)  # a Cluster asks its nodes here already
+        pipe = client.pipeline(transaction=False)
+        pipe.get(protocol.monitor_status_key(host))
+        pipe.pttl(protocol.monitor_status_key(host))
+        raw, pttl = pipe.execute()
+        snap = snapshot.take(client, settings)
+    except redis.RedisError as exc:  # unreachable, or any refusal (NOPERM, BUSY, WRONGTYPE...): critical
+        return assess(
+            settings,
+            redis_error=str(exc),
+            redis_refused=not redis_down(exc),
+            last_pass_age_s=None,
+            failing_releases=0,
+            verdicts=[],
+        )
+    age = None
+    failing = 0
+    if raw is not None and pttl > 0:
+        age = units.to_s(snapshot.status_ttl_ms(settings) - pttl)
+        try:
+            failing = int(json.loads(raw).get("failing_releases", 0))
+        except (ValueError, AttributeError, TypeError):
+            failing = 0
+    return assess(settings, redis_error=None, last_pass_age_s=age, failing_releases=failing, verdicts=snap.verdicts)

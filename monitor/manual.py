@@ -26,7 +26,8 @@ from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
 from monitor.report import _cell
 from monitor.scanner import read_locks
-from monitor.service import evaluate, last_complete_pass_ms, lock_fields
+from monitor.snapshot import last_complete_pass_ms
+from monitor.verdict import evaluate, lock_fields
 
 RELEASE_REASON = "manual_release"
 # What an operator reads of one key or holder: escaped, and cut past this many characters.

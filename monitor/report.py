@@ -5,50 +5,13 @@ Read-only: it runs the same observation and rules as a pass and writes nothing t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from monitor import protocol, units
-from monitor.config import Settings
-from monitor.connection import Client
-from monitor.gpu import GpuInfo, Nvml, device_for
-from monitor.scanner import Observation, read_locks, scan_candidates
-from monitor.service import Verdict, evaluate
+from monitor.gpu import GpuInfo
+from monitor.snapshot import Snapshot, would_do
 
 JSON_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    redis_time_ms: int | None  # None when there was nothing to read
-    verdicts: list[Verdict]
-    invalid: list[Observation]
-    dry_run: bool
-    gpus: dict[int, GpuInfo] = field(default_factory=dict)
-    nvml_reason: str | None = None  # why there is no GPU data
-    devices: Mapping[str, int | str] = field(default_factory=dict)
-
-    def gpu_of(self, verdict: Verdict) -> GpuInfo | None:
-        return device_for(verdict.holding.key, self.devices, self.gpus)
-
-
-def take(client: Client, settings: Settings, nvml: Nvml | None = None) -> Snapshot:
-    observations = read_locks(client, scan_candidates(client, settings.key_pattern))
-    return Snapshot(
-        redis_time_ms=observations[0].now_ms if observations else None,
-        verdicts=sorted(evaluate(observations, settings), key=lambda v: v.holding.key),
-        invalid=[o for o in observations if o.invalid],
-        dry_run=not settings.auto_recovery,
-        gpus=nvml.snapshot() if nvml is not None else {},
-        nvml_reason=nvml.reason if nvml is not None else "not queried",
-        devices=settings.nvml_devices,
-    )
-
-
-def would_do(verdict: Verdict, dry_run: bool) -> str:
-    action = verdict.decision.action.value
-    return f"{action} (dry run)" if dry_run and action == "release" else action
 
 
 def as_json(snapshot: Snapshot) -> dict[str, Any]:

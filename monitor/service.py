@@ -29,18 +29,19 @@ from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
 from monitor.gpuwatch import GpuWatch
-from monitor.holding import Holding, Record, taints, track
+from monitor.holding import Holding, Record
 from monitor.logs import get_logger
-from monitor.policy import Action, Decision, Reason, Tiers, decide
+from monitor.policy import Action, Reason
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
 from monitor.scanner import (
     READ_BATCH,
-    Observation,
     read_locks,
     scan_candidates,
 )
+from monitor.snapshot import last_complete_pass_ms, status_ttl_ms
+from monitor.verdict import Verdict, evaluate, lock_fields
 
 log = get_logger("gpulock_monitor")
 
@@ -51,18 +52,6 @@ NO_TTL_RECORD_MS = 86_400_000
 MISMATCH_TTL_MS = 7 * 86_400_000
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
-
-
-def status_ttl_ms(settings: Settings) -> int:
-    """Lifetime of the daemon's status key: long enough to see a stalled daemon as stale."""
-    return units.to_ms(max(10 * settings.monitor_interval_s, 600))
-
-
-@dataclass(frozen=True)
-class Verdict:
-    holding: Holding
-    decision: Decision
-    stored: bytes | None = None  # the record as read from Redis (compare-and-set against it)
 
 
 @dataclass
@@ -85,96 +74,6 @@ class _Failure:
     attempts: int = 0
     next_try: float = 0.0
     critical_written: bool = False
-
-
-def tiers(settings: Settings) -> Tiers:
-    return Tiers(settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s)
-
-
-def evaluate(
-    observations: list[Observation],
-    settings: Settings,
-    *,
-    after_ms: int | None = None,
-    remembered: dict[bytes, Record] | None = None,
-) -> list[Verdict]:
-    """Holdings and decisions for every present, valid lock. Pure.
-
-    A holding's record is the one read from Redis, else the one in `remembered` (what this
-    monitor saw); what either says was already audited counts. `after_ms` is when the last
-    complete pass that recorded every holding then present began.
-    """
-    limits = tiers(settings)
-    remembered = remembered or {}
-    verdicts = []
-    for obs in observations:
-        if obs.invalid or obs.value is None:
-            continue
-        stored, mine = Record.loads(obs.record), remembered.get(obs.key)
-        ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
-        prev = ours[0] if ours else None
-        if prev is not None and len(ours) == 2:
-            prev = replace(prev, notified=ours[0].notified | ours[1].notified)
-        # Only a new holding can be tainted by what came before it.
-        tainted = prev is None and (
-            taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
-        )
-        holding = track(
-            obs,
-            prev,
-            after_ms=after_ms,
-            lock_timeout_ms=units.to_ms(settings.lock_timeout_s),
-            hb_ttl_ms=protocol.heartbeat_ttl_ms(settings.heartbeat_interval_s),
-            hb_timeout_ms=units.to_ms(settings.heartbeat_timeout_s),
-            tainted=tainted,
-        )
-        verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
-    return verdicts
-
-
-def mismatch_warning(client: Client, settings: Settings) -> str | None:
-    """What the acting monitor last found of a worker EX shorter than gpu_lock.lock_timeout,
-    while it still applies to this config; None when nothing was found."""
-    raw = client.get(protocol.MISMATCH_KEY)
-    if raw is None:
-        return None
-    try:
-        found = json.loads(raw)
-        ex_s, lock = float(found["worker_ex_at_most_s"]), str(found["lock_key"])
-    except (ValueError, TypeError, KeyError):
-        return None
-    if ex_s >= settings.lock_timeout_s:
-        return None
-    return (
-        f"gpu_lock.lock_timeout: {settings.lock_timeout_s:g} s is longer than the EX of a worker "
-        f"({lock} was set with at most {ex_s:g} s); it must be the shortest EX in use"
-    )
-
-
-def last_complete_pass_ms(client: Client, settings: Settings) -> int | None:
-    """When the last complete pass of an acting monitor began (Redis-clock ms), if known."""
-    raw = client.get(protocol.last_pass_key(settings.key_pattern))
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
-
-
-def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
-    """The lock part of an audit event (DESIGN.md section 7)."""
-    h, d = verdict.holding, verdict.decision
-    return {
-        "lock_key": protocol.shown(h.key),
-        "holder": protocol.shown(h.holder),
-        "held_s": round(h.held_s, 3),
-        "heartbeat": h.heartbeat.value,
-        "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
-        "tier": d.tier.value,
-        "reason": d.reason.value,
-        "dry_run": dry_run,
-        # Which holding: Redis-clock ms when a monitor first saw it. Values repeat; this does not.
-        "holding": h.id,
-    }
 
 
 class Monitor:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
-from monitor import logs, report
+from monitor import logs, report, snapshot
 from monitor.cli import main
 from monitor.gpu import GpuInfo, Nvml, device_for
 from monitor.gpuwatch import GpuWatch
@@ -240,7 +240,7 @@ def test_explicit_map_limits_findings_to_named_gpus(r, settings):
 def test_status_shows_gpu_columns(r, settings):
     fake = FakeNvml([Device("GPU-a", processes=[(1, GIB)], used=12 * GIB), Device("GPU-b", processes=[(9, GIB)])])
     hold(r, 0, "tts", age_s=10)
-    snap = report.take(r, settings, nvml_of(fake))
+    snap = snapshot.take(r, settings, nvml_of(fake))
     table = report.as_table(snap)
     lines = table.splitlines()
     assert lines[0].split()[-4:] == ["GPU", "MEM", "UTIL", "PROCS"]

@@ -305,7 +305,7 @@ def test_manual_release_whose_reply_is_lost_says_unknown(r, redis_server, tmp_pa
     ],
 )
 def test_mismatch_warning_reads_what_the_daemon_left(r, settings, raw, shown):
-    from monitor.service import mismatch_warning
+    from monitor.snapshot import mismatch_warning
 
     if raw is not None:
         r.set(protocol.MISMATCH_KEY, raw)
@@ -314,7 +314,7 @@ def test_mismatch_warning_reads_what_the_daemon_left(r, settings, raw, shown):
 
 @pytest.mark.parametrize(("raw", "expected"), [(None, None), (b"junk", None), (b"1795000000000", 1795000000000)])
 def test_last_complete_pass_tolerates_junk(r, settings, raw, expected):
-    from monitor.service import last_complete_pass_ms
+    from monitor.snapshot import last_complete_pass_ms
 
     if raw is not None:
         r.set(protocol.last_pass_key(settings.key_pattern), raw)

@@ -1,0 +1,85 @@
+"""Judgement of every lock, shared by the daemon's pass, `status`, `health` and `release`. Pure.
+
+From what was observed (and what monitors remembered of each holding) to a holding with its
+held time and heartbeat state, and the rules' decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from monitor import protocol, units
+from monitor.config import Settings
+from monitor.holding import Holding, Record, taints, track
+from monitor.policy import Decision, Tiers, decide
+from monitor.scanner import Observation
+
+
+@dataclass(frozen=True)
+class Verdict:
+    holding: Holding
+    decision: Decision
+    stored: bytes | None = None  # the record as read from Redis (compare-and-set against it)
+
+
+def tiers(settings: Settings) -> Tiers:
+    return Tiers(settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s)
+
+
+def evaluate(
+    observations: list[Observation],
+    settings: Settings,
+    *,
+    after_ms: int | None = None,
+    remembered: dict[bytes, Record] | None = None,
+) -> list[Verdict]:
+    """Holdings and decisions for every present, valid lock. Pure.
+
+    A holding's record is the one read from Redis, else the one in `remembered` (what this
+    monitor saw); what either says was already audited counts. `after_ms` is when the last
+    complete pass that recorded every holding then present began.
+    """
+    limits = tiers(settings)
+    remembered = remembered or {}
+    verdicts = []
+    for obs in observations:
+        if obs.invalid or obs.value is None:
+            continue
+        stored, mine = Record.loads(obs.record), remembered.get(obs.key)
+        ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
+        prev = ours[0] if ours else None
+        if prev is not None and len(ours) == 2:
+            prev = replace(prev, notified=ours[0].notified | ours[1].notified)
+        # Only a new holding can be tainted by what came before it.
+        tainted = prev is None and (
+            taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
+        )
+        holding = track(
+            obs,
+            prev,
+            after_ms=after_ms,
+            lock_timeout_ms=units.to_ms(settings.lock_timeout_s),
+            hb_ttl_ms=protocol.heartbeat_ttl_ms(settings.heartbeat_interval_s),
+            hb_timeout_ms=units.to_ms(settings.heartbeat_timeout_s),
+            tainted=tainted,
+        )
+        verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
+    return verdicts
+
+
+def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
+    """The lock part of an audit event (DESIGN.md section 7)."""
+    h, d = verdict.holding, verdict.decision
+    return {
+        "lock_key": protocol.shown(h.key),
+        "holder": protocol.shown(h.holder),
+        "held_s": round(h.held_s, 3),
+        "heartbeat": h.heartbeat.value,
+        "heartbeat_age_s": None if h.hb_age_s is None else round(h.hb_age_s, 3),
+        "tier": d.tier.value,
+        "reason": d.reason.value,
+        "dry_run": dry_run,
+        # Which holding: Redis-clock ms when a monitor first saw it. Values repeat; this does not.
+        "holding": h.id,
+    }
