@@ -67,7 +67,7 @@ def assess(
     interval = settings.monitor_interval_s
     if redis_error is not None:
         what = "redis refused the monitor's commands" if redis_refused else "redis unreachable"
-        return Health(State.CRITICAL, f"{what}: {_printable(redis_error)}")
+        return Health(State.CRITICAL, f"{what}: {protocol.printable(redis_error, 300)}")
     if last_pass_age_s is None:
         return Health(State.CRITICAL, "no monitor pass recorded recently (is the daemon running?)")
     if last_pass_age_s > 5 * interval + 10:
@@ -89,13 +89,6 @@ def assess(
     if last_pass_age_s > 2 * interval + 5:
         return Health(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")
     return Health(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago")
-
-
-def _printable(text: str, limit: int = 300) -> str:
-    """An error text on one terminal line: control characters escaped (a key name inside a
-    Redis error is anyone's data), and cut at `limit` characters."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def health_check(settings: Settings) -> Health:

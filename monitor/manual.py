@@ -24,7 +24,6 @@ from monitor.holding import Holding
 from monitor.policy import Heartbeat
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
-from monitor.report import _cell
 from monitor.scanner import read_locks
 from monitor.snapshot import last_complete_pass_ms
 from monitor.verdict import evaluate, lock_fields
@@ -56,7 +55,7 @@ def operator_name() -> str:
 def shown(value: bytes | str) -> str:
     """A key or holder as the operator sees it: cut with its digest when long, and escaped as
     `status` shows it, never raw."""
-    return _cell(protocol.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
+    return protocol.printable(protocol.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
 
 
 def check_lock_key(settings: Settings, lock_key: bytes) -> None:

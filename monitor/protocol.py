@@ -111,6 +111,13 @@ def shown(data: bytes) -> str:
     return f"{text(data[:LONGEST_KEPT])}... ({len(data)} bytes, sha1 {digest})"
 
 
+def printable(text_: str, limit: int) -> str:
+    """Text on one terminal line for people: control characters escaped (Redis data is anyone's
+    data, and a holder of escape sequences must not reach a terminal raw), cut at `limit`."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text_)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
 def monitor_status_key(host: str) -> bytes:
     """Where the daemon on `host` leaves its last pass summary (read by `health`)."""
     return MONITOR_PREFIX + b"monitor:" + host.encode()

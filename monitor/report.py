@@ -12,6 +12,7 @@ from monitor.gpu import GpuInfo
 from monitor.snapshot import Snapshot, would_do
 
 JSON_VERSION = 1
+CELL_LIMIT = 48  # characters of a key or holder in a table cell
 
 
 def as_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -55,8 +56,8 @@ def as_table(snapshot: Snapshot) -> str:
         h = v.holding
         heartbeat = h.heartbeat.value if h.hb_age_s is None else f"{h.heartbeat.value} ({units.human(h.hb_age_s)} ago)"
         row: tuple[str, ...] = (
-            _cell(protocol.text(h.key)),
-            _cell(protocol.shown(h.holder)),
+            protocol.printable(protocol.text(h.key), CELL_LIMIT),
+            protocol.printable(protocol.shown(h.holder), CELL_LIMIT),
             units.human(h.held_s),
             heartbeat,
             v.decision.tier.value,
@@ -68,7 +69,8 @@ def as_table(snapshot: Snapshot) -> str:
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines += [f"not a lock: {_cell(protocol.text(o.key))} ({o.invalid})" for o in snapshot.invalid]
+    for o in snapshot.invalid:
+        lines.append(f"not a lock: {protocol.printable(protocol.text(o.key), CELL_LIMIT)} ({o.invalid})")
     locked = {g.index for v in snapshot.verdicts if (g := snapshot.gpu_of(v)) is not None}
     for index, g in sorted(snapshot.gpus.items()):
         if index not in locked:
@@ -93,7 +95,3 @@ def gpu_cells(g: GpuInfo | None) -> tuple[str, str, str, str]:
     return (str(g.index), mem, util, procs)
 
 
-def _cell(text: str, limit: int = 48) -> str:
-    """One table cell: control characters escaped, long values shortened."""
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return text if len(text) <= limit else text[: limit - 1] + "…"
