@@ -23,7 +23,7 @@ import redis
 from monitor import logs
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 from monitor.service import Monitor
 
 

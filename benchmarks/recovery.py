@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 import yaml
 
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 from monitor.worker.client import GpuLock
 
 HB_S, HB_TIMEOUT_S, INTERVAL_S = 0.2, 1.0, 0.2
@@ -45,7 +45,7 @@ def wait(predicate, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
 
 
 def worker(url: str, ledger: Path, *extra: str) -> subprocess.Popen[bytes]:
-    base = [sys.executable, "-m", "monitor.simworker", "--redis", url, "--gpu", "0", "--ledger", str(ledger)]
+    base = [sys.executable, "-m", "monitor.demo.simworker", "--redis", url, "--gpu", "0", "--ledger", str(ledger)]
     return subprocess.Popen([*base, "--heartbeat-s", str(HB_S), *extra])
 
 
@@ -100,7 +100,7 @@ def main() -> None:
             for i in range(args.cycles):
                 ledger = tmp / f"wake-{i}.jsonl"
                 holder = GpuLock(client, "gpu_lock:1", task_name="holder", heartbeat_interval_s=30).acquire()
-                base = [sys.executable, "-m", "monitor.simworker", "--redis", server.url, "--gpu", "1"]
+                base = [sys.executable, "-m", "monitor.demo.simworker", "--redis", server.url, "--gpu", "1"]
                 waiter = subprocess.Popen(
                     [*base, "--ledger", str(ledger), "--task-s", "0", "--poll-min-s", "30", "--poll-max-s", "30"]
                 )

@@ -11,7 +11,7 @@ import redis
 from helpers import make_settings, wait_for
 
 from monitor.config import Settings
-from monitor.redis_server import RedisServer, find_binary, free_port
+from monitor.demo.redis_server import RedisServer, find_binary, free_port
 
 
 @pytest.fixture(scope="session")

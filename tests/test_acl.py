@@ -17,7 +17,7 @@ import pytest
 import redis
 from helpers import beat, config_file, events, hold, wait_for
 
-from monitor.redis_server import RedisServer, find_binary
+from monitor.demo.redis_server import RedisServer, find_binary
 from monitor.worker.client import GpuLock
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,9 +27,9 @@ from monitor import channels
 from monitor.alerts import Alert, Alerts, alert_for
 from monitor.channels import Channel, dingtalk_sign
 from monitor.config import Settings
+from monitor.demo.redis_server import free_port
 from monitor.errors import ConfigError
 from monitor.events import Event
-from monitor.redis_server import free_port
 
 
 class Receiver:
@@ -329,7 +329,7 @@ def test_retries_with_backoff_then_success(http):
 
 
 def test_dead_channel_is_counted_never_raised():
-    from monitor.redis_server import free_port
+    from monitor.demo.redis_server import free_port
 
     alerts = manager(
         settings_with({"type": "webhook", "url": f"http://127.0.0.1:{free_port()}/", "retries": 2}),

@@ -28,8 +28,8 @@ from helpers import (
 )
 
 from monitor import protocol
+from monitor.demo.redis_server import RedisServer
 from monitor.errors import MonitorError
-from monitor.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent

@@ -13,7 +13,7 @@ import pytest
 import redis
 from helpers import acl_user, build, events, next_message, read_jsonl, subscribed, wait_for
 
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 from monitor.worker import client as client_mod
 from monitor.worker.client import AcquireTimeoutError, GpuLock, gpu_lock, release_for_task
 

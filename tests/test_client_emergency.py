@@ -23,7 +23,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 from tlsproxy import TlsProxy, server_context
 
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 from monitor.worker import client as client_mod
 from monitor.worker.client import GpuLock
 

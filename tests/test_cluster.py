@@ -21,10 +21,10 @@ from redis.crc import key_slot
 
 from monitor import protocol
 from monitor.cli import main
+from monitor.demo.redis_server import RedisServer, free_port
 from monitor.holding import Record
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper
-from monitor.redis_server import RedisServer, free_port
 from monitor.scanner import read_locks
 
 SLOTS = 16384

@@ -19,7 +19,7 @@ from helpers import beat, build, config_file, events, hold, make_settings, subsc
 
 from monitor import protocol
 from monitor.cli import main
-from monitor.redis_server import RedisServer, free_port
+from monitor.demo.redis_server import RedisServer, free_port
 from monitor.units import human
 
 
@@ -150,7 +150,7 @@ def test_release_of_a_key_that_is_not_a_string_is_refused_as_not_a_lock(r, cfg):
 
 def test_release_asks_on_a_terminal(r, cfg, monkeypatch):
     hold(r, 0, "tts")
-    monkeypatch.setattr("monitor.cli._interactive", lambda: True)
+    monkeypatch.setattr("monitor.cli.commands._interactive", lambda: True)
     runner = CliRunner()
     no = runner.invoke(main, ["release", "gpu_lock:0", "-c", str(cfg)], input="n\n")
     assert no.exit_code == 1

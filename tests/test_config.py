@@ -25,9 +25,9 @@ from monitor.config import (
     load_settings,
     read_password,
 )
+from monitor.demo.redis_server import RedisServer
 from monitor.errors import ConfigError
 from monitor.redact import redact_url
-from monitor.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET_CONFIG = REPO / "tests" / "data" / "fleet_config.yml"

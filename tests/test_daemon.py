@@ -29,7 +29,7 @@ from helpers import (
     wait_for,
 )
 
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ def test_once_dry_run_releases_nothing(r, redis_server, tmp_path):
 
 
 def test_once_without_redis_fails_with_one_line(tmp_path):
-    from monitor.redis_server import free_port
+    from monitor.demo.redis_server import free_port
 
     result = cli("run", "--once", "-c", str(write_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0")))
     assert result.returncode == 1

@@ -26,14 +26,14 @@ from helpers import (
     wait_for,
 )
 
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 from monitor.worker.client import GpuLock
 
 pytestmark = pytest.mark.slow
 
 
 def worker(url: str, gpu: int, ledger: Path, *extra: str) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "monitor.simworker", "--redis", url, "--gpu", str(gpu), "--ledger", str(ledger)]
+    args = [sys.executable, "-m", "monitor.demo.simworker", "--redis", url, "--gpu", str(gpu), "--ledger", str(ledger)]
     return subprocess.Popen([*args, "--heartbeat-s", str(FAST_HB_S), *extra])
 
 
@@ -158,7 +158,7 @@ def test_redis_restart_under_running_workers(tmp_path):
 COUNTING_WORKER = """
 import dataclasses, json, sys
 from monitor.client import COUNTERS
-from monitor.simworker import main
+from monitor.demo.simworker import main
 code = main(sys.argv[1:])
 print(json.dumps(dataclasses.asdict(COUNTERS)))
 sys.exit(code)

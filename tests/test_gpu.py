@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
-from monitor import logs, report, snapshot
+from monitor import logs, snapshot
 from monitor.cli import main
+from monitor.cli import status as report
 from monitor.gpu import GpuInfo, Nvml, device_for
 from monitor.gpuwatch import GpuWatch
 

@@ -22,10 +22,10 @@ from monitor.audit import monitor_identity
 from monitor.cli import main
 from monitor.config import Settings
 from monitor.connection import connect, redis_down
+from monitor.demo.redis_server import RedisServer, find_binary, free_port
 from monitor.health import State, assess, overdue_s
 from monitor.holding import Holding, Record
 from monitor.policy import Action, Decision, Heartbeat, Reason, Tier
-from monitor.redis_server import RedisServer, find_binary, free_port
 from monitor.verdict import Verdict
 
 # interval 30, warning 300, soft 600, hard 900; heartbeat interval 60 (key TTL 120), timeout 300

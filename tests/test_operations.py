@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import daemon, systemd
 from monitor.audit import JsonlFile
-from monitor.redis_server import free_port
+from monitor.demo.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "gpulock-monitor.service"
@@ -177,7 +177,7 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
 
 
 def test_healthz_is_503_when_redis_is_gone(tmp_path):
-    from monitor.redis_server import RedisServer
+    from monitor.demo.redis_server import RedisServer
 
     port = free_port()
     with RedisServer() as own:

@@ -14,10 +14,10 @@ import redis
 from helpers import acl_user, beat, hold, next_message, subscribed, wait_for
 
 from monitor import protocol
+from monitor.demo.redis_server import RedisServer, free_port
 from monitor.errors import ReleaseError
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper
-from monitor.redis_server import RedisServer, free_port
 from monitor.scanner import Observation, read_locks
 
 

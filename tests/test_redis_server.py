@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from monitor import redis_server
+from monitor.demo import redis_server
 from monitor.errors import MonitorError
 
 

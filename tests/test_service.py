@@ -370,7 +370,7 @@ def test_release_refused_retries_then_writes_critical_record(r, redis_server, tm
 
 
 def test_redis_lost_during_release_aborts_pass(r, settings):
-    from monitor.redis_server import RedisServer
+    from monitor.demo.redis_server import RedisServer
 
     with RedisServer() as own:
         client = redis.Redis.from_url(own.url, protocol=2)

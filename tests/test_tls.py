@@ -29,8 +29,8 @@ from tlsproxy import TlsProxy, server_context
 
 from monitor.config import REDIS_URL_ENV, Settings
 from monitor.connection import REDIS_DOWN, connect, tls_options
+from monitor.demo.redis_server import RedisServer, find_binary, free_port
 from monitor.errors import ConfigError
-from monitor.redis_server import RedisServer, find_binary, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -93,5 +93,3 @@ def gpu_cells(g: GpuInfo | None) -> tuple[str, str, str, str]:
     util = "-" if g.utilization_pct is None else f"{g.utilization_pct}%"
     procs = "-" if g.processes is None else str(len(g.processes))
     return (str(g.index), mem, util, procs)
-
-

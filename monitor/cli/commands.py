@@ -19,7 +19,8 @@ import click
 import redis
 import yaml
 
-from monitor import __version__, audit_read, daemon, logs, manual, report, snapshot
+from monitor import __version__, audit_read, daemon, logs, manual, snapshot
+from monitor.cli import status as render
 from monitor.config import Settings, load_settings
 from monitor.connection import connect
 from monitor.errors import MonitorError
@@ -95,9 +96,9 @@ def status(config_path: str | None, as_json: bool) -> None:
     logs.configure("warning", "console", stream=sys.stderr)  # keep stdout for the table or JSON
     snap = snapshot.take(connect(settings), settings, Nvml(settings.nvml_enabled))
     if as_json:
-        click.echo(json.dumps(report.as_json(snap), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(render.as_json(snap), indent=2, ensure_ascii=False))
     else:
-        click.echo(report.as_table(snap))
+        click.echo(render.as_table(snap))
 
 
 @main.command()
@@ -234,6 +235,6 @@ def config_show(config_path: str | None) -> None:
 @_one_line_errors
 def demo() -> None:
     """A self-contained tour on a throwaway local Redis with simulated workers."""
-    from monitor import demo as tour  # noqa: PLC0415 - keeps the demo off the daemon's import path
+    from monitor.demo import tour  # noqa: PLC0415 - keeps the demo off the daemon's import path
 
     sys.exit(tour.run())

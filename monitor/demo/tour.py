@@ -23,7 +23,7 @@ import redis
 
 from monitor import daemon, logs, protocol
 from monitor.config import Settings
-from monitor.redis_server import RedisServer
+from monitor.demo.redis_server import RedisServer
 
 HB_INTERVAL_S = 0.5
 TIMEOUT_S = 60.0
