@@ -94,7 +94,7 @@ def test_disabled_never_loads_the_library():
     assert nvml.reason == "disabled in config (nvml.enabled: false)"
 
 
-def test_binding_not_installed():
+def test_missing_nvml_binding_is_unavailable_saying_what_to_install():
     def load():
         raise ImportError("No module named 'pynvml'")
 
@@ -122,7 +122,7 @@ def test_broken_library_is_unavailable_not_an_error():
     assert nvml.reason == "NVML could not be loaded: libnvidia-ml.so.1: invalid ELF header"
 
 
-def test_lost_gpu_and_failing_count():
+def test_lost_gpu_has_no_readings_and_a_failing_device_count_gives_no_gpus():
     fake = FakeNvml([Device("GPU-a", lost=True), Device("GPU-b")])
     gpus = nvml_of(fake).snapshot()
     assert gpus[0] == GpuInfo(0, None, None, None, None, None, None)
@@ -131,12 +131,12 @@ def test_lost_gpu_and_failing_count():
     assert nvml_of(fake).snapshot() == {}
 
 
-def test_old_driver_without_process_support():
+def test_old_driver_without_process_support_lists_no_processes():
     fake = FakeNvml([Device("GPU-a", unsupported={"processes"})], old_driver=True)
     assert nvml_of(fake).snapshot()[0].processes is None
 
 
-def test_process_name_from_nvml_else_proc():
+def test_process_name_comes_from_nvml_else_from_proc():
     me = os.getpid()
     fake = FakeNvml([Device("GPU-a", processes=[(me, GIB), (4242, GIB)], process_names={4242: "/usr/bin/python3"})])
     named = {p.pid: p.name for p in nvml_of(fake).snapshot()[0].processes}
@@ -144,7 +144,7 @@ def test_process_name_from_nvml_else_proc():
     assert named[me] == Path(f"/proc/{me}/comm").read_text().strip()  # NVML would not say: from /proc
 
 
-def test_shutdown_once_and_then_empty():
+def test_shutdown_happens_once_and_later_snapshots_are_empty():
     fake = FakeNvml([Device("GPU-a")])
     nvml = nvml_of(fake)
     assert nvml.available
@@ -173,7 +173,7 @@ GPUS = {i: GpuInfo(i, f"GPU-{i}", None, None, None, None, ()) for i in range(2)}
         (b"gpu_lock:y", {"gpu_lock:y": "GPU-missing"}, None),
     ],
 )
-def test_device_for(key, devices, index):
+def test_lock_key_maps_to_the_local_gpu_of_its_index_or_of_the_explicit_map(key, devices, index):
     info = device_for(key, devices, GPUS)
     assert (info.index if info else None) == index
 
@@ -181,7 +181,7 @@ def test_device_for(key, devices, index):
 # --- findings, audit and status with a fake GPU host -----------------------------------------------
 
 
-def test_busy_unlocked_after_grace_and_released_gpu_busy(r, redis_server, tmp_path):
+def test_gpu_busy_with_no_lock_past_grace_and_busy_after_a_release_are_audited(r, redis_server, tmp_path):
     # A hard cap of 0.3 s: GPU 1's holding, taken after the monitor's complete passes, reaches it
     # in real time (a faked TTL age would rightly be disbelieved).
     settings = make_settings(
@@ -255,7 +255,7 @@ def test_status_shows_gpu_columns(r, settings):
     assert [g["uuid"] for g in doc["gpus"]] == ["GPU-a", "GPU-b"]
 
 
-def test_gpu_metrics(r, settings):
+def test_gpu_memory_utilization_and_processes_are_exported_per_gpu(r, settings):
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 

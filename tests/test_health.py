@@ -63,7 +63,7 @@ def verdict(held_s: float, action: Action, reason: Reason, hb_age_s: float | Non
         (verdict(50, Action.RELEASE, Reason.HEARTBEAT_DEAD), 0.0),  # age unknown: just now
     ],
 )
-def test_overdue_s(v, overdue):
+def test_overdue_s_counts_from_when_the_rules_first_release(v, overdue):
     assert overdue_s(v, SETTINGS) == overdue
 
 
@@ -89,7 +89,7 @@ HELD = verdict(100, Action.KEEP, Reason.WITHIN_LIMITS)
         ({"verdicts": [HELD, FRESH_ZOMBIE]}, State.HEALTHY, "2 lock(s), last pass 1.0 s ago"),
     ],
 )
-def test_assess(kw, state, reason):
+def test_assess_gives_each_conditions_state_and_reason(kw, state, reason):
     args = {"redis_error": None, "last_pass_age_s": 1.0, "failing_releases": 0, "verdicts": [], **kw}
     health = assess(SETTINGS, **args)
     assert (health.state, health.reason) == (state, reason)
