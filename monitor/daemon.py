@@ -98,6 +98,21 @@ class Runner:
         """True while passes keep completing; a hung pass makes this False."""
         return self.monitor.mono() - self.last_end < 2 * self.monitor.settings.monitor_interval_s + 10
 
+    def live(self) -> tuple[bool, str]:
+        """/livez: the process runs and its passes complete (a hung pass fails it)."""
+        if self.progressing():
+            return True, "passes completing"
+        return False, f"no pass completed for {self.monitor.mono() - self.last_end:.0f} s"
+
+    def is_ready(self) -> tuple[bool, str]:
+        """/readyz: a pass has completed and Redis answers."""
+        m = self.monitor
+        if m.redis_error is not None:
+            return False, f"redis unavailable: {protocol.printable(m.redis_error, 300)}"
+        if m.last_success is None:
+            return False, "no pass completed yet"
+        return True, "redis reachable, passes completing"
+
     def health(self) -> Health:
         m = self.monitor
         report = m.last_report
@@ -146,7 +161,9 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         from monitor import metrics  # noqa: PLC0415 - prometheus_client only where metrics are on
 
         exporter = metrics.Metrics(monitor, alerts)
-        stop_http = metrics.serve(settings.metrics_listen, exporter, runner.health)
+        stop_http = metrics.serve(
+            settings.metrics_listen, exporter, runner.health, live=runner.live, ready=runner.is_ready
+        )
         runner.observe = exporter.observe
     _lifecycle(monitor, Event.MONITOR_STARTED)
     scheduler = BackgroundScheduler(timezone=timezone.utc)

@@ -1,4 +1,4 @@
-"""Prometheus metrics and `/healthz`, served from one thread on `metrics.listen`.
+"""Prometheus metrics, `/healthz`, `/livez` and `/readyz`, served from one thread on `metrics.listen`.
 
 Per-lock gauges come from the last pass's report at scrape time, so a scrape always sees
 one pass whole and locks that went away disappear with it.
@@ -163,7 +163,9 @@ class Metrics:
 MAX_CONNECTIONS = 256
 IDLE_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 8192
-_NOT_FOUND = b"not found: try /metrics or /healthz\n"
+_NOT_FOUND = b"not found: try /metrics, /healthz, /livez or /readyz\n"
+# A probe answers (ok, reason): /livez and /readyz say 200 or 503 with the reason.
+Probe = Callable[[], tuple[bool, str]]
 
 
 class _Connection:
@@ -181,12 +183,19 @@ class _Connection:
 class _Server:
     """A small HTTP/1.1 server for GET /metrics and /healthz: one request per connection."""
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, health: Callable[[], Health]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        health: Callable[[], Health],
+        probes: dict[bytes, Probe],
+    ) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.listener = socket.create_server(address, family=family, backlog=128)
         self.listener.setblocking(False)
         self.metrics = metrics
         self.health = health
+        self.probes = probes
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -333,6 +342,10 @@ class _Server:
                 health = self.health()
                 doc = {"state": health.state.name.lower(), "code": int(health.state), "reason": health.reason}
                 return 503 if health.state is State.CRITICAL else 200, "application/json", json.dumps(doc).encode()
+            probe = self.probes.get(target)
+            if probe is not None:
+                ok, reason = probe()
+                return (200 if ok else 503), "text/plain", f"{'ok' if ok else 'failing'}: {reason}\n".encode()
         except Exception:  # a collector's bug: one 500, logged with its traceback; the server goes on
             log.exception("metrics_request_failed", path=protocol.text(target))
             return 500, "text/plain", b"internal error\n"
@@ -351,11 +364,24 @@ class _Server:
         self._write(conn)
 
 
-def serve(listen: str, metrics: Metrics, health: Callable[[], Health]) -> Callable[[], None]:
-    """Start serving in one thread; returns the function that stops it."""
+def serve(
+    listen: str,
+    metrics: Metrics,
+    health: Callable[[], Health],
+    *,
+    live: Probe | None = None,
+    ready: Probe | None = None,
+) -> Callable[[], None]:
+    """Start serving in one thread; returns the function that stops it.
+
+    /healthz is the operator's judgement (critical while Redis is down). Kubernetes gets two
+    narrower probes: /livez fails only when passes stopped completing (a restart may help), and
+    /readyz while Redis is unreachable or no pass has completed yet (a restart would not help).
+    """
+    probes = {path: probe for path, probe in ((b"/livez", live), (b"/readyz", ready)) if probe is not None}
     host, _, port = listen.rpartition(":")
     try:
-        server = _Server((host.strip("[]"), int(port)), metrics, health)
+        server = _Server((host.strip("[]"), int(port)), metrics, health, probes)
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server appends the address
         raise MonitorError(f"metrics.listen: cannot listen on {listen}: {why}") from None

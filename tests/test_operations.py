@@ -18,12 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import daemon, systemd
 from monitor.audit import JsonlFile
-from monitor.demo.redis_server import free_port
+from monitor.demo.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "gpulock-monitor.service"
@@ -177,7 +178,6 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
 
 
 def test_healthz_is_503_when_redis_is_gone(tmp_path):
-    from monitor.demo.redis_server import RedisServer
 
     port = free_port()
     with RedisServer() as own:
@@ -429,3 +429,45 @@ def test_unit_exposure_is_at_most_2_with_only_nvidia_devices_allowed(installed_u
     assert "LoadCredential=redis-password:" in text
     assert "Type=notify" in text
     assert "WatchdogSec=" in text
+
+
+def test_livez_fails_only_on_a_hung_pass_and_readyz_while_redis_is_down_or_before_a_pass(tmp_path):
+    """Kubernetes restarts on /livez and routes on /readyz: a Redis outage must fail only the latter."""
+    from monitor import metrics
+    from monitor.daemon import Runner
+
+    port = free_port()
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, protocol=2, socket_timeout=2)
+        monitor = build(make_settings(server.url, tmp_path), client)
+        runner = Runner(monitor)
+        stop = metrics.serve(
+            f"127.0.0.1:{port}", metrics.Metrics(monitor), runner.health, live=runner.live, ready=runner.is_ready
+        )
+
+        def probe(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                    return reply.status, reply.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        try:
+            before = probe("/livez"), probe("/readyz")
+            runner()
+            after_pass = probe("/livez"), probe("/readyz")
+            server.stop()
+            runner()
+            redis_down = probe("/livez"), probe("/readyz")
+            started = monitor.mono()
+            monitor.mono = lambda: started + 60  # no pass completed for a minute: hung
+            hung = probe("/livez")
+        finally:
+            stop()
+    assert before == ((200, "ok: passes completing\n"), (503, "failing: no pass completed yet\n"))
+    assert after_pass == ((200, "ok: passes completing\n"), (200, "ok: redis reachable, passes completing\n"))
+    assert redis_down[0] == (200, "ok: passes completing\n")
+    assert redis_down[1][0] == 503
+    assert redis_down[1][1].startswith("failing: redis unavailable: ")
+    assert hung[0] == 503
+    assert hung[1].startswith("failing: no pass completed for 6")
