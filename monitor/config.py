@@ -108,7 +108,7 @@ class Settings:
     redis_tls_ca_file: str | None = None
     redis_tls_cert_file: str | None = None
     redis_tls_key_file: str | None = None
-    key_pattern: str = "gpu_lock:*"
+    key_pattern: str = protocol.DEFAULT_KEY_PATTERN
     lock_timeout_s: float = 600.0
     monitor_interval_s: float = 30.0
     warning_s: float = 300.0

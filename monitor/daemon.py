@@ -30,7 +30,7 @@ from monitor.errors import MonitorError
 from monitor.events import Event
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
-from monitor.health import Health, assess
+from monitor.health import Health, assess, pass_grace_s
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
 
@@ -96,7 +96,7 @@ class Runner:
 
     def progressing(self) -> bool:
         """True while passes keep completing; a hung pass makes this False."""
-        return self.monitor.mono() - self.last_end < 2 * self.monitor.settings.monitor_interval_s + 10
+        return self.monitor.mono() - self.last_end < pass_grace_s(self.monitor.settings.monitor_interval_s)
 
     def live(self) -> tuple[bool, str]:
         """/livez: the process runs and its passes complete (a hung pass fails it)."""

@@ -75,7 +75,7 @@ def assess(
     if failing_releases:
         return Health(State.CRITICAL, f"{failing_releases} release(s) failing")
     verdicts = list(verdicts)
-    grace = 2 * interval + 5
+    grace = pass_grace_s(interval)
     zombies = sorted(
         ((o, v) for v in verdicts if (o := overdue_s(v, settings)) is not None and o > grace),
         key=lambda pair: -pair[0],
@@ -86,9 +86,15 @@ def assess(
             State.DEGRADED,
             f"{len(zombies)} zombie lock(s) overdue for release, worst {protocol.text(v.holding.key)} by {worst:.0f} s",
         )
-    if last_pass_age_s > 2 * interval + 5:
+    if last_pass_age_s > grace:
         return Health(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")
     return Health(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago")
+
+
+def pass_grace_s(interval_s: float) -> float:
+    """How long a pass may be late before the daemon counts as stalled (health, /livez, the
+    systemd watchdog): two intervals, and slack for one slow pass."""
+    return 2 * interval_s + 10
 
 
 def health_check(settings: Settings) -> Health:

@@ -16,6 +16,9 @@ from enum import Enum
 
 from monitor.errors import ReleaseError
 
+# The fleet's lock keys are "gpu_lock:<gpu_id>"; `gpu_lock.key_pattern` may choose others.
+LOCK_KEY_PREFIX = "gpu_lock:"
+DEFAULT_KEY_PATTERN = LOCK_KEY_PREFIX + "*"
 LOCK_VALUE_PREFIX = b"locked_by_"
 HEARTBEAT_SUFFIX = b":heartbeat"
 # The record a holder may write beside its lock (DESIGN.md section 2): data, not a lock.
@@ -28,6 +31,15 @@ HOLDING_PREFIX = MONITOR_PREFIX + b"holding:"
 RELEASED_PREFIX = MONITOR_PREFIX + b"released:"
 # The last lock_timeout_mismatch an acting monitor found, for `config check` to show.
 MISMATCH_KEY = MONITOR_PREFIX + b"lock_timeout_mismatch"
+
+
+def lock_key(gpu_id: object) -> bytes:
+    return f"{LOCK_KEY_PREFIX}{gpu_id}".encode()
+
+
+def lock_value(task_name: str) -> bytes:
+    """What a worker running `task_name` writes into the lock."""
+    return LOCK_VALUE_PREFIX + task_name.encode()
 
 
 def heartbeat_key(lock_key: bytes) -> bytes:

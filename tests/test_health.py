@@ -84,7 +84,7 @@ HELD = verdict(100, Action.KEEP, Reason.WITHIN_LIMITS)
             State.DEGRADED,
             "1 zombie lock(s) overdue for release, worst gpu_lock:0 by 100 s",
         ),
-        ({"last_pass_age_s": 66}, State.DEGRADED, "last successful pass 66 s ago"),  # > 2 x 30 + 5
+        ({"last_pass_age_s": 71}, State.DEGRADED, "last successful pass 71 s ago"),  # > 2 x 30 + 10
         ({"last_pass_age_s": 65}, State.HEALTHY, "0 lock(s), last pass 65.0 s ago"),
         ({"verdicts": [HELD, FRESH_ZOMBIE]}, State.HEALTHY, "2 lock(s), last pass 1.0 s ago"),
     ],

@@ -16,6 +16,7 @@ import time
 
 import redis
 
+from monitor import protocol
 from monitor.worker.client import GpuLock
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.tasks):
         lock = GpuLock(
             client,
-            f"gpu_lock:{args.gpu}",
+            protocol.text(protocol.lock_key(args.gpu)),
             task_name=args.name,
             timeout_s=600,
             heartbeat_interval_s=args.heartbeat_s,

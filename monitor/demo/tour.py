@@ -69,8 +69,8 @@ class Tour:
         self.out.put((source, text))
 
     def worker(self, gpu: int, task: str, *, heartbeat: bool, crash_at: float | None, finish_at: float | None) -> None:
-        key = f"gpu_lock:{gpu}".encode()
-        self.client.set(key, f"locked_by_{task}", nx=True, ex=60)
+        key = protocol.lock_key(gpu)
+        self.client.set(key, protocol.lock_value(task), nx=True, ex=60)
         self.say("worker", f"{key.decode()} acquired by {task} ({'heartbeat on' if heartbeat else 'no heartbeat'})")
         start = time.monotonic()
         while not self.stop.wait(HB_INTERVAL_S):
@@ -81,7 +81,7 @@ class Tour:
             if finish_at is not None and elapsed >= finish_at:
                 # Owner-checked release: delete only if we still hold it.
                 hb_key = protocol.heartbeat_key(key)
-                self.client.eval(protocol.LEGACY_RELEASE_SCRIPT, 2, key, hb_key, f"locked_by_{task}")
+                self.client.eval(protocol.LEGACY_RELEASE_SCRIPT, 2, key, hb_key, protocol.lock_value(task))
                 self.say("worker", f"{key.decode()} {task} finished and released its lock")
                 return
             if heartbeat:
@@ -89,7 +89,7 @@ class Tour:
 
     def listen(self) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.psubscribe("gpu_lock:gpu_lock:*")
+        pubsub.psubscribe(protocol.release_channel(protocol.lock_key("*")))
         while not self.stop.is_set():
             message = pubsub.get_message(timeout=0.2)
             if message:

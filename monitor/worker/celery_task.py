@@ -27,6 +27,7 @@ except ImportError as exc:  # the optional extra is not installed: say which one
         f"monitor.worker.celery_task needs Celery: pip install 'gpulock-monitor[celery]' ({exc})"
     ) from exc
 
+from monitor import protocol
 from monitor.errors import MonitorError
 from monitor.worker.client import GpuLock
 
@@ -38,7 +39,7 @@ _CLIENTS: dict[tuple[int, str], redis.Redis] = {}
 class GpuTask(Task):  # type: ignore[misc]
     """Runs each call holding `gpu_lock_key`, formatted with the call's arguments by name."""
 
-    gpu_lock_key: str = "gpu_lock:{gpu_id}"
+    gpu_lock_key: str = protocol.LOCK_KEY_PREFIX + "{gpu_id}"
     gpu_lock_redis_url: str | None = None  # None: the app's `gpu_lock_redis_url` setting
     gpu_lock_options: dict[str, Any] = {}  # noqa: RUF012 - read-only, overridden per task
 

@@ -84,7 +84,7 @@ class GpuLock:
         self.client = client
         self.key = lock_key.encode()
         self.task_name = task_name
-        self.value = f"locked_by_{task_name}#{uuid.uuid4().hex[:12]}".encode()
+        self.value = protocol.lock_value(f"{task_name}#{uuid.uuid4().hex[:12]}")
         self.timeout_ms = units.to_ms(timeout_s)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_wait_s = max_wait_s
