@@ -216,50 +216,7 @@ class Settings:
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as `monitor.yml` sections, with secrets masked."""
-        return {
-            "redis": {
-                "url": redact_url(self.redis_url),
-                "password_file": self.redis_password_file,
-                "password": "***" if self.redis_password else None,
-                "cluster": self.redis_cluster,
-                "sentinel": {"service": self.sentinel_service, "nodes": list(self.sentinel_nodes)},
-                "tls": {
-                    "ca_file": self.redis_tls_ca_file,
-                    "cert_file": self.redis_tls_cert_file,
-                    "key_file": self.redis_tls_key_file,
-                },
-            },
-            "gpu_lock": {"key_pattern": self.key_pattern, "lock_timeout": self.lock_timeout_s},
-            "gpu_lock_monitor": {
-                "monitor_interval": self.monitor_interval_s,
-                "timeout_levels": {
-                    "warning": self.warning_s,
-                    "soft_timeout": self.soft_timeout_s,
-                    "hard_timeout": self.hard_timeout_s,
-                },
-                "heartbeat": {"interval": self.heartbeat_interval_s, "timeout": self.heartbeat_timeout_s},
-                "cleanup": {"max_retry": self.max_retry, "retry_delay": self.retry_delay_s},
-                "enabled": self.enabled,
-                "auto_recovery": self.auto_recovery,
-            },
-            "audit": {
-                "path": self.audit_path,
-                "critical_path": self.critical_path,
-                "max_bytes": self.audit_max_bytes,
-                "backups": self.audit_backups,
-            },
-            "metrics": {"enabled": self.metrics_enabled, "listen": self.metrics_listen},
-            "nvml": {
-                "enabled": self.nvml_enabled,
-                "devices": dict(self.nvml_devices),
-                "busy_grace": self.nvml_busy_grace_s,
-            },
-            "alerts": {
-                "channels": [_redact_channel(c) for c in self.alert_channels],
-                "redis_down_after": self.redis_down_alert_s,
-            },
-            "logging": {"level": self.log_level, "format": self.log_format},
-        }
+        return _shown(_SECTIONS, self)
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
@@ -898,6 +855,32 @@ _SECTIONS: dict[str, Spec] = {
     },
 }
 
+
+# How `config show` prints a field where its value is not shown as it is; fields whose names
+# start with "_" are inputs folded into others (host, port and db into the URL) and not shown.
+_SHOWN_AS: dict[str, Callable[[Any], Any]] = {
+    "redis_url": redact_url,
+    "redis_password": lambda password: "***" if password else None,
+    "sentinel_nodes": list,
+    "nvml_devices": dict,
+    "alert_channels": lambda channels: [_redact_channel(c) for c in channels],
+}
+_SHOWN_FIELD = {"_log_format": "log_format"}
+
+
+def _shown(spec: Spec, settings: Settings) -> dict[str, Any]:
+    """`spec`'s tree with the values of `settings`: what `config show` prints."""
+    out: dict[str, Any] = {}
+    for key, entry in spec.items():
+        if isinstance(entry, Mapping):
+            out[key] = _shown(entry, settings)
+            continue
+        field_name = _SHOWN_FIELD.get(entry[0], entry[0])
+        if field_name.startswith("_"):
+            continue
+        value = getattr(settings, field_name)
+        out[key] = _SHOWN_AS[field_name](value) if field_name in _SHOWN_AS else value
+    return out
 
 # Per section: the keys of the fleet's config.yml that are not ours, accepted and ignored.
 _IGNORED: dict[str, frozenset[str]] = {
