@@ -105,10 +105,7 @@ class Reaper:
             )
         except redis.ResponseError as exc:
             raise ReleaseError(f"release script failed: {exc}") from exc
-        try:
-            outcome = protocol.Outcome(code.decode())
-        except ValueError:
-            raise ReleaseError(f"release script answered {code!r}") from None
+        outcome = protocol.outcome_of(code)
         error = notice_error.decode("utf-8", "backslashreplace") if notice_error else None
         return ReleaseResult(outcome, current or None, error)
 
