@@ -30,12 +30,19 @@ from monitor.protocol import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CONFIG_HELP = "Config file (default: $GPULOCK_MONITOR_CONFIG, ./monitor.yml, /etc/gpulock-monitor/monitor.yml)."
+
+
+def _config_before_the_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`-c` after the command, else the one given before it (`gpulock-monitor -c FILE status`)."""
+    if value is not None:
+        return value
+    given: str | None = ctx.find_root().params.get("config_path")
+    return given
+
+
 config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    metavar="FILE",
-    help="Config file (default: $GPULOCK_MONITOR_CONFIG, ./monitor.yml, /etc/gpulock-monitor/monitor.yml).",
+    "-c", "--config", "config_path", metavar="FILE", help=CONFIG_HELP, callback=_config_before_the_command
 )
 
 
@@ -72,8 +79,10 @@ def _settings(config_path: str | None) -> Settings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="gpulock-monitor")
-def main() -> None:
+@click.option("-c", "--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+def main(config_path: str | None) -> None:
     """Find GPU locks whose holders died, and release them safely."""
+    # `config_path` is read by each command's own -c (`config_option`), which wins over this one.
 
 
 @main.command()

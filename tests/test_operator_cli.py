@@ -1,0 +1,47 @@
+"""The operator's commands at 3 a.m.: typos refused in one line, `-c` anywhere, `audit` from the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import config_file
+
+from monitor.cli import main
+
+
+def cli(*args: str, **kw):
+    return CliRunner().invoke(main, list(args), **kw)
+
+
+@pytest.fixture
+def cfg(redis_server, tmp_path) -> Path:
+    return config_file(tmp_path, redis_server.url, nvml={"enabled": False})
+
+
+# --- -c before the subcommand ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize(
+    "command", [["status"], ["health"], ["audit"], ["config", "check"], ["config", "show"], ["release", "gpu_lock:9"]]
+)
+def test_config_option_is_taken_before_the_subcommand_as_after_it(r, tmp_path, redis_server, command, where):
+    cfg = config_file(tmp_path, redis_server.url, gpu_lock={"key_pattern": "site_a:*"}, nvml={"enabled": False})
+    (tmp_path / "audit.jsonl").write_text("")
+    args = ["-c", str(cfg), *command] if where == "before" else [*command, "-c", str(cfg)]
+    result = cli(*args, env={"GPULOCK_MONITOR_CONFIG": str(tmp_path / "missing.yml")})
+    assert "missing.yml" not in result.output
+    assert "No such option" not in result.output
+    if command[0] == "release":  # only the file's pattern makes this key no lock
+        assert "gpu_lock:9 is not under gpu_lock.key_pattern (site_a:*)" in result.output
+    if command == ["config", "show"]:
+        assert "site_a:*" in result.output
+
+
+def test_config_option_after_the_subcommand_wins_over_one_before_it(tmp_path, redis_server):
+    first = config_file(tmp_path, redis_server.url, gpu_lock={"key_pattern": "site_a:*"})
+    second = tmp_path / "second.yml"
+    second.write_text(first.read_text().replace("site_a:*", "site_b:*"))
+    assert "site_b:*" in cli("-c", str(first), "config", "show", "-c", str(second)).output
