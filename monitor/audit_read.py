@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 from monitor import units
 from monitor.errors import MonitorError
+from monitor.events import Event
 
 
 def parse_since(text: str, now: float) -> float:
@@ -24,6 +26,17 @@ def parse_since(text: str, now: float) -> float:
         return units.parse_iso(text)
     except ValueError:
         raise MonitorError(f"--since: expected a span like 2h or 30m, or an ISO 8601 time, got {text!r}") from None
+
+
+def check_event(name: str) -> str:
+    """`name` if it is an audit event's name; else one line saying which names there are, so a
+    typo is not taken for a quiet log."""
+    names = [event.value for event in Event]
+    if name in names:
+        return name
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise MonitorError(f"--event: no event is named {name}{hint}; the names are {', '.join(names)}")
 
 
 @dataclass(frozen=True)

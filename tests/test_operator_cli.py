@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from helpers import config_file
 
 from monitor.cli import main
+from monitor.events import Event
 
 
 def cli(*args: str, **kw):
@@ -45,3 +46,17 @@ def test_config_option_after_the_subcommand_wins_over_one_before_it(tmp_path, re
     second = tmp_path / "second.yml"
     second.write_text(first.read_text().replace("site_a:*", "site_b:*"))
     assert "site_b:*" in cli("-c", str(first), "config", "show", "-c", str(second)).output
+
+
+# --- typos ---------------------------------------------------------------------------------------
+
+
+def test_audit_event_that_is_no_event_name_exits_1_naming_the_valid_ones(cfg, tmp_path):
+    (tmp_path / "audit.jsonl").write_text('{"event": "lock_released"}\n')
+    result = cli("audit", "--event", "lock_relesed", "-c", str(cfg))
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("gpulock-monitor: --event: no event is named lock_relesed (did you mean lock_released?)")
+    for event in Event:
+        assert event.value in line
+    assert cli("audit", "--event", "lock_released", "-c", str(cfg)).exit_code == 0

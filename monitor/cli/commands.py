@@ -174,7 +174,9 @@ def audit(
     settings = load_settings(config_path)
     path = Path(settings.audit_path)
     keep = audit_read.Filter(
-        since=None if since is None else audit_read.parse_since(since, time.time()), lock=lock_key, event=event_name
+        since=None if since is None else audit_read.parse_since(since, time.time()),
+        lock=lock_key,
+        event=None if event_name is None else audit_read.check_event(event_name),
     )
 
     def show(record: dict[str, Any]) -> None:
