@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -24,13 +25,15 @@ from monitor.holding import Holding
 from monitor.policy import Heartbeat
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
-from monitor.scanner import read_locks
+from monitor.scanner import read_locks, scan_candidates
 from monitor.snapshot import last_complete_pass_ms
 from monitor.verdict import evaluate, lock_fields
 
 RELEASE_REASON = "manual_release"
 # What an operator reads of one key or holder: escaped, and cut past this many characters.
 SHOWN_LIMIT = 300
+# Locks named when the one asked for is not held (a typo: gpu_lock:O for gpu_lock:0).
+HELD_NAMED = 8
 
 
 class NotConfirmed(MonitorError):  # noqa: N818 - control flow (the operator said no), not an error
@@ -39,6 +42,10 @@ class NotConfirmed(MonitorError):  # noqa: N818 - control flow (the operator sai
 
 class LiveHolderError(MonitorError):
     """The holder's heartbeat is alive and --force was not given; nothing was done."""
+
+
+class NotHeldError(MonitorError):
+    """The key is not held: nothing to confirm, release or audit."""
 
 
 def operator_name() -> str:
@@ -56,6 +63,12 @@ def shown(value: bytes | str) -> str:
     """A key or holder as the operator sees it: cut with its digest when long, and escaped as
     `status` shows it, never raw."""
     return protocol.printable(protocol.shown(value) if isinstance(value, bytes) else value, SHOWN_LIMIT)
+
+
+def natural_key(key: bytes | str) -> tuple[str | int, ...]:
+    """Sort key for lock keys as people count: gpu_lock:2 before gpu_lock:10."""
+    text = protocol.text(key) if isinstance(key, bytes) else key
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text)))
 
 
 def check_lock_key(settings: Settings, lock_key: bytes) -> None:
@@ -150,14 +163,14 @@ def release(
     """Release the holding of `lock_key` just read, if it is held by `holder` (or by whoever
     holds it now, once confirmed). The attempt is audited as `manual_release` whatever its
     outcome. A holder whose heartbeat is alive is refused unless `force`; a key that cannot be a
-    lock (`check_lock_key`) is refused before Redis is asked anything."""
+    lock (`check_lock_key`) is refused before Redis is asked anything, and one that is not held
+    (`NotHeldError`, naming the locks that are) before anything is audited."""
     check_lock_key(settings, lock_key)
     (obs,) = read_locks(client, [lock_key])
     if obs.invalid:
         raise MonitorError(f"{shown(lock_key)} is not a lock ({obs.invalid})")
-    if obs.value is None:
-        _audit(audit, lock_key, holder, Outcome.GONE.value, {})
-        return ReleaseResult(Outcome.GONE, None)
+    if obs.value is None:  # nothing was there to confirm or release: a typo, or released already
+        raise NotHeldError(f"nothing released: {shown(lock_key)} is not held{_held_now(client, settings)}")
     (verdict,) = evaluate([obs], settings, after_ms=last_complete_pass_ms(client, settings))
     fields = lock_fields(verdict, dry_run=False)
     h = verdict.holding
@@ -187,6 +200,15 @@ def release(
         ) from None
     _audit(audit, lock_key, holder, result.outcome.value, fields, current=result.current, forced=force)
     return result
+
+
+def _held_now(client: Client, settings: Settings) -> str:
+    locks = read_locks(client, scan_candidates(client, settings.key_pattern))
+    held = sorted((o.key for o in locks if o.value is not None and not o.invalid), key=natural_key)
+    if not held:
+        return " (no lock is held)"
+    more = f" and {len(held) - HELD_NAMED} more" if len(held) > HELD_NAMED else ""
+    return f" (held now: {', '.join(shown(key) for key in held[:HELD_NAMED])}{more})"
 
 
 def _describe(h: Holding, fields: dict[str, object]) -> str:

@@ -134,8 +134,18 @@ def test_release_wrong_holder_releases_nothing(r, cfg, tmp_path):
     assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "holder_changed"
 
 
-def test_release_of_a_lock_not_held_exits_1_and_audits_gone(r, cfg, tmp_path):
+def test_release_of_a_lock_not_held_exits_1_and_audits_nothing(r, cfg, tmp_path):
     result = cli("release", "gpu_lock:7", "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert result.output.strip() == "gpulock-monitor: nothing released: gpu_lock:7 is not held (no lock is held)"
+    assert events(tmp_path / "audit.jsonl") == []
+
+
+def test_release_of_a_lock_gone_after_it_was_confirmed_exits_1_and_audits_gone(r, cfg, tmp_path, monkeypatch):
+    hold(r, 7, "tts", age_s=450)
+    monkeypatch.setattr("monitor.cli.commands._interactive", lambda: True)
+    monkeypatch.setattr("click.confirm", lambda *a, **kw: r.delete(b"gpu_lock:7") == 1)  # its holder was faster
+    result = cli("release", "gpu_lock:7", "-c", str(cfg))
     assert result.exit_code == 1
     assert result.output.strip() == "gpulock-monitor: nothing released: gpu_lock:7 is not held"
     assert events(tmp_path / "audit.jsonl", "manual_release")[0]["outcome"] == "gone"

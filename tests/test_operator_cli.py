@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import config_file
+from helpers import config_file, events, hold
 
 from monitor.cli import main
 from monitor.events import Event
@@ -60,3 +60,24 @@ def test_audit_event_that_is_no_event_name_exits_1_naming_the_valid_ones(cfg, tm
     for event in Event:
         assert event.value in line
     assert cli("audit", "--event", "lock_released", "-c", str(cfg)).exit_code == 0
+
+
+@pytest.mark.parametrize("typo", ["0", "gpu-lock:0", "gpu_lock:O"])
+def test_release_of_a_typo_is_refused_before_anything_is_audited(r, cfg, tmp_path, typo):
+    hold(r, 0, "tts", age_s=450)
+    result = cli("release", typo, "--yes", "-c", str(cfg))
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("gpulock-monitor: ")
+    assert f" {typo} " in line
+    assert events(tmp_path / "audit.jsonl") == []
+    assert r.exists(b"gpu_lock:0")
+
+
+def test_release_of_a_lock_not_held_names_the_locks_that_are(r, cfg):
+    hold(r, 0, "tts")
+    hold(r, 10, "asr")
+    result = cli("release", "gpu_lock:O", "--yes", "-c", str(cfg))
+    assert result.output.strip() == (
+        "gpulock-monitor: nothing released: gpu_lock:O is not held (held now: gpu_lock:0, gpu_lock:10)"
+    )
