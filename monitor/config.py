@@ -471,19 +471,25 @@ def _is_number(value: Any) -> bool:
 
 
 def _seconds_upto(maximum: int, *, optional: bool = False) -> Converter:
-    """A number of seconds in MIN_SECONDS..maximum (finite; fractions allowed); `optional`
-    also takes null. The check compares before converting: an integer too large for a float
-    is out of range, not an OverflowError."""
+    """A number of seconds in MIN_SECONDS..maximum (finite; fractions allowed), or a span with
+    units as `--since` takes it (`90s`, `1m30s`, `2h`, `250ms`); `optional` also takes null.
+    The check compares before converting: an integer too large for a float is out of range,
+    not an OverflowError."""
     span = f"{MIN_SECONDS:g} to {maximum} ({maximum // 86400} days)"
 
     def convert(value: Any, path: str) -> float | None:
         value = _scalar(value)
         if optional and value is None:
             return None
+        given = value
+        if isinstance(value, str) and (seconds := units.parse_span(value.strip())) is not None:
+            value = seconds
         if not _is_number(value):
-            raise ConfigError(f"{path}: expected a number of seconds, got {short(value)}")
+            raise ConfigError(
+                f"{path}: expected a number of seconds or a span such as 90s, 1m30s or 2h, got {short(given)}"
+            )
         if not MIN_SECONDS <= value <= maximum:  # NaN and infinities fail this too
-            raise ConfigError(f"{path}: must be a positive number of seconds from {span}, got {short(value)}")
+            raise ConfigError(f"{path}: must be a positive number of seconds from {span}, got {short(given)}")
         return float(value)
 
     return convert
@@ -668,9 +674,22 @@ def _key_pattern(value: Any, path: str) -> str:
 def _listen(value: Any, path: str) -> str:
     listen = _string(value, path)
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+    if not sep or not host or not _is_port(port):
         raise ConfigError(f"{path}: expected HOST:PORT, got {short(listen)}")
     return listen
+
+
+def _bind_address(value: Any, path: str) -> str:
+    """Where a server listens: HOST:PORT, or :PORT for every interface."""
+    listen = _string(value, path)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not _is_port(port) or any(c.isspace() or c in "/@?#" for c in host):
+        raise ConfigError(f"{path}: expected HOST:PORT, or :PORT for every interface, got {short(listen)}")
+    return listen
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
 
 
 def _choice(*options: Any) -> Converter:
@@ -708,6 +727,7 @@ def _devices(value: Any, path: str) -> dict[str, int | str]:
 def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{path}: expected a list of channels, got {short(value)}")
+    value = [_span_timeout(channel) for channel in value]
     for i, channel in enumerate(value):
         where = f"{path}[{i}]"
         if not isinstance(channel, Mapping):
@@ -720,6 +740,15 @@ def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
             if key in channel:
                 _alert_url(channel[key], f"{where}.{key}")
     return tuple(value)
+
+
+def _span_timeout(channel: Any) -> Any:
+    """A channel's `timeout` written as a span (`5s`, `1m`) becomes its seconds, as every other
+    duration of the config; anything else is left for the checks to refuse."""
+    timeout = channel.get("timeout") if isinstance(channel, Mapping) else None
+    if isinstance(timeout, str) and (seconds := units.parse_span(timeout.strip())) is not None:
+        return {**channel, "timeout": seconds}
+    return channel
 
 
 def _channel_numbers(channel: Mapping[str, Any], where: str) -> None:
@@ -842,7 +871,7 @@ _SECTIONS: dict[str, Spec] = {
         "max_bytes": ("audit_max_bytes", _count(1024, MAX_AUDIT_BYTES)),
         "backups": ("audit_backups", _count(0, MAX_AUDIT_BACKUPS)),
     },
-    "metrics": {"enabled": ("metrics_enabled", _bool), "listen": ("metrics_listen", _listen)},
+    "metrics": {"enabled": ("metrics_enabled", _bool), "listen": ("metrics_listen", _bind_address)},
     "nvml": {
         "enabled": ("nvml_enabled", _nvml),
         "devices": ("nvml_devices", _devices),
@@ -881,6 +910,7 @@ def _shown(spec: Spec, settings: Settings) -> dict[str, Any]:
         value = getattr(settings, field_name)
         out[key] = _SHOWN_AS[field_name](value) if field_name in _SHOWN_AS else value
     return out
+
 
 # Per section: the keys of the fleet's config.yml that are not ours, accepted and ignored.
 _IGNORED: dict[str, frozenset[str]] = {

@@ -900,7 +900,7 @@ def test_alert_channel_numbers_and_values_are_checked_and_bounded(channel, messa
     [
         (
             {"gpu_lock": {"lock_timeout": "x" * 1_000_000}},
-            "gpu_lock.lock_timeout: expected a number of seconds, got 'xxx",
+            "gpu_lock.lock_timeout: expected a number of seconds or a span such as 90s, 1m30s or 2h, got 'xxx",
         ),
         ({"gpu_lock": {"lock_timeout": ["x" * 1000] * 100_000}}, "gpu_lock.lock_timeout: expected a number of seconds"),
         ({"gpu_lock": {"key_pattern": "x" * 1_000_000}}, "gpu_lock.key_pattern: must end with '*'"),
@@ -1062,3 +1062,143 @@ def test_bad_tls_options_are_config_errors_naming_the_key(redis_section, message
     with pytest.raises(ConfigError) as info:
         Settings.from_mapping({"redis": redis_section}, env={})
     assert str(info.value).startswith(message)
+
+
+# --- durations as spans (1m30s), as --since takes them ------------------------------------------------
+
+
+def _duration_keys(spec: object = None, prefix: str = "") -> list[tuple[str, str]]:
+    """(key path, Settings field) of every duration the config reads, found in its key tree."""
+    from monitor import config
+
+    durations = {config._interval, config._seconds, config._optional_seconds}
+    found = []
+    for key, entry in (spec or config._SECTIONS).items():  # type: ignore[attr-defined]
+        if isinstance(entry, dict):
+            found += _duration_keys(entry, f"{prefix}{key}.")
+        elif entry[1] in durations:
+            found.append((f"{prefix}{key}", entry[0]))
+    return found
+
+
+def test_every_duration_key_is_found():
+    keys = dict(_duration_keys())
+    assert {"gpu_lock_monitor.monitor_interval", "gpu_lock_monitor.cleanup.retry_delay", "nvml.busy_grace"} <= set(keys)
+    assert {"alerts.redis_down_after", "gpu_lock.lock_timeout", "gpu_lock_monitor.heartbeat.timeout"} <= set(keys)
+
+
+@pytest.mark.parametrize(("key", "field_name"), _duration_keys())
+def test_every_duration_accepts_a_span(key, field_name):
+    default = getattr(Settings(), field_name)
+    assert default is not None
+    span = f"{default // 60:g}m{default % 60:g}s"  # 600 -> 10m0s, 30 -> 0m30s
+    section, _, rest = key.partition(".")
+    assert getattr(Settings.from_mapping(_with_path(section, rest, span), env={}), field_name) == default
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("1m30s", 90.0), ("90s", 90.0), ("2h", 7200.0), ("250ms", 0.25), ("1.5m", 90.0), (" 45s ", 45.0), (90, 90.0)],
+)
+def test_spans_and_plain_numbers_are_seconds(value, seconds):
+    raw = {"gpu_lock_monitor": {"monitor_interval": value}}
+    assert Settings.from_mapping(raw, env={}).monitor_interval_s == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1m30", "expected a number of seconds or a span such as 90s, 1m30s or 2h, got '1m30'"),
+        ("90 s", "expected a number of seconds or a span"),
+        ("-5s", "expected a number of seconds or a span"),
+        ("1y", "expected a number of seconds or a span"),
+        ("0s", "must be a positive number of seconds from 0.001 to 604800 (7 days), got '0s'"),
+        ("8d", "must be a positive number of seconds from 0.001 to 604800 (7 days), got '8d'"),
+        ("9" * 400 + "w", "must be a positive number of seconds"),
+    ],
+)
+def test_bad_spans_are_one_line_naming_the_key(value, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"gpu_lock_monitor": {"monitor_interval": value}}, env={})
+    assert str(info.value).startswith(f"gpu_lock_monitor.monitor_interval: {message}")
+    assert len(str(info.value)) < 200
+
+
+def test_spans_from_the_environment_and_in_alert_channels():
+    raw = {
+        "gpu_lock_monitor": {"cleanup": {"retry_delay": "${DELAY:1m}"}},
+        "alerts": {"channels": [{"type": "webhook", "url": "https://alerts.example.com/h", "timeout": "1m30s"}]},
+    }
+    s = Settings.from_mapping(raw, env={"DELAY": "2m30s"})
+    assert s.retry_delay_s == 150.0
+    assert s.alert_channels[0]["timeout"] == 90.0
+    assert Settings.from_mapping(raw, env={}).retry_delay_s == 60.0
+    too_long = {"alerts": {"channels": [{"type": "webhook", "url": "https://a.example.com/h", "timeout": "2h"}]}}
+    with pytest.raises(ConfigError, match=r"^alerts\.channels\[0\]\.timeout: expected a positive number from 0.001"):
+        Settings.from_mapping(too_long, env={})
+
+
+def test_cli_config_check_and_show_take_spans(tmp_path):
+    config = tmp_path / "m.yml"
+    config.write_text(
+        "gpu_lock:\n  lock_timeout: 1h\n"
+        "gpu_lock_monitor:\n  monitor_interval: 30s\n"
+        "  timeout_levels: {warning: 5m, soft_timeout: 10m, hard_timeout: 15m}\n"
+    )
+    check = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV))
+    assert (check.returncode, check.stdout, check.stderr) == (0, "config ok\n", "")
+    shown = yaml.safe_load(_cli("config", "show", "-c", str(config), env=_cli_env(**LIMITS_ENV)).stdout)
+    assert shown["gpu_lock"]["lock_timeout"] == 3600.0
+    assert shown["gpu_lock_monitor"]["timeout_levels"] == {
+        "warning": 300.0,
+        "soft_timeout": 600.0,
+        "hard_timeout": 900.0,
+    }
+
+
+# --- metrics.listen on every interface -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", [":9466", "0.0.0.0:9466", "[::]:9466", "localhost:9466", "127.0.0.1:9464"])
+def test_metrics_listen_takes_host_port_or_port_alone(listen):
+    assert Settings.from_mapping({"metrics": {"listen": listen}}, env={}).metrics_listen == listen
+
+
+@pytest.mark.parametrize("listen", ["9466", ":0", ":99999", ":", "a b:9466", "h/x:9466", ":94a6"])
+def test_metrics_listen_refuses_what_is_no_address(listen):
+    with pytest.raises(ConfigError, match=r"^metrics\.listen: expected HOST:PORT, or :PORT for every interface"):
+        Settings.from_mapping({"metrics": {"listen": listen}}, env={})
+
+
+def test_a_sentinel_still_needs_its_host():
+    with pytest.raises(ConfigError, match=r"^redis\.sentinel\.nodes\[0\]: expected HOST:PORT"):
+        Settings.from_mapping({"redis": {"sentinel": {"service": "m", "nodes": [":26379"]}}}, env={})
+
+
+def test_the_daemon_serves_metrics_on_every_interface_with_port_alone(redis_server, tmp_path):
+    import threading
+    import urllib.request
+
+    from helpers import make_settings, wait_for
+
+    from monitor import daemon
+    from monitor.demo.redis_server import free_port
+
+    port = free_port()
+    settings = make_settings(redis_server.url, tmp_path, metrics={"enabled": True, "listen": f":{port}"})
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(settings,), kwargs={"stop": stop})
+    runner.start()
+
+    def livez() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as response:
+                return int(response.status)
+        except OSError:
+            return 0
+
+    try:
+        assert wait_for(lambda: livez() == 200)
+    finally:
+        stop.set()
+        runner.join(timeout=20)
