@@ -12,7 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import os
 import pwd
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -207,6 +209,22 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# Label names of the per-GPU metrics: dcgm-exporter's, so that PromQL can join its series and ours.
+METRIC_LABELS = ("gpu", "UUID", "modelName", "Hostname")
+
+
+def node_name() -> str:
+    """The host name dcgm-exporter puts in `Hostname`: `$NODE_NAME` when set (on Kubernetes, the
+    node's name from the downward API; a pod's own host name changes with every restart), else
+    this host's name."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def metric_labels(info: GpuInfo, hostname: str) -> list[str]:
+    """The values of METRIC_LABELS for one device ("" where NVML could not say)."""
+    return [str(info.index), info.uuid or "", info.name or "", hostname]
 
 
 def device_for(lock_key: bytes, devices: Mapping[str, int | str], gpus: Mapping[int, GpuInfo]) -> GpuInfo | None:

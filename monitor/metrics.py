@@ -1,7 +1,8 @@
 """Prometheus metrics, `/healthz`, `/livez` and `/readyz`, served from one thread on `metrics.listen`.
 
-Per-lock gauges come from the last pass's report at scrape time, so a scrape always sees
-one pass whole and locks that went away disappear with it.
+Per-lock gauges describe the last pass that completed (`last_success_timestamp_seconds` dates it),
+less the locks released since: a scrape sees one pass whole, a released lock leaves at once, and a
+failed pass (Redis lost) leaves the last known locks in place rather than reading as "no locks".
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitor import __version__, protocol
+from monitor import __version__, gpu, protocol
 from monitor.alerts import Alerts
+from monitor.audit import JsonlFile
+from monitor.config import Settings
 from monitor.errors import MonitorError
 from monitor.events import Event
 from monitor.health import Health, State
 from monitor.logs import get_logger
 from monitor.service import Monitor, PassReport
+from monitor.verdict import Verdict
 
 # `_created` series double every counter's cardinality and nobody alerts on them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -37,47 +41,99 @@ PREFIX = "gpulock_monitor"
 log = get_logger("gpulock_monitor.metrics")
 
 
-class _Locks(Collector):
+class _Passes(Collector):
+    """What the passes found: the per-lock gauges, `locks_held` and `redis_up`.
+
+    Fed by `apply` with each pass's report (the daemon's runner calls it through
+    `Metrics.observe`; a scrape also applies the monitor's latest report, once) and by `forget`
+    when a lock is released. Every family is absent until the first pass."""
+
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
+        self._lock = threading.Lock()
+        self._applied: PassReport | None = None
+        self._verdicts: dict[str, Verdict] | None = None  # by lock, as protocol.shown names it
+        self._redis_up: bool | None = None
+
+    def apply(self, report: PassReport | None) -> None:
+        if report is None:  # skipped while backing off from a Redis outage: nothing new
+            return
+        with self._lock:
+            if report is self._applied:
+                return
+            self._applied = report
+            self._redis_up = not report.redis_down
+            if report.error is None:
+                self._verdicts = {protocol.shown(v.holding.key): v for v in report.verdicts}
+            for key in report.released_keys:  # a failed pass may still have released some
+                self._drop(protocol.shown(key))
+
+    def forget(self, lock: str) -> None:
+        """A lock released: its series leave now, not at the next pass."""
+        with self._lock:
+            self._drop(lock)
+
+    def _drop(self, lock: str) -> None:
+        if self._verdicts is not None:
+            self._verdicts.pop(lock, None)
 
     def collect(self) -> Iterator[Metric]:
-        report = self.monitor.last_report
-        verdicts = report.verdicts if report is not None else []
+        self.apply(self.monitor.last_report)
+        with self._lock:
+            verdicts = None if self._verdicts is None else list(self._verdicts.values())
+            redis_up = self._redis_up
+        if redis_up is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_redis_up", "1 if the last pass reached Redis (absent before the first pass).", redis_up
+            )
+        if verdicts is None:
+            return
         held = GaugeMetricFamily(
-            f"{PREFIX}_lock_held_seconds", "How long the current holding has lasted.", labels=["lock", "tier"]
+            f"{PREFIX}_lock_held_seconds", "How long the current holding has lasted.", labels=["lock"]
         )
         age = GaugeMetricFamily(
             f"{PREFIX}_lock_heartbeat_age_seconds",
             "Seconds since the holder's heartbeat last changed.",
             labels=["lock"],
         )
+        ttl = GaugeMetricFamily(
+            f"{PREFIX}_lock_ttl_seconds",
+            "Seconds until Redis expires the lock, as the pass saw it; -1 when it has no expiry.",
+            labels=["lock"],
+        )
+        info = GaugeMetricFamily(
+            f"{PREFIX}_lock_info", "1 for each lock held, with its task and tier.", labels=["lock", "task", "tier"]
+        )
         for v in verdicts:
-            lock = protocol.text(v.holding.key)
-            held.add_metric([lock, v.decision.tier.value], v.holding.held_s)
-            if v.holding.hb_age_s is not None:
-                age.add_metric([lock], v.holding.hb_age_s)
+            h = v.holding
+            lock = protocol.shown(h.key)
+            held.add_metric([lock], h.held_s)
+            if h.hb_age_s is not None:
+                age.add_metric([lock], h.hb_age_s)
+            ttl.add_metric([lock], -1 if h.expiry_ms < 0 else h.pttl_ms / 1000)
+            info.add_metric([lock, protocol.shown(protocol.task_name(h.holder)), v.decision.tier.value], 1)
         count = GaugeMetricFamily(
             f"{PREFIX}_locks_held", "Locks held at the last pass, by heartbeat state.", labels=["heartbeat"]
         )
         for state in ("alive", "dead", "none"):
             count.add_metric([state], sum(1 for v in verdicts if v.holding.heartbeat.value == state))
-        yield from (held, age, count)
+        yield from (held, age, ttl, info, count)
 
 
 class _Gpus(Collector):
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
+        self.hostname = gpu.node_name()
 
     def collect(self) -> Iterator[Metric]:
         gpus = self.monitor.gpus.last if self.monitor.gpus is not None else {}
-        labels = ["gpu", "uuid"]
+        labels = list(gpu.METRIC_LABELS)
         used = GaugeMetricFamily(f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=labels)
         total = GaugeMetricFamily(f"{PREFIX}_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=labels)
         util = GaugeMetricFamily(f"{PREFIX}_gpu_utilization_ratio", "GPU busy fraction, 0 to 1 (NVML).", labels=labels)
         procs = GaugeMetricFamily(f"{PREFIX}_gpu_processes", "Compute processes on the GPU (NVML).", labels=labels)
-        for index, g in sorted(gpus.items()):
-            key = [str(index), g.uuid or ""]
+        for _, g in sorted(gpus.items()):
+            key = gpu.metric_labels(g, self.hostname)
             if g.memory_used_bytes is not None:
                 used.add_metric(key, g.memory_used_bytes)
             if g.memory_total_bytes is not None:
@@ -87,6 +143,60 @@ class _Gpus(Collector):
             if g.processes is not None:
                 procs.add_metric(key, len(g.processes))
         yield from (used, total, util, procs)
+
+
+class _AuditFiles(Collector):
+    """The audit and critical-failure files: lines held back by a failing disk, failed writes, lines lost."""
+
+    def __init__(self, files: dict[str, JsonlFile]) -> None:
+        self.files = files
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            f"{PREFIX}_audit_pending_lines",
+            "Lines the file refused so far, held in memory until a write succeeds.",
+            labels=["file"],
+        )
+        failures = CounterMetricFamily(
+            f"{PREFIX}_audit_write_failures", "Writes to the file that failed.", labels=["file"]
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_audit_dropped_lines", "Lines lost: more were pending than memory keeps.", labels=["file"]
+        )
+        for name, file in self.files.items():
+            pending.add_metric([name], file.pending)
+            failures.add_metric([name], file.failures)
+            dropped.add_metric([name], file.dropped)
+        yield from (pending, failures, dropped)
+
+
+# The config settings rules and dashboards need (gpulock_monitor_config_seconds{setting}).
+CONFIG_SECONDS = {
+    "monitor_interval": "monitor_interval_s",
+    "warning": "warning_s",
+    "soft_timeout": "soft_timeout_s",
+    "hard_timeout": "hard_timeout_s",  # absent with `hard_timeout: null`
+    "heartbeat_timeout": "heartbeat_timeout_s",
+}
+
+
+def _config_seconds(settings: Settings) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        f"{PREFIX}_config_seconds", "The daemon's intervals and thresholds, in seconds.", labels=["setting"]
+    )
+    for setting, attribute in CONFIG_SECONDS.items():
+        value = getattr(settings, attribute)
+        if value is not None:
+            family.add_metric([setting], value)
+    return family
+
+
+class _Static(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
 class _Alerts(Collector):
@@ -110,7 +220,9 @@ class Metrics:
     def __init__(self, monitor: Monitor, alerts: Alerts | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events = Counter(f"{PREFIX}_events", "Audited events, by name.", ["event"], registry=r)
+        # Only what this daemon audits: `manual_release` is audited by the `release` command's
+        # own process, and is in the audit log, never here.
+        self.events = Counter(f"{PREFIX}_events", "Events this daemon audited, by name.", ["event"], registry=r)
         self.releases = Counter(
             f"{PREFIX}_releases", "Release attempts by rule and outcome.", ["reason", "outcome"], registry=r
         )
@@ -121,16 +233,17 @@ class Metrics:
             registry=r,
         )
         self.pass_errors = Counter(f"{PREFIX}_pass_errors", "Passes that ended in an error.", registry=r)
-        self.redis_up = Gauge(f"{PREFIX}_redis_up", "1 if the last pass reached Redis.", registry=r)
         self.last_success = Gauge(
-            f"{PREFIX}_last_success_timestamp_seconds", "Unix time of the last pass that completed.", registry=r
+            f"{PREFIX}_last_success_timestamp_seconds",
+            "Unix time the last pass that completed began (0 before one has).",
+            registry=r,
         )
         self.failing = Gauge(f"{PREFIX}_failing_releases", "Releases still failing after max_retry.", registry=r)
-        self.audit_failures = Gauge(
-            f"{PREFIX}_audit_write_failures", "Audit lines not yet written (kept in memory).", registry=r
-        )
         Info(f"{PREFIX}_build", "Version of gpulock-monitor.", registry=r).info({"version": __version__})
-        r.register(_Locks(monitor))
+        self.passes = _Passes(monitor)
+        r.register(self.passes)
+        r.register(_AuditFiles({"audit": monitor.audit.file, "critical": monitor.critical}))
+        r.register(_Static([_config_seconds(monitor.settings)]))
         r.register(_Gpus(monitor))
         if alerts is not None:
             r.register(_Alerts(alerts))
@@ -142,18 +255,19 @@ class Metrics:
         if event in (Event.LOCK_RELEASED, Event.RELEASE_SKIPPED, Event.RELEASE_FAILED):
             outcome = "failed" if event is Event.RELEASE_FAILED else str(fields.get("outcome"))
             self.releases.labels(str(fields.get("reason")), outcome).inc()
+            if event is Event.LOCK_RELEASED and outcome == "released":
+                self.passes.forget(str(fields.get("lock_key")))
 
     def observe(self, report: PassReport | None) -> None:
+        self.passes.apply(report)
         if report is None:  # skipped while backing off
             return
         self.pass_duration.observe(report.duration_s)
-        self.redis_up.set(0 if report.redis_down else 1)
         if report.error:
             self.pass_errors.inc()
         else:
             self.last_success.set(report.started)
         self.failing.set(self.monitor.failing_releases)
-        self.audit_failures.set(self.monitor.audit.file.pending)
 
 
 # One thread serves every connection (a selector), so idle or slow clients cost a socket each,

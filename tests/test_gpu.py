@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
-from monitor import logs, snapshot
+from monitor import gpu, logs, snapshot
 from monitor.cli import main
 from monitor.cli import status as report
 from monitor.gpu import GpuInfo, Nvml, device_for
@@ -274,6 +275,34 @@ def test_gpu_memory_utilization_and_processes_are_exported_per_gpu(r, settings):
     assert samples[("gpulock_monitor_gpu_utilization_ratio", "0")] == 0.5
     assert ("gpulock_monitor_gpu_utilization_ratio", "1") not in samples
     assert samples[("gpulock_monitor_gpu_processes", "0")] == 1
+
+
+def test_gpu_metrics_carry_dcgm_exporters_labels(r, settings, monkeypatch):
+    """gpu, UUID, modelName and Hostname, as dcgm-exporter names them, so PromQL joins the two on UUID."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitor.metrics import Metrics
+
+    monkeypatch.setenv("NODE_NAME", "gpu-node-7")  # what dcgm-exporter takes on Kubernetes, as we do
+    fake = FakeNvml([Device("GPU-a", name="NVIDIA A100-SXM4-40GB")])
+    monitor = build(settings, gpus=GpuWatch(nvml_of(fake), {}, busy_grace_s=60))
+    metrics = Metrics(monitor)
+    monitor.run_pass()
+    text = generate_latest(metrics.registry).decode()
+    labels = [
+        s.labels
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("gpulock_monitor_gpu_")
+        for s in f.samples
+    ]
+    assert len(labels) == 4
+    assert all(
+        label == {"gpu": "0", "UUID": "GPU-a", "modelName": "NVIDIA A100-SXM4-40GB", "Hostname": "gpu-node-7"}
+        for label in labels
+    ), labels
+    monkeypatch.delenv("NODE_NAME")
+    assert gpu.node_name() == socket.gethostname()
 
 
 # --- the real no-driver path on this machine ---------------------------------------------------------

@@ -147,6 +147,7 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
     try:
         wait_for(lambda: events(settings.audit_path, "lock_released"))
         wait_for(lambda: "gpulock_monitor_releases_total" in scrape(port, "/metrics")[1])
+        wait_for(lambda: "gpulock_monitor_lock_held_seconds{" in scrape(port, "/metrics")[1])  # the pass is over
         wait_for(lambda: 'gpulock_monitor_alerts_failed_total{channel="webhook[0]"} 1.0' in scrape(port, "/metrics")[1])
         code, body = scrape(port, "/metrics")
         health_code, health_body = scrape(port, "/healthz")
@@ -165,7 +166,9 @@ def test_metrics_and_healthz(r, redis_server, tmp_path):
     assert samples[("gpulock_monitor_events_total", (("event", "lock_released"),))] == 1
     assert samples[("gpulock_monitor_redis_up", ())] == 1
     assert samples[("gpulock_monitor_alerts_sent_total", (("channel", "webhook[0]"),))] == 0
-    assert 10 <= samples[("gpulock_monitor_lock_held_seconds", (("lock", "gpu_lock:0"), ("tier", "ok")))] < 60
+    assert 10 <= samples[("gpulock_monitor_lock_held_seconds", (("lock", "gpu_lock:0"),))] < 60
+    assert samples[("gpulock_monitor_lock_info", (("lock", "gpu_lock:0"), ("task", "tts"), ("tier", "ok")))] == 1
+    assert ("gpulock_monitor_lock_held_seconds", (("lock", "gpu_lock:1"),)) not in samples  # released
     assert 3 <= samples[("gpulock_monitor_lock_heartbeat_age_seconds", (("lock", "gpu_lock:0"),))] < 60
     assert samples[("gpulock_monitor_locks_held", (("heartbeat", "alive"),))] >= 1
     assert samples[("gpulock_monitor_last_success_timestamp_seconds", ())] > time.time() - 60
