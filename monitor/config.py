@@ -129,6 +129,9 @@ class Settings:
     nvml_enabled: str = "auto"
     nvml_devices: Mapping[str, int | str] = field(default_factory=dict)
     nvml_busy_grace_s: float = 60.0
+    notifications: str = "auto"  # auto: keyspace notifications where Redis has them on; off: SCAN each pass
+    configure_notifications: bool = False  # merge the classes needed into notify-keyspace-events
+    reconcile_keys_per_s: int = 2000
     alert_channels: tuple[Mapping[str, Any], ...] = ()
     redis_down_alert_s: float = 60.0
     log_level: str = "info"
@@ -360,6 +363,21 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:200]
 
 
+class UnsetVariableError(ConfigError):
+    """A `${VAR}` with no default whose variable is not set. In a file name expanded when it is
+    read (`redis.password_file`, `redis.tls.*`), the config cannot work where the command runs:
+    `config check` says so as an error, not a warning."""
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+# systemd sets it for the service only (LoadCredential=); the deploy guide's credential source.
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+CREDENTIALS_SOURCE_DIR = "/etc/gpulock-monitor"
+
+
 def read_password(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
     """The Redis password: read from `redis.password_file` (whose `${VAR}`s are expanded now,
     from `env`, not when the config was loaded), else `redis.password`."""
@@ -369,15 +387,39 @@ def read_password(settings: Settings, env: Mapping[str, str] | None = None) -> s
     name = expand_path(settings.redis_password_file, "redis.password_file", env)
     try:
         return Path(name).read_text(encoding="utf-8").strip()
+    except PermissionError:
+        raise ConfigError(
+            f"redis.password_file: cannot read {label(name, 200)}: permission denied "
+            "(run the command as a user who can read it, e.g. with sudo)"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"redis.password_file: cannot read {label(name, 200)}: {exc.__class__.__name__}") from None
 
 
 def expand_path(value: str, path: str, env: Mapping[str, str] | None = None) -> str:
     """A file name from the config whose `${VAR}`s are expanded when used (systemd sets
-    $CREDENTIALS_DIRECTORY for the service only), `~` included."""
+    $CREDENTIALS_DIRECTORY for the service only), `~` included. An unset variable is one line
+    that says how to run the command where it is not set."""
     env = os.environ if env is None else env
-    return os.path.expanduser(str(_expand(value, path, env)))
+    try:
+        return os.path.expanduser(str(_expand(value, path, env)))
+    except UnsetVariableError as exc:
+        raise UnsetVariableError(_unset_here(value, path, exc.variable), variable=exc.variable) from None
+
+
+def _unset_here(value: str, path: str, variable: str) -> str:
+    shown = _key(variable)
+    if variable != CREDENTIALS_ENV:
+        return (
+            f"{path}: environment variable {shown} is not set here (the file name is expanded when the file is "
+            f"read): write ${{{shown}:-default}} in the config, or set {shown} for this command"
+        )
+    fallback = value.replace(f"${{{CREDENTIALS_ENV}}}", f"${{{CREDENTIALS_ENV}:-{CREDENTIALS_SOURCE_DIR}}}", 1)
+    return (
+        f"{path}: environment variable {CREDENTIALS_ENV} is not set here: systemd sets it only inside the "
+        f"service (LoadCredential=); write {label(fallback, 120)} so the same config works outside it, or run "
+        f"sudo env {CREDENTIALS_ENV}={CREDENTIALS_SOURCE_DIR} gpulock-monitor ..."
+    )
 
 
 # --- ${VAR} expansion ----------------------------------------------------------------------
@@ -412,12 +454,24 @@ def _expand(text: str, path: str, env: Mapping[str, str]) -> str:
         elif name in env:
             out.append("")
         else:
-            name = _key(name)
-            raise ConfigError(
-                f"{path}: environment variable {name} is not set (write ${{{name}:default}} to give a default)"
+            shown = _key(name)
+            raise UnsetVariableError(
+                f"{path}: environment variable {shown} is not set (write ${{{shown}:default}} to give a default)",
+                variable=name,
             )
     out.append(_plain(text[end:], path))
     return _FromEnv("".join(out))
+
+
+def _check_references(value: Any, path: str) -> None:
+    """A late-expanded value's `${...}` references are well formed (checked when the config is
+    read, although the variables are looked up only when the file is)."""
+    if isinstance(value, str) and "${" in value:
+        end = 0
+        for match in _REFERENCE.finditer(value):
+            _plain(value[end : match.start()], path)
+            end = match.end()
+        _plain(value[end:], path)
 
 
 def _plain(text: str, path: str) -> str:
@@ -877,6 +931,11 @@ _SECTIONS: dict[str, Spec] = {
         "devices": ("nvml_devices", _devices),
         "busy_grace": ("nvml_busy_grace_s", _seconds),
     },
+    "discovery": {
+        "notifications": ("notifications", _choice("auto", "off")),
+        "configure_notifications": ("configure_notifications", _bool),
+        "reconcile_keys_per_s": ("reconcile_keys_per_s", _count(10, 1_000_000)),
+    },
     "alerts": {"channels": ("alert_channels", _channels), "redis_down_after": ("redis_down_alert_s", _seconds)},
     "logging": {
         "level": ("log_level", _choice("debug", "info", "warning", "error")),
@@ -951,5 +1010,9 @@ def _read_section(
             _read_section(value, where, entry, out, env=env, ignored=ignored, inner=f"{name}.")
         else:
             field_name, convert = entry
-            expanded = value if where in _EXPANDED_LATE else _expand_all(value, where, env)
+            if where in _EXPANDED_LATE:
+                _check_references(value, where)
+                expanded = value
+            else:
+                expanded = _expand_all(value, where, env)
             out[field_name] = convert(expanded, where)

@@ -1202,3 +1202,107 @@ def test_the_daemon_serves_metrics_on_every_interface_with_port_alone(redis_serv
     finally:
         stop.set()
         runner.join(timeout=20)
+
+
+# --- ${CREDENTIALS_DIRECTORY} in file names: the service's config works at a shell too -------------------
+
+DEPLOY_GUIDE = REPO / "deploy" / "README.md"
+UNIT = REPO / "deploy" / "systemd" / "gpulock-monitor.service"
+
+
+def _guide_config() -> dict[str, object]:
+    """The monitor.yml that the deploy guide has the operator write."""
+    text = DEPLOY_GUIDE.read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return dict(yaml.safe_load(block))
+
+
+def test_the_deploy_guides_password_file_is_the_units_credential_inside_and_its_source_outside(tmp_path):
+    password_file = _guide_config()["redis"]["password_file"]  # type: ignore[index]
+    (credential,) = [line for line in UNIT.read_text().splitlines() if line.startswith("LoadCredential=")]
+    name, _, source = credential.removeprefix("LoadCredential=").partition(":")
+    s = Settings.from_mapping({"redis": {"password_file": password_file}}, env={})
+    (tmp_path / name).write_text("inside\n")
+    # Inside the unit, systemd's copy; at a shell on the host, the file the unit copies.
+    assert read_password(s, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "inside"
+    assert password_file.replace("${CREDENTIALS_DIRECTORY:-/etc/gpulock-monitor}", "/etc/gpulock-monitor") == source
+    from monitor.config import expand_path
+
+    assert expand_path(password_file, "redis.password_file", env={}) == source
+
+
+UNSET_LINE = (
+    "redis.password_file: environment variable CREDENTIALS_DIRECTORY is not set here: systemd sets it only "
+    "inside the service (LoadCredential=); write ${CREDENTIALS_DIRECTORY:-/etc/gpulock-monitor}/redis-password "
+    "so the same config works outside it, or run sudo env CREDENTIALS_DIRECTORY=/etc/gpulock-monitor "
+    "gpulock-monitor ..."
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["status", "--json"], ["release", "gpu_lock:0", "--yes"], ["run", "--once"]],
+)
+def test_credentials_directory_unset_at_a_shell_is_one_line_saying_how_to_run(tmp_path, command):
+    config = tmp_path / "m.yml"
+    config.write_text(
+        "redis:\n  url: redis://127.0.0.1:1/2\n  password_file: ${CREDENTIALS_DIRECTORY}/redis-password\n"
+        f"audit: {{path: {tmp_path / 'a.jsonl'}, critical_path: {tmp_path / 'c.jsonl'}}}\n"
+        "metrics: {enabled: false}\nlogging: {format: json}\n"
+    )
+    env = _cli_env()
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    result = _cli(*command, "-c", str(config), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "config ok" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"gpulock-monitor: {UNSET_LINE}"
+    assert not (tmp_path / "a.jsonl").exists() or "manual_release" not in (tmp_path / "a.jsonl").read_text()
+
+
+def test_config_check_passes_the_guides_form_and_a_set_variable(tmp_path):
+    (tmp_path / "redis-password").write_text("pw\n")
+    config = tmp_path / "m.yml"
+    for value, extra in (
+        (f"${{CREDENTIALS_DIRECTORY:-{tmp_path}}}/redis-password", {}),
+        ("${CREDENTIALS_DIRECTORY}/redis-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)}),
+    ):
+        config.write_text(f"redis:\n  password_file: {value}\n")
+        result = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV, **extra))
+        assert (result.returncode, result.stdout) == (0, "config ok\n"), result.stderr
+        assert "password_file" not in result.stderr
+
+
+def test_any_unset_variable_in_a_late_file_name_says_how_to_give_it():
+    s = Settings.from_mapping({"redis": {"tls": {"ca_file": "${PKI_DIR}/ca.pem"}}}, env={})
+    from monitor.config import UnsetVariableError, expand_path
+
+    with pytest.raises(UnsetVariableError) as info:
+        expand_path(s.redis_tls_ca_file or "", "redis.tls.ca_file", env={})
+    assert str(info.value) == (
+        "redis.tls.ca_file: environment variable PKI_DIR is not set here (the file name is expanded when the file "
+        "is read): write ${PKI_DIR:-default} in the config, or set PKI_DIR for this command"
+    )
+
+
+@pytest.mark.parametrize("value", ["${CREDENTIALS_DIRECTORY/redis-password", "${A:{b}}/x", "/etc/${}/x"])
+def test_a_malformed_reference_in_a_late_file_name_is_refused_when_the_config_is_read(value):
+    with pytest.raises(ConfigError, match=r"^redis\.password_file: malformed \$\{\.\.\.\} reference"):
+        Settings.from_mapping({"redis": {"password_file": value}}, env={})
+
+
+def test_a_password_file_only_root_can_read_says_to_run_as_root(tmp_path, monkeypatch):
+    secret = tmp_path / "redis-password"
+    secret.write_text("pw\n")
+    s = Settings.from_mapping({"redis": {"password_file": str(secret)}}, env={})
+
+    def denied(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError) as info:
+        read_password(s, env={})
+    assert str(info.value) == (
+        f"redis.password_file: cannot read {secret}: permission denied "
+        "(run the command as a user who can read it, e.g. with sudo)"
+    )
