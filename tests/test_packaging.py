@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from monitor.cli import shipped
+
 REPO = Path(__file__).resolve().parent.parent
 # What a working tree has that is not the project's: never copied into the build.
 JUNK = (
@@ -123,6 +125,58 @@ def test_wheel_has_the_whole_package(source, dists):
     assert licences, sorted(f for f in files if ".dist-info/" in f)
     with zipfile.ZipFile(wheel) as whl:
         assert whl.read(licences[0]).decode() == (REPO / "LICENSE").read_text()
+
+
+def test_wheel_carries_monitor_yml_and_the_deploy_files(dists):
+    # `config example` and `deploy ...` print them from an installed wheel, with no checkout at hand.
+    _, wheel = dists
+    with zipfile.ZipFile(wheel) as whl:
+        for copy, original in shipped.REPO_PATHS.items():
+            assert whl.read(f"monitor/data/{copy}") == (REPO / original).read_bytes(), copy
+
+
+def test_an_installed_wheel_prints_the_config_and_the_unit(dists, tmp_path):
+    """The wheel in a fresh virtual environment, run away from any checkout (its dependencies are this
+    environment's, reached through a path entry: the package itself can only come from the wheel)."""
+    _, wheel = dists
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    Path(purelib, "dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([venv / "bin" / "gpulock-monitor", *args], capture_output=True, cwd=away, timeout=60)
+
+    where = subprocess.run([python, "-c", "import monitor; print(monitor.__file__)"], capture_output=True, cwd=away)
+    assert where.stdout.decode().startswith(purelib), where
+    for args, original in (
+        (("config", "example"), "monitor.yml"),
+        (("deploy", "systemd-unit"), "deploy/systemd/gpulock-monitor.service"),
+        (("deploy", "redis-acl", "--redis-7"), "deploy/redis-acl-7.conf"),
+    ):
+        result = run(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (REPO / original).read_bytes(), args
+    (away / "monitor.yml").write_bytes(run("config", "example").stdout)
+    check = run("config", "check", "-c", str(away / "monitor.yml"))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout == b"config ok\n"
 
 
 def test_wheel_metadata(dists):

@@ -249,3 +249,43 @@ def demo() -> None:
     from monitor.demo import tour  # noqa: PLC0415 - keeps the demo off the daemon's import path
 
     sys.exit(tour.run())
+
+
+# --- files shipped with the package (monitor/data/, copies of the repository's) ------------------------
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print the documented default config.
+
+    Every key with its default and its meaning: start /etc/gpulock-monitor/monitor.yml from it."""
+    from monitor.cli import shipped  # noqa: PLC0415 - only these commands read the shipped files
+
+    click.echo(shipped.read("monitor.yml"), nl=False)
+
+
+@main.group()
+def deploy() -> None:
+    """Print the deployment files of this version (as in the repository's deploy/)."""
+
+
+@deploy.command("systemd-unit")
+def deploy_systemd_unit() -> None:
+    """Print the systemd unit.
+
+    Install it as /etc/systemd/system/gpulock-monitor.service (deploy/README.md, step by step)."""
+    from monitor.cli import shipped  # noqa: PLC0415 - only these commands read the shipped files
+
+    click.echo(shipped.read("gpulock-monitor.service"), nl=False)
+
+
+@deploy.command("redis-acl")
+@click.option("--redis-7", "redis_7", is_flag=True, help="The tighter file for Redis 7 and newer.")
+def deploy_redis_acl(redis_7: bool) -> None:
+    """Print the Redis ACL users.
+
+    In Redis's aclfile format: the monitor's user and one for workers; replace both CHANGE-ME
+    passwords (deploy/README.md, "Redis ACL")."""
+    from monitor.cli import shipped  # noqa: PLC0415 - only these commands read the shipped files
+
+    click.echo(shipped.read("redis-acl-7.conf" if redis_7 else "redis-acl.conf"), nl=False)
