@@ -143,7 +143,13 @@ def channel_secrets(channel: Channel) -> list[str]:
     headers = channel.options.get("headers")
     if isinstance(headers, dict):
         values += list(headers.values())
-    return [piece for value in values if isinstance(value, str) and value for piece in secret_fragments(value)]
+    pieces = [piece for value in values if isinstance(value, str) and value for piece in secret_fragments(value)]
+    urls = channel.options.get("urls")  # apprise's: a token may stand where the host does
+    if isinstance(urls, list):
+        pieces += [
+            piece for url in urls if isinstance(url, str) for piece in secret_fragments(url, host_is_secret=True)
+        ]
+    return pieces
 
 
 class _Outbox:

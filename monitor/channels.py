@@ -1,4 +1,4 @@
-"""Alert channels: webhook, Slack, DingTalk (signed), email. Each `send` raises on failure.
+"""Alert channels: webhook, Slack, DingTalk (signed), email, Apprise. Each `send` raises on failure.
 
 Channel settings (`alerts.channels[]` in monitor.yml), besides `type` and `min_severity`:
   every type:  timeout (s, 5), retries (3), rate_per_minute (30)
@@ -6,8 +6,9 @@ Channel settings (`alerts.channels[]` in monitor.yml), besides `type` and `min_s
   slack:       url (an incoming-webhook URL)
   dingtalk:    access_token, secret, url (default: DingTalk's robot endpoint)
   email:       host, port (587), tls (starttls | ssl | none), user, password, from, to (list)
+  apprise:     urls (list): any service Apprise knows (the optional extra `[apprise]`)
 A secret can also be given as `<name>_file` (read at start) or `<name>_env` (an environment
-variable): url, access_token, secret, password.
+variable): url, access_token, secret, password, urls (one or more, by line, space or comma).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import importlib
 import json
+import logging
+import re
 import smtplib
 import ssl
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,10 +34,11 @@ from typing import Any, Protocol
 
 from monitor import units
 from monitor.errors import ConfigError
-from monitor.redact import label, redact, redact_url, short
+from monitor.redact import label, redact, redact_service_url, redact_url, short
 
 DINGTALK_URL = "https://oapi.dingtalk.com/robot/send"
-SECRETS = ("url", "access_token", "secret", "password")
+SECRETS = ("url", "access_token", "secret", "password", "urls")
+APPRISE_MISSING = "the apprise channel needs the apprise package: pip install 'gpulock-monitor[apprise]'"
 _SECRET_SOURCES = {f"{secret}_{how}" for secret in SECRETS for how in ("file", "env")}
 _COMMON = {"type", "min_severity", "timeout", "retries", "rate_per_minute"}
 _KEYS = {
@@ -40,12 +46,14 @@ _KEYS = {
     "slack": {"url"},
     "dingtalk": {"access_token", "secret", "url"},
     "email": {"host", "port", "tls", "ca_file", "user", "password", "from", "to"},
+    "apprise": {"urls"},
 }
 _REQUIRED = {
     "webhook": ("url",),
     "slack": ("url",),
     "dingtalk": ("access_token", "secret"),
     "email": ("host", "from", "to"),
+    "apprise": ("urls",),
 }
 
 
@@ -67,6 +75,9 @@ class Channel:
     retries: int = 3
     rate_per_minute: float = 30.0
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Where a channel type checks and prepares its options (at start: a bad one is a ConfigError)."""
 
     def wants(self, severity: str) -> bool:
         return self.min_severity == "warning" or severity == "critical"
@@ -136,13 +147,94 @@ class Email(Channel):
             smtp.send_message(message)
 
 
+class Apprise(Channel):
+    """Every service Apprise knows (Telegram, Discord, Teams, ntfy, Pushover, ...), one URL each.
+
+    All of the channel's services get every alert; one that fails makes the send fail, and a retry
+    sends to all of them again. What Apprise logs about a send ends up in this channel's own failure
+    line, through the channel's redaction (its own logger is kept quiet)."""
+
+    def __post_init__(self) -> None:
+        # Named as in monitor.yml: `build` names channel i of alerts.channels `apprise[i]`.
+        where = "alerts.channels" + self.name[self.name.find("[") :] if "[" in self.name else self.name
+        self.options["urls"] = apprise_urls(self.options["urls"])
+        if not self.options["urls"]:
+            raise ConfigError(f"{where}.urls: no apprise URL in it")
+        self._services = [
+            _apprise_service(url, f"{where}.urls[{i}]", self.timeout_s) for i, url in enumerate(self.options["urls"])
+        ]
+
+    def send(self, alert: AlertLike) -> None:
+        nv = _apprise_module(self.name)
+        kind = nv.NotifyType.FAILURE if alert.severity == "critical" else nv.NotifyType.WARNING
+        failed = []
+        # One capture at a time: Apprise logs through one logger, and a channel's failure line
+        # must hold only what its own services said (redacted with its own secrets).
+        with _APPRISE_SENDING, nv.LogCapture(level=logging.WARNING, fmt="%(message)s") as said:
+            for url, service in zip(self.options["urls"], self._services, strict=True):
+                box = nv.Apprise()
+                box.add(service)
+                title = f"[gpulock-monitor] {alert.severity.upper()}"
+                if not box.notify(body=_email_body(alert), title=title, notify_type=kind, body_format="text"):
+                    failed.append(redact_service_url(url))
+            told = said.getvalue()
+        if failed:
+            why = "; ".join(line.strip() for line in told.splitlines()[-3:] if line.strip())
+            raise OSError(f"apprise: {len(failed)} of {len(self._services)} failed ({', '.join(failed)}): {why}")
+
+
+_APPRISE_SENDING = threading.Lock()
+
+
+def _apprise_module(where: str) -> Any:
+    """The apprise package, its logger kept to itself, or a ConfigError saying how to install it."""
+    try:
+        nv = importlib.import_module("apprise")
+    except ImportError:
+        raise ConfigError(f"{where}: {APPRISE_MISSING}") from None
+    quiet = logging.getLogger("apprise")
+    if quiet.propagate:  # once: never to the root logger (its lines may quote a URL); LogCapture reads it
+        quiet.propagate = False
+        quiet.addHandler(logging.NullHandler())
+    return nv
+
+
+def apprise_urls(value: Any) -> list[str]:
+    """A channel's `urls`: a list as written in monitor.yml, or text from `urls_file`/`urls_env`
+    (one or more a line, split at spaces and commas; `#` starts a comment line)."""
+    if isinstance(value, str):
+        lines = [line.strip() for line in value.splitlines()]
+        return [url for line in lines if line and not line.startswith("#") for url in re.split(r"[\s,]+", line) if url]
+    return [str(url) for url in value]
+
+
+def _apprise_service(url: str, where: str, timeout_s: float) -> Any:
+    """One of Apprise's services for `url`, with the channel's timeout unless the URL sets its own."""
+    nv = _apprise_module(where)
+    service = nv.Apprise.instantiate(url, suppress_exceptions=True)
+    if service is None:
+        raise ConfigError(f"{where}: not a URL of a service apprise knows: {redact_service_url(url)}")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    if "cto" not in query:
+        service.socket_connect_timeout = timeout_s
+    if "rto" not in query:
+        service.socket_read_timeout = timeout_s
+    return service
+
+
 def dingtalk_sign(secret: str, timestamp: str) -> str:
     """The robot signature: base64(HMAC-SHA256(secret, "timestamp\\nsecret")), URL-encoded by the caller."""
     digest = hmac.new(secret.encode(), f"{timestamp}\n{secret}".encode(), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
 
 
-_TYPES: dict[str, type[Channel]] = {"webhook": Webhook, "slack": Slack, "dingtalk": DingTalk, "email": Email}
+_TYPES: dict[str, type[Channel]] = {
+    "webhook": Webhook,
+    "slack": Slack,
+    "dingtalk": DingTalk,
+    "email": Email,
+    "apprise": Apprise,
+}
 
 
 def validate(raw: Mapping[str, Any], path: str) -> None:
@@ -156,7 +248,7 @@ def validate(raw: Mapping[str, Any], path: str) -> None:
             )
     for key in _REQUIRED[kind]:
         if not any(name in raw for name in (key, f"{key}_file", f"{key}_env")):
-            raise ConfigError(f"{path}: a {kind} channel needs {key}")
+            raise ConfigError(f"{path}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} channel needs {key}")
     for key, low in (("timeout", 0.0), ("rate_per_minute", 0.0)):
         value = raw.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
@@ -165,16 +257,37 @@ def validate(raw: Mapping[str, Any], path: str) -> None:
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"{path}.retries: expected an integer >= 0, got {short(retries)}")
     if kind == "email":
-        if raw.get("tls", "starttls") not in ("starttls", "ssl", "none"):
-            raise ConfigError(f"{path}.tls: expected one of starttls|ssl|none, got {short(raw.get('tls'))}")
-        ca_file = raw.get("ca_file")
-        if ca_file is not None and not (isinstance(ca_file, str) and Path(ca_file).is_file()):
-            raise ConfigError(f"{path}.ca_file: not a readable file: {label(ca_file, 200)}")
-        to = raw.get("to")
-        if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
-            raise ConfigError(f"{path}.to: expected a list of addresses, got {short(to)}")
+        _validate_email(raw, path)
     if kind == "webhook" and not isinstance(raw.get("headers", {}), Mapping):
         raise ConfigError(f"{path}.headers: expected a mapping")
+    if kind == "apprise":
+        _validate_apprise(raw, path)
+
+
+def _validate_email(raw: Mapping[str, Any], path: str) -> None:
+    if raw.get("tls", "starttls") not in ("starttls", "ssl", "none"):
+        raise ConfigError(f"{path}.tls: expected one of starttls|ssl|none, got {short(raw.get('tls'))}")
+    ca_file = raw.get("ca_file")
+    if ca_file is not None and not (isinstance(ca_file, str) and Path(ca_file).is_file()):
+        raise ConfigError(f"{path}.ca_file: not a readable file: {label(ca_file, 200)}")
+    to = raw.get("to")
+    if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
+        raise ConfigError(f"{path}.to: expected a list of addresses, got {short(to)}")
+
+
+def _validate_apprise(raw: Mapping[str, Any], path: str) -> None:
+    """The package is there, and each URL written in the file is one of its services (those of
+    `urls_file` and `urls_env` are checked when they are read, at start)."""
+    _apprise_module(f"{path}.type")
+    if "urls" not in raw:
+        return
+    urls = raw["urls"]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(f"{path}.urls: expected a list of apprise URLs, got {short(urls, 20)}")
+    for i, url in enumerate(urls):
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"{path}.urls[{i}]: expected an apprise URL, got {short(url, 20)}")
+        _apprise_service(url, f"{path}.urls[{i}]", 5.0)
 
 
 def build(raw_channels: tuple[Mapping[str, Any], ...], env: Mapping[str, str]) -> list[Channel]:

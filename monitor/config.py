@@ -23,12 +23,12 @@ import yaml
 
 from monitor import channels, protocol, units
 from monitor.errors import ConfigError
-from monitor.redact import label, redact, redact_url, short
+from monitor.redact import label, redact, redact_service_url, redact_url, short
 
 CONFIG_ENV = "GPULOCK_MONITOR_CONFIG"
 REDIS_URL_ENV = "GPULOCK_MONITOR_REDIS_URL"
 SYSTEM_CONFIG = Path("/etc/gpulock-monitor/monitor.yml")
-ALERT_CHANNEL_TYPES = ("webhook", "slack", "dingtalk", "email")
+ALERT_CHANNEL_TYPES = ("webhook", "slack", "dingtalk", "email", "apprise")
 SEVERITIES = ("warning", "critical")
 
 # --- limits (README "Configuration" lists them) ---------------------------------------------
@@ -846,6 +846,8 @@ def _redact_channel(channel: Mapping[str, Any]) -> dict[str, Any]:
             shown[key] = redact_url(value, path=True)
         elif key == "headers" and isinstance(value, Mapping):
             shown[key] = dict.fromkeys(value, "***")
+        elif key == "urls" and isinstance(value, list):  # apprise: a token may be anywhere in one
+            shown[key] = [redact_service_url(url) for url in value]
         elif key in channels.SECRETS and value:
             shown[key] = "***"
         else:

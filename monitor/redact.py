@@ -11,7 +11,9 @@ What is masked, with `***`:
   `secret`, `key`, `sign`, `auth`, ...), in URLs and in free text (`token=...`);
 - the path and query of an alert URL (webhooks, Slack, DingTalk carry their secret there):
   `redact_url(url, path=True)`; in free text, the path of a URL on a known webhook host;
-- any literal secret the caller names (`secrets=`): an alert channel's configured values.
+- any literal secret the caller names (`secrets=`): an alert channel's configured values;
+- all of a notification-service URL but its scheme (`redact_service_url`: Apprise's URLs carry a
+  token anywhere, `tgram://BOT_TOKEN/CHAT_ID`).
 
 The functions never raise and run in time linear in their input.
 """
@@ -144,10 +146,18 @@ def redact(text: str, *, secrets: Iterable[str] = ()) -> str:
     return _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", "".join(parts))
 
 
-def secret_fragments(value: str) -> list[str]:
+def redact_service_url(url: str) -> str:
+    """A notification-service URL whose every part may be a secret (Apprise's `tgram://BOT_TOKEN/CHAT`,
+    `discord://WEBHOOK_ID/TOKEN`, `mailto://user:password@host`): its scheme, the rest masked."""
+    scheme = _SCHEME.match(str(url))
+    return f"{scheme.group(0)}//{MASK}" if scheme else MASK
+
+
+def secret_fragments(value: str, *, host_is_secret: bool = False) -> list[str]:
     """The pieces of a configured secret worth masking wherever they appear: the value itself
     and, for a URL, its path and query, and each long piece of it but the host name (an error
-    may quote a URL cut, escaped, or only its port or path)."""
+    may quote a URL cut, escaped, or only its port or path). `host_is_secret`: the host's place
+    holds a token too (Apprise's URLs), and is masked with the rest."""
     value = str(value)
     pieces = [value]
     head, rest = _split_head(value)
@@ -157,7 +167,11 @@ def secret_fragments(value: str) -> list[str]:
             tail = rest[slash:]
             pieces += [tail, tail.split("?", 1)[0]]
         host = _host_of(rest)
-        pieces += [p for p in re.split(r"[/?&=#:@;,\s\x00-\x1f\x7f]+", rest) if len(p) >= 8 and p.lower() != host]
+        pieces += [
+            p
+            for p in re.split(r"[/?&=#:@;,\s\x00-\x1f\x7f]+", rest)
+            if len(p) >= 8 and (host_is_secret or p.lower() != host)
+        ]
     return list(dict.fromkeys(p for p in pieces if len(p) >= 6))
 
 
