@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from pathlib import Path
 
 import pytest
 
 from monitor import audit_read
 from monitor.audit import MAX_PENDING, AuditLog, JsonlFile
-from monitor.errors import AuditWriteError
+from monitor.errors import AuditWriteError, MonitorError
 
 
 def lines(path):
@@ -225,6 +227,127 @@ def test_follow_without_history_starts_at_the_end(tmp_path):
     for record in audit_read.follow(live, stop=stop, history=False, poll_s=0.01):
         seen.append(record["event"])
     assert seen == ["new"]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64 * 1024])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b'{"n": 1}',  # one line still being written
+        b'{"n": 1}\n',
+        b'{"n": 1}\n{"n": 2}\n{"n": 3}\n{"n": 4',
+        b'\n\n{"n": 1}\nnot json\n\n{"n": 22222}\n[3]\n{"n": 3}\n',
+    ],
+)
+def test_reading_backwards_finds_the_whole_lines_forwards_reading_finds(tmp_path, monkeypatch, data, block):
+    monkeypatch.setattr(audit_read, "BLOCK", block)
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(data)
+    forwards = list(audit_read.parse_lines(data[: data.rfind(b"\n") + 1]))
+    with path.open("rb") as handle:
+        assert list(audit_read._records_backwards(handle, len(data)))[::-1] == forwards
+        assert audit_read._line_start(handle, len(data)) == data.rfind(b"\n") + 1
+    assert audit_read.last(path, None) == forwards
+
+
+def opened_files(monkeypatch) -> list[str]:
+    """The names of the files audit_read opens from now on."""
+    opened: list[str] = []
+    real_open = Path.open
+
+    def recording_open(self, *args, **kw):
+        opened.append(self.name)
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", recording_open)
+    return opened
+
+
+def numbered_log(live: Path, files: int, per_file: int) -> None:
+    """`files` files of `per_file` records numbered from 0, the oldest in the highest rotation."""
+    for number in range(files):
+        name = live.name + (f".{files - 1 - number}" if number < files - 1 else "")
+        rows = range(number * per_file, (number + 1) * per_file)
+        live.with_name(name).write_text("".join(json.dumps({"event": "e", "n": n}) + "\n" for n in rows))
+
+
+def test_last_reads_only_as_far_back_as_it_takes(tmp_path, monkeypatch):
+    live = tmp_path / "audit.jsonl"
+    numbered_log(live, files=4, per_file=10_000)  # audit.jsonl.3 ... .1, then the live file
+    monkeypatch.setattr(audit_read, "BLOCK", 4096)
+    opened = opened_files(monkeypatch)
+    reads: list[int] = []
+    real_read = audit_read._records_backwards
+
+    def counting(handle, end):
+        for record in real_read(handle, end):
+            reads.append(handle.tell())
+            yield record
+
+    monkeypatch.setattr(audit_read, "_records_backwards", counting)
+    assert [r["n"] for r in audit_read.last(live, 3)] == [39_997, 39_998, 39_999]
+    assert opened == ["audit.jsonl"]
+    assert min(reads) > live.stat().st_size - 2 * 4096  # the last block or two, not the file
+    opened.clear()
+    assert [r["n"] for r in audit_read.last(live, 10_005)] == list(range(29_995, 40_000))
+    assert opened == ["audit.jsonl", "audit.jsonl.1"]
+
+
+def test_last_with_a_filter_goes_back_until_it_has_enough(tmp_path):
+    live = tmp_path / "audit.jsonl"
+    numbered_log(live, files=3, per_file=10)
+    keep = audit_read.Filter(event="e")
+    only_old = [r["n"] for r in audit_read.last(live, 5, lambda r: keep(r) and r["n"] < 4)]
+    assert only_old == [0, 1, 2, 3]
+    with pytest.raises(MonitorError, match="no audit log at"):
+        audit_read.last(tmp_path / "none.jsonl", 5)
+
+
+def test_last_stops_at_a_record_older_than_since_by_more_than_a_clock_step(tmp_path, monkeypatch):
+    live = tmp_path / "audit.jsonl"
+    rows = [("2026-01-01T00:00:00Z", 0), ("2026-01-01T01:00:00Z", 1), ("2026-01-01T02:00:00Z", 2)]
+    rows += [("2026-01-01T01:58:00Z", 3), ("garbage", 4), ("2026-01-01T02:05:00Z", 5)]  # a clock step back
+    live.write_text("".join(json.dumps({"ts": ts, "n": n}) + "\n" for ts, n in rows))
+    since = audit_read.parse_since("2026-01-01T02:00:00Z", 0)
+    assert [r["n"] for r in audit_read.last(live, None, audit_read.Filter(since=since), since=since)] == [2, 5]
+    stopped = audit_read.last(live, None, since=since)  # what was looked at: back to 01:00, not 00:00
+    assert [r["n"] for r in stopped] == [2, 3, 4, 5]
+
+
+def test_follow_with_lines_shows_the_last_then_every_new_line_across_rotations(tmp_path):
+    live = tmp_path / "audit.jsonl"
+    numbered_log(live, files=2, per_file=3)  # audit.jsonl.1: 0-2, audit.jsonl: 3-5
+    with live.open("a") as f:
+        f.write('{"event": "e", "n": 6')  # being written as we start
+    done: list[bool] = []
+    records = audit_read.follow(live, stop=lambda: bool(done), poll_s=0.01, lines=4)
+    assert [next(records)["n"] for _ in range(4)] == [2, 3, 4, 5]
+    with live.open("a") as f:
+        f.write("}\n")
+    assert next(records)["n"] == 6
+    live.rename(live.with_name("audit.jsonl.1"))
+    live.write_text(json.dumps({"n": 7}) + "\n")
+    assert next(records)["n"] == 7
+    done.append(True)
+    assert list(records) == []
+
+
+def test_follow_with_no_lines_starts_at_the_end_and_waits_for_a_missing_log(tmp_path):
+    live = tmp_path / "audit.jsonl"
+    numbered_log(live, files=2, per_file=3)
+    records = audit_read.follow(live, stop=lambda: False, poll_s=0.01, lines=0)
+
+    def append() -> None:
+        with live.open("a") as f:
+            f.write(json.dumps({"n": 6}) + "\n")
+
+    threading.Timer(0.2, append).start()
+    assert next(records)["n"] == 6  # a generator starts on the first next(): before the write
+    later = tmp_path / "later.jsonl"
+    missing = audit_read.follow(later, stop=lambda: False, poll_s=0.01, lines=10)
+    threading.Timer(0.2, lambda: later.write_text(json.dumps({"n": 0}) + "\n")).start()
+    assert next(missing)["n"] == 0
 
 
 # --- the file changed under the writer: deleted, renamed, replaced (checked before each write) ------
