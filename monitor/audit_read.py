@@ -269,6 +269,11 @@ def describe(record: dict[str, Any]) -> str:
     if "lock_key" in record:
         parts.append(str(record["lock_key"]))
     for name in ("holder", "held_s", "heartbeat", "tier", "reason", "outcome", "operator", "error"):
-        if record.get(name) is not None and name in record:
-            parts.append(f"{name}={json.dumps(record[name], ensure_ascii=False)}")
+        value = record.get(name)
+        if value is None:
+            continue
+        if name == "held_s" and isinstance(value, (int, float)):  # as `status` and `release` show it
+            parts.append(f"held={units.human(value)}")
+        else:
+            parts.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
     return "  ".join(parts)

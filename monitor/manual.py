@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from monitor import protocol
+from monitor import protocol, units
 from monitor.audit import AuditLog
 from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client
@@ -213,7 +213,7 @@ def _held_now(client: Client, settings: Settings) -> str:
 
 def _describe(h: Holding, fields: dict[str, object]) -> str:
     return (
-        f"{shown(h.key)} held by {shown(h.holder)} for {fields['held_s']} s, "
+        f"{shown(h.key)} held by {shown(h.holder)} for {units.human(h.held_s)}, "
         f"heartbeat {fields['heartbeat']}, tier {fields['tier']}"
     )
 

@@ -201,8 +201,15 @@ def test_describe_is_one_line_with_the_fields_an_operator_reads():
     assert "\n" not in line
     assert line == (
         '2026-01-02T00:00:00+00:00  lock_released         gpu_lock:0  holder="locked_by_\\"x\\"\\nnext"  '
-        'held_s=930.5  heartbeat="dead"  tier="hard"  reason="heartbeat_dead"  outcome="released"'
+        'held=15m30s  heartbeat="dead"  tier="hard"  reason="heartbeat_dead"  outcome="released"'
     )
+
+
+def test_describe_shows_held_time_as_status_and_release_do():
+    line = audit_read.describe({"ts": "t", "event": "lock_released", "lock_key": "gpu_lock:0", "held_s": 24.388})
+    assert line.endswith("gpu_lock:0  held=24.4s")
+    assert "held=6m52s" in audit_read.describe({"event": "manual_release", "held_s": 412.9})
+    assert "held" not in audit_read.describe({"event": "monitor_started"})
 
 
 def test_read_skips_a_file_rotated_away_meanwhile(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ holder that is alive. Real processes: the prompt is answered through a pseudo-te
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_live_holder_needs_force(r, cfg, tmp_path):
 def test_prompt_at_a_terminal_releases_only_on_yes(r, cfg, answer, released):
     hold(r, 4, "tts", age_s=450)
     code, out = at_terminal("release", "gpu_lock:4", "-c", str(cfg), answer=answer)
-    assert "gpu_lock:4 held by locked_by_tts" in out
+    # Held time as `status` and `audit` show it (was `450.012 s`).
+    assert re.search(r"gpu_lock:4 held by locked_by_tts for 7m\d\ds, heartbeat none, tier soft\. Release it\?", out)
     assert (code == 0) is released, out
     assert (not r.exists(b"gpu_lock:4")) is released
 
