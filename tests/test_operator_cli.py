@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +88,86 @@ def test_release_of_a_lock_not_held_names_the_locks_that_are(r, cfg):
     assert result.output.strip() == (
         "gpulock-monitor: nothing released: gpu_lock:O is not held (held now: gpu_lock:0, gpu_lock:10)"
     )
+
+
+# --- audit from the end -----------------------------------------------------------------------------
+
+
+def write_log(path: Path, events_: list[str], *, first: int = 0) -> None:
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "ts": f"2026-01-01T00:{(first + i) // 60:02d}:{(first + i) % 60:02d}+00:00",
+                    "event": e,
+                    "n": first + i,
+                }
+            )
+            + "\n"
+            for i, e in enumerate(events_)
+        )
+    )
+
+
+@pytest.fixture
+def history(tmp_path) -> Path:
+    """90 events in three files: audit.jsonl.2 (n 0-29), .1 (30-59), the live file (60-89)."""
+    live = tmp_path / "audit.jsonl"
+    for number, name in enumerate(["audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"]):
+        write_log(live.with_name(name), ["lock_warning", "lock_released"] * 15, first=30 * number)
+    return live
+
+
+def numbers(output: str) -> list[int]:
+    return [json.loads(line)["n"] for line in output.splitlines()]
+
+
+def test_audit_lines_shows_the_last_n_events_the_filters_keep(cfg, history):
+    assert numbers(cli("audit", "-n", "3", "--json", "-c", str(cfg)).output) == [87, 88, 89]
+    assert numbers(cli("audit", "--lines", "32", "--json", "-c", str(cfg)).output) == list(range(58, 90))
+    released = cli("audit", "-n", "20", "--event", "lock_released", "--json", "-c", str(cfg)).output
+    assert numbers(released) == list(range(51, 90, 2))
+    assert cli("audit", "-n", "0", "-c", str(cfg)).output == ""
+    assert len(numbers(cli("audit", "--json", "-c", str(cfg)).output)) == 90  # without -n: everything
+
+
+def test_audit_lines_that_is_no_count_is_a_usage_error(cfg, history):
+    result = cli("audit", "-n", "-1", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert "Invalid value for '-n' / '--lines'" in result.output
+
+
+def follow_cli(cfg: Path, *args: str) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "audit", "--follow", "--json", "-c", str(cfg), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    return proc, lines
+
+
+def test_audit_follow_starts_with_the_last_ten_events_not_the_whole_history(cfg, history):
+    proc, lines = follow_cli(cfg)
+    try:
+        shown = [json.loads(lines.get(timeout=20))["n"] for _ in range(10)]
+        assert shown == list(range(80, 90))
+        with history.open("a") as f:
+            f.write(json.dumps({"event": "appended", "n": 90}) + "\n")
+        assert json.loads(lines.get(timeout=20))["n"] == 90
+        assert lines.empty()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_audit_follow_since_starts_with_every_event_since_then(cfg, history):
+    proc, lines = follow_cli(cfg, "--since", "2026-01-01T00:01:25Z")
+    try:
+        assert [json.loads(lines.get(timeout=20))["n"] for _ in range(5)] == [85, 86, 87, 88, 89]
+        time.sleep(0.5)
+        assert lines.empty()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)

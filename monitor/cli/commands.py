@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,8 @@ from monitor.health import health_check
 from monitor.protocol import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+FOLLOW_LINES = 10  # what `audit --follow` shows of the past, as `tail -f`
 
 CONFIG_HELP = "Config file (default: $GPULOCK_MONITOR_CONFIG, ./monitor.yml, /etc/gpulock-monitor/monitor.yml)."
 
@@ -160,6 +162,13 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
 @click.option("--lock", "lock_key", metavar="KEY", help="Only events about this lock.")
 @click.option("--event", "event_name", metavar="NAME", help="Only events with this name.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events, across rotations.")
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Only the last N events (that the other options keep). Default with --follow: 10, or all since --since.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON lines as stored.")
 @_one_line_errors
 def audit(
@@ -168,13 +177,15 @@ def audit(
     lock_key: str | None,
     event_name: str | None,
     follow: bool,
+    lines: int | None,
     as_json: bool,
 ) -> None:
     """Read the audit log, rotated files included."""
     settings = load_settings(config_path)
     path = Path(settings.audit_path)
+    start = None if since is None else audit_read.parse_since(since, time.time())
     keep = audit_read.Filter(
-        since=None if since is None else audit_read.parse_since(since, time.time()),
+        since=start,
         lock=lock_key,
         event=None if event_name is None else audit_read.check_event(event_name),
     )
@@ -183,7 +194,15 @@ def audit(
         if keep(record):
             click.echo(json.dumps(record, ensure_ascii=False) if as_json else audit_read.describe(record))
 
-    records = audit_read.follow(path, stop=lambda: False) if follow else audit_read.read(path)
+    records: Iterable[dict[str, Any]]
+    if follow:  # as `tail -f`: the last few, not the whole history of every rotated file
+        if lines is None and start is None:
+            lines = FOLLOW_LINES
+        records = audit_read.follow(path, stop=lambda: False, lines=lines, keep=keep, since=start)
+    elif lines is not None:
+        records = audit_read.last(path, lines, keep)
+    else:
+        records = audit_read.read(path)
     try:
         for record in records:
             show(record)
