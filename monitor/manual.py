@@ -159,12 +159,14 @@ def release(
     holder: bytes | None,
     confirm: Callable[[bytes, str], bool],
     force: bool = False,
+    paint: Callable[[str, str], str] | None = None,
 ) -> ReleaseResult:
     """Release the holding of `lock_key` just read, if it is held by `holder` (or by whoever
     holds it now, once confirmed). The attempt is audited as `manual_release` whatever its
     outcome. A holder whose heartbeat is alive is refused unless `force`; a key that cannot be a
     lock (`check_lock_key`) is refused before Redis is asked anything, and one that is not held
-    (`NotHeldError`, naming the locks that are) before anything is audited."""
+    (`NotHeldError`, naming the locks that are) before anything is audited. `paint(column, text)`
+    colours the heartbeat and tier of what `confirm` is shown, as `status` colours its columns."""
     check_lock_key(settings, lock_key)
     (obs,) = read_locks(client, [lock_key])
     if obs.invalid:
@@ -176,7 +178,7 @@ def release(
     h = verdict.holding
     if h.heartbeat is Heartbeat.ALIVE and not force:
         raise LiveHolderError(f"{_describe(h, fields)}: its holder looks alive; add --force to release it anyway")
-    if not confirm(obs.value, _describe(h, fields)):
+    if not confirm(obs.value, _describe(h, fields, paint)):
         raise NotConfirmed("not confirmed; nothing released")
     # The operator confirmed the holding that was just read: the script must find that very
     # holding (value and expiry), and without --force a heartbeat no livelier than it was.
@@ -211,10 +213,11 @@ def _held_now(client: Client, settings: Settings) -> str:
     return f" (held now: {', '.join(shown(key) for key in held[:HELD_NAMED])}{more})"
 
 
-def _describe(h: Holding, fields: dict[str, object]) -> str:
+def _describe(h: Holding, fields: dict[str, object], paint: Callable[[str, str], str] | None = None) -> str:
+    paint = paint or (lambda _column, text: text)
     return (
         f"{shown(h.key)} held by {shown(h.holder)} for {units.human(h.held_s)}, "
-        f"heartbeat {fields['heartbeat']}, tier {fields['tier']}"
+        f"heartbeat {paint('HEARTBEAT', str(fields['heartbeat']))}, tier {paint('TIER', str(fields['tier']))}"
     )
 
 

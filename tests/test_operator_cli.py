@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
-from helpers import config_file, events, hold
+from helpers import answer_at_terminal, beat, build, config_file, events, hold, make_settings
 
+from monitor import protocol
 from monitor.cli import main
 from monitor.events import Event
 
@@ -171,3 +174,137 @@ def test_audit_follow_since_starts_with_every_event_since_then(cfg, history):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
+
+
+# --- status says where it looked --------------------------------------------------------------------
+
+HOST = socket.gethostname()
+
+
+def test_status_with_no_locks_says_where_it_looked(r, redis_server, tmp_path):
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"  # the locks are in db 2 ...
+    cfg = config_file(tmp_path, url, gpu_lock={"key_pattern": "site_a:*"}, nvml={"enabled": False})
+    hold(r, 0)  # ... not where this lock is
+    lines = cli("status", "-c", str(cfg)).output.splitlines()
+    assert lines == [
+        "no locks held",
+        f"redis: {url} (db 2)  pattern: site_a:*",
+        f"config: {cfg}",
+        f"no daemon on this host ({HOST}) reported to this redis db",
+    ]
+
+
+def test_status_masks_the_password_and_says_when_no_config_file_was_found(r, redis_server, tmp_path, monkeypatch):
+    if Path("/etc/gpulock-monitor/monitor.yml").exists():
+        pytest.skip("this host has a system config")
+    monkeypatch.chdir(tmp_path)
+    url = redis_server.url.replace("redis://", "redis://:hunter2@")
+    r.config_set("requirepass", "hunter2")
+    try:
+        result = cli("status", env={"GPULOCK_MONITOR_REDIS_URL": url, "GPULOCK_MONITOR_CONFIG": ""})
+    finally:
+        r.config_set("requirepass", "")
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    assert f"redis: {redis_server.url.replace('redis://', 'redis://:***@')} (db 0)" in result.output
+    assert "config: none found, the built-in defaults" in result.output
+
+
+def test_status_names_the_daemon_on_this_host_and_how_long_ago_it_passed(r, cfg):
+    hold(r, 0)
+    key = protocol.monitor_status_key(HOST)
+    ttl_ms = 600_000  # the status key's TTL for this config; its age is what it has lost of it
+    r.set(key, b"{}", px=ttl_ms - 4_000)
+    assert cli("status", "-c", str(cfg)).output.splitlines()[-1] == f"daemon on {HOST}: last pass 4.0s ago"
+    doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
+    assert doc["daemon"]["name"] == HOST
+    assert doc["daemon"]["state"] == "running"
+    assert 4.0 <= doc["daemon"]["last_pass_age_s"] < 5
+    r.set(key, b"{}", px=ttl_ms - 95_000)  # passes every 0.2 s: 95 s is late
+    assert cli("status", "-c", str(cfg)).output.splitlines()[-1] == (
+        f"daemon on {HOST}: last pass 1m35s ago, late: is it stalled?"
+    )
+    r.set(key, json.dumps({"state": "stopped", "stopped_at": "2026-01-01T00:00:00.000+00:00"}), px=ttl_ms - 9_000)
+    assert cli("status", "-c", str(cfg)).output.splitlines()[-1] == (
+        f"daemon on {HOST}: stopped at 2026-01-01T00:00:00.000+00:00"
+    )
+    assert json.loads(cli("status", "--json", "-c", str(cfg)).output)["daemon"]["state"] == "stopped"
+
+
+def test_status_json_says_where_it_looked_beside_the_fields_it_had(r, cfg, redis_server):
+    hold(r, 0)
+    doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
+    assert doc["version"] == 1
+    assert doc["config"] == str(cfg)
+    assert doc["redis"] == {"url": redis_server.url, "db": 0}
+    assert doc["key_pattern"] == "gpu_lock:*"
+    assert doc["daemon"] == {"name": HOST, "state": "none", "last_pass_age_s": None}
+    assert set(doc) >= {"redis_time", "auto_recovery", "locks", "invalid", "nvml", "gpus"}
+
+
+# --- status fits the terminal -----------------------------------------------------------------------
+
+
+def test_status_sorts_keys_as_people_count(r, cfg):
+    for gpu in (10, 2, 1, "1a", 0):
+        hold(r, gpu)
+    table = cli("status", "-c", str(cfg)).output.splitlines()
+    assert [line.split()[0] for line in table[1:6]] == [
+        "gpu_lock:0",
+        "gpu_lock:1",
+        "gpu_lock:1a",
+        "gpu_lock:2",
+        "gpu_lock:10",
+    ]
+    doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
+    assert [lock["lock_key"] for lock in doc["locks"]] == [
+        "gpu_lock:0",
+        "gpu_lock:1",
+        "gpu_lock:1a",
+        "gpu_lock:2",
+        "gpu_lock:10",
+    ]
+
+
+@pytest.mark.parametrize("columns", [60, 80, 100])
+def test_status_fits_the_terminal_showing_task_names(r, cfg, columns):
+    key = hold(r, 0, "tts_synthesize", age_s=412)
+    beat(r, key, age_s=14)
+    hold(r, 1, "sdxl_generate_" + "x" * 80, age_s=30)
+    hold(r, 12, "asr", age_s=350)
+    out = cli("status", "-c", str(cfg), env={"COLUMNS": str(columns)}).output
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert "locked_by_" not in out
+    assert lines[0].split()[:2] == ["LOCK", "TASK"]
+    if columns >= 80:  # keys whole, so that `release` can be given one
+        assert [line.split()[0] for line in lines[1:4]] == ["gpu_lock:0", "gpu_lock:1", "gpu_lock:12"]
+        assert "alive (14." in lines[1]
+    assert lines[2].split()[1].startswith("sdxl_")
+    assert lines[2].split()[1].endswith("…")
+
+
+def test_status_down_a_pipe_cuts_nothing(r, cfg):
+    hold(r, 1, "sdxl_generate_" + "x" * 30)
+    out = cli("status", "-c", str(cfg), env={"COLUMNS": ""}).output
+    assert "sdxl_generate_" + "x" * 30 in out
+
+
+def test_status_and_release_colour_for_a_terminal_only(r, cfg, redis_server, tmp_path, monkeypatch):
+    key = hold(r, 0, "tts", age_s=50)
+    hold(r, 1, "asr", age_s=350)  # past the warning
+    monitor = build(make_settings(redis_server.url, tmp_path))
+    for value in ("1", "2"):  # the monitor sees its heartbeat beat ...
+        beat(r, key, value=value)
+        monitor.run_pass()
+    r.delete(protocol.heartbeat_key(key))  # ... then stop: dead
+    status = [sys.executable, "-m", "monitor", "status", "-c", str(cfg)]
+    _, _, out = answer_at_terminal(status, "")
+    for text, colour in [("dead (", "red"), ("release", "red"), ("warning", "yellow"), ("warn", "yellow")]:
+        assert (click.style("", fg=colour, reset=False) + text).encode() in out, text
+    _, prompt, out = answer_at_terminal([sys.executable, "-m", "monitor", "release", "gpu_lock:1", "-c", str(cfg)], "y")
+    assert b"tier " + click.style("warning", fg="yellow").encode() in prompt
+    assert click.style("released gpu_lock:1", fg="green").encode() in out
+    assert b"\x1b[" not in subprocess.run(status, capture_output=True, check=True).stdout  # down a pipe
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert b"\x1b[" not in answer_at_terminal(status, "")[2]

@@ -27,7 +27,7 @@ def piped(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
 def at_terminal(*args: str, answer: str) -> tuple[int, str]:
     """Run with stdin on a pseudo-terminal; answer the prompt once it is shown."""
     code, _, out = answer_at_terminal([*CLI, *args], answer)
-    return code, out.decode(errors="replace")
+    return code, re.sub(r"\x1b\[[0-9;]*m", "", out.decode(errors="replace"))  # its colours
 
 
 def test_off_a_terminal_without_yes_releases_nothing(r, cfg, tmp_path):

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -20,8 +21,9 @@ import redis
 import yaml
 
 from monitor import __version__, audit_read, daemon, logs, manual, snapshot
+from monitor.audit import monitor_identity
 from monitor.cli import status as render
-from monitor.config import Settings, load_settings
+from monitor.config import Settings, find_config, load_settings
 from monitor.connection import connect
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
@@ -70,6 +72,18 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
+def _colour() -> bool:
+    """Colour for people at a terminal, unless they said NO_COLOR (no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _terminal_width() -> int | None:
+    """The width to fit a table in: the terminal's, or $COLUMNS; None (no limit) down a pipe."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return shutil.get_terminal_size().columns
+    return None
+
+
 def _settings(config_path: str | None) -> Settings:
     settings = load_settings(config_path)
     logs.configure(settings.log_level, settings.log_format, stream=sys.stdout)
@@ -105,11 +119,13 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Every lock: holder, held time, heartbeat, tier, and what the monitor would do. Read-only."""
     settings = load_settings(config_path)
     logs.configure("warning", "console", stream=sys.stderr)  # keep stdout for the table or JSON
-    snap = snapshot.take(connect(settings), settings, Nvml(settings.nvml_enabled))
+    client = connect(settings)
+    snap = snapshot.take(client, settings, Nvml(settings.nvml_enabled))
+    looked_at = render.look(client, settings, find_config(config_path), str(monitor_identity()["host"]))
     if as_json:
-        click.echo(json.dumps(render.as_json(snap), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(render.as_json(snap, looked_at), indent=2, ensure_ascii=False))
     else:
-        click.echo(render.as_table(snap))
+        click.echo(render.as_table(snap, looked_at, width=_terminal_width(), colour=_colour()))
 
 
 @main.command()
@@ -141,10 +157,15 @@ def release(lock_key: str, config_path: str | None, holder: str | None, yes: boo
             return True  # the operator named the value to release: that is the confirmation
         raise MonitorError(f"{description}: not a terminal; add --yes (or --holder VALUE) to release it")
 
-    result = manual.release(connect(settings), settings, audit, key, holder=wanted, confirm=confirm, force=force)
+    # Only a prompt is coloured: what is raised may end up in a log.
+    paint = render.painter(_colour()) if _interactive() and not yes else None
+    result = manual.release(
+        connect(settings), settings, audit, key, holder=wanted, confirm=confirm, force=force, paint=paint
+    )
     shown_key, now = manual.shown(key), manual.shown(result.current or b"")
     if result.outcome is Outcome.RELEASED:
-        click.echo(f"released {shown_key} (was held by {now})")
+        done = f"released {shown_key}"
+        click.echo(f"{click.style(done, fg='green') if _colour() else done} (was held by {now})")
         return
     why = {
         Outcome.GONE: f"{shown_key} is not held",
