@@ -25,14 +25,16 @@ from monitor import channels, protocol, systemd
 from monitor.alerts import Alerts
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
-from monitor.connection import connect
+from monitor.connection import connect, is_cluster
 from monitor.errors import MonitorError
 from monitor.events import Event
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
 from monitor.health import Health, assess, pass_grace_s
 from monitor.logs import get_logger
+from monitor.notify import NotifyState
 from monitor.service import Monitor, PassReport
+from monitor.watcher import Watcher
 
 log = get_logger("gpulock_monitor")
 
@@ -129,6 +131,30 @@ class Runner:
         )
 
 
+def start_watcher(monitor: Monitor) -> Watcher | None:
+    """The event-driven core where it can run; otherwise passes SCAN, and the audit says why."""
+    settings = monitor.settings
+
+    def said(state: NotifyState) -> None:
+        mode = "events" if state.on else "scan"
+        monitor.record(
+            Event.KEYSPACE_NOTIFICATIONS, state=state.state, missing=state.missing, reason=state.reason, discovery=mode
+        )
+
+    if settings.notifications == "off":
+        said(NotifyState("off", "", "discovery.notifications is off: a SCAN every pass"))
+        return None
+    if is_cluster(monitor.client):
+        said(NotifyState("off", "", "Redis Cluster: a SCAN every pass (keyspace events per node are not used yet)"))
+        return None
+    db = int(monitor.client.connection_pool.connection_kwargs.get("db", 0))  # type: ignore[union-attr]
+    watcher = Watcher(monitor, settings, db=db, on_state=said)
+    watcher.test_now()  # said at start, right after monitor_started, where Redis answers
+    monitor.discovery = watcher
+    watcher.start()
+    return watcher
+
+
 def summary(report: PassReport) -> str:
     if report.error:
         return f"pass failed: {report.error}"[:200]
@@ -166,6 +192,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         )
         runner.observe = exporter.observe
     _lifecycle(monitor, Event.MONITOR_STARTED)
+    watcher = start_watcher(monitor)
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(
         runner,
@@ -190,6 +217,8 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
                 systemd.notify("WATCHDOG=1")
     finally:
         systemd.notify("STOPPING=1")
+        if watcher is not None:
+            watcher.stop()  # after its release in progress, if any
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
         _lifecycle(monitor, Event.MONITOR_STOPPED)

@@ -38,6 +38,8 @@ class Event(str, Enum):
     REDIS_RECOVERED = ("redis_recovered", "warning", None)
     INVALID_LOCK = ("invalid_lock", "warning", "warning")
     LOCK_TIMEOUT_MISMATCH = ("lock_timeout_mismatch", "warning", None)
+    # How locks are found: keyspace events (on) or a SCAN every pass (off, partial); said when it changes.
+    KEYSPACE_NOTIFICATIONS = ("keyspace_notifications", "warning", None)
     GPU_BUSY_UNLOCKED = ("gpu_busy_unlocked", "warning", "warning")
     RELEASED_GPU_BUSY = ("released_gpu_busy", "warning", "warning")
     # Raised by the alerter itself while Redis stays down; never written to the audit log.

@@ -10,13 +10,13 @@ later than the first time a monitor saw it, and no later than `expiry - lock_tim
 complete pass that began at T, it began after T; a TTL inference that dates it before T was made
 with too long a `lock_timeout` and is dropped (a lock_timeout_mismatch).
 
-A heartbeat belongs to a holding only when the monitor saw it appear or change while it watched
-the holding: written during it. A heartbeat that may be the previous holder's leftover protects the
-holding (it counts as alive) but can never make it dead. Nor can any heartbeat of a holding that
-began while an earlier holder's heartbeat was still being written (its lock ran out under it, or the
-monitor capped it alive): that writer may still be beating on the shared key, so such a holding is
-"tainted" and left to the soft and hard tiers. Liveness is read from the key, never from the
-worker's clock inside it.
+A heartbeat belongs to a holding only when the monitor saw it appear or change while it watched the
+holding, or keyspace events showed it written after the holding began: written during it. A
+heartbeat that may be the previous holder's leftover protects the holding (it counts as alive) but
+can never make it dead. Nor can any heartbeat of a holding that began while an earlier holder's
+heartbeat was still being written (its lock ran out under it, or the monitor capped it alive): that
+writer may still be beating on the shared key, so such a holding is "tainted" and left to the soft
+and hard tiers. Liveness is read from the key, never from the worker's clock inside it.
 """
 
 from __future__ import annotations
@@ -214,6 +214,8 @@ def _heartbeat(
     now = obs.now_ms
     if obs.hb_value is None:
         rec = replace(rec, hb_value=None, hb_expiry_ms=None, hb_observed_ms=None)
+        if obs.hb_written and not rec.hb_tainted:
+            rec = replace(rec, hb_seen=True)  # written and gone between two looks (keyspace events)
         if not rec.hb_seen or rec.hb_tainted:
             return Heartbeat.NONE, None, rec
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
@@ -228,6 +230,8 @@ def _heartbeat(
         observed, hb_expiry = now, obs.hb_expiry_ms
         # It appeared or changed since a look during this holding: written during it.
         seen_change = prev is not None
+    # Or keyspace events showed a write of it after the holding began.
+    seen_change = seen_change or obs.hb_written
     # Workers set the key with EX 2 * heartbeat.interval, so its expiry dates the last write; that
     # date only ever makes it look fresher (an age to show), it proves nothing about whose it is.
     written = None

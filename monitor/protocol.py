@@ -130,6 +130,17 @@ def printable(text_: str, limit: int) -> str:
     return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
 
 
+def probe_key(monitor_id: str) -> bytes:
+    """The key whose keyspace events tell whether notifications are on (notify.self_test)."""
+    return MONITOR_PREFIX + f"probe:{monitor_id}".encode()
+
+
+def keyspace_channel(db: int, key_or_pattern: bytes) -> bytes:
+    """The channel of keyspace events for a key (or a PSUBSCRIBE pattern) in database `db`. The
+    monitor also publishes its own sync marks on such a channel of a key of its own."""
+    return f"__keyspace@{db}__:".encode() + key_or_pattern
+
+
 def monitor_status_key(host: str) -> bytes:
     """Where the daemon on `host` leaves its last pass summary (read by `health`)."""
     return MONITOR_PREFIX + b"monitor:" + host.encode()
@@ -180,7 +191,9 @@ end
 
 # KEYS: any keys; for each, its string value (0 when it is not a string, false when absent)
 # and its expiry, or -3 where ARGV[1] has "-" at its place (a record: only its value counts).
-# Replies start with Redis TIME (seconds, microseconds).
+# Replies start with Redis TIME (seconds, microseconds). With ARGV[2], the read ends by
+# publishing ARGV[3] on that channel: Redis delivers it after every keyspace event raised before
+# the read, so the event watcher knows what it has seen when the read happened (watcher.py).
 READ_SCRIPT = (
     EXPIRY_LUA
     + """
@@ -193,6 +206,7 @@ for i = 1, #KEYS do
   out[#out + 1] = v
   if string.sub(want, i, i) == '-' then out[#out + 1] = -3 else out[#out + 1] = expiry(KEYS[i]) end
 end
+if ARGV[2] then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return out
 """
 )

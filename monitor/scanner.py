@@ -43,6 +43,8 @@ class Observation:
     hb_expiry_ms: int
     record: bytes | None  # what the monitor persisted about the holding (protocol.holding_key)
     invalid: str | None = None  # why this key is not a lock (e.g. wrong type)
+    # Keyspace events prove a heartbeat write after this holding began and before this read.
+    hb_written: bool = False
 
     @property
     def pttl_ms(self) -> int:
@@ -59,8 +61,15 @@ def scan_candidates(client: Client, pattern: str) -> list[bytes]:
     return list(seen)
 
 
-def read_locks(client: Client, candidates: Iterable[bytes]) -> list[Observation]:
-    """Read every candidate, READ_BATCH keys per round trip; connection errors propagate."""
+def read_locks(
+    client: Client, candidates: Iterable[bytes], *, mark: tuple[bytes, bytes] | None = None
+) -> list[Observation]:
+    """Read every candidate, READ_BATCH keys per round trip; connection errors propagate.
+
+    With `mark` (channel, message; at most READ_BATCH candidates, standalone Redis) the read
+    ends by publishing the message on the channel, in the same script (see watcher.py)."""
+    if mark is not None:
+        return _read_batch(client, list(candidates), mark)
     read = _read_cluster_batch if is_cluster(client) else _read_batch
     observations: list[Observation] = []
     for batch in _batches(list(candidates), READ_BATCH):
@@ -72,10 +81,13 @@ def _lock_keys(key: bytes) -> list[bytes]:
     return [key, protocol.heartbeat_key(key), protocol.holding_key(key)]
 
 
-def _read_batch(client: Client, batch: list[bytes]) -> list[Observation]:
+def _read_batch(client: Client, batch: list[bytes], mark: tuple[bytes, bytes] | None = None) -> list[Observation]:
     script_keys = [k for key in batch for k in _lock_keys(key)]
+    args: list[bytes | str] = [protocol.READ_WANT * len(batch)]
+    if mark is not None:
+        args += mark
     read = client.register_script(protocol.READ_SCRIPT)
-    reply: list[Any] = read(keys=script_keys, args=[protocol.READ_WANT * len(batch)])
+    reply: list[Any] = read(keys=script_keys, args=args)
     now_ms = units.ms_of_time(reply[0], reply[1])
     return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from redis.crc import key_slot
@@ -35,11 +36,7 @@ from monitor.policy import Action, Reason
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
-from monitor.scanner import (
-    READ_BATCH,
-    read_locks,
-    scan_candidates,
-)
+from monitor.scanner import READ_BATCH, Observation, read_locks, scan_candidates
 from monitor.snapshot import last_complete_pass_ms, status_ttl_ms
 from monitor.verdict import Verdict, evaluate, lock_fields
 
@@ -50,6 +47,7 @@ log = get_logger("gpulock_monitor")
 RECORD_MARGIN_MS = 60_000
 NO_TTL_RECORD_MS = 86_400_000
 MISMATCH_TTL_MS = 7 * 86_400_000
+TOMBSTONE_S = units.to_s(protocol.TOMBSTONE_TTL_MS)
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
 
@@ -67,6 +65,17 @@ class PassReport:
     @property
     def released(self) -> int:
         return len(self.released_keys)
+
+
+class Discovery(Protocol):
+    """Where a pass finds its candidate keys when keyspace notifications keep an index (watcher.py)."""
+
+    def candidates(self) -> tuple[list[bytes], bool] | None:
+        """The indexed lock keys, and whether the index holds every lock present before this call
+        (then the pass may count as complete); None: no index, SCAN instead."""
+
+    def forget_absent(self, absent: list[bytes]) -> None:
+        """Keys the pass found gone (the index drops those no event has named since)."""
 
 
 @dataclass
@@ -108,6 +117,10 @@ class Monitor:
         self._complete_ms: int | None = None
         # Releases whose reply was lost: asked again at the next pass, the tombstone answers.
         self._unsettled: dict[bytes, Verdict] = {}
+        # Holdings this monitor released, and when (monotonic): a pass and the event watcher may
+        # both have read one before either released it, and the tombstone would answer the
+        # second `released` too. Forgotten with the tombstone.
+        self._released: dict[tuple[bytes, bytes, int], float] = {}
         # Names this monitor's release attempts: replicas share a holding's id (its stored first
         # sight), and a tombstone must answer `released` only to the attempt that released.
         self._attempt = f"monitor:{secrets.token_hex(8)}"
@@ -119,6 +132,10 @@ class Monitor:
         self.listeners: list[Callable[[Event, dict[str, Any]], None]] = []
         self.last_report: PassReport | None = None
         self.last_success: float | None = None
+        # Passes (the scheduler's thread) and the event watcher's reads act one at a time.
+        self.lock = threading.RLock()
+        self.discovery: Discovery | None = None
+        self._persisted_ms: int | None = None
 
     # --- the pass ---------------------------------------------------------------------------
 
@@ -145,11 +162,29 @@ class Monitor:
         self.last_report = report
         return report
 
+    def _candidates(self) -> tuple[list[bytes], bool]:
+        """The keys to read, and whether they are every lock present at this moment. Outside the
+        lock: neither a SCAN nor waiting for the watcher's index holds up the event path."""
+        found = self.discovery.candidates() if self.discovery is not None else None
+        if found is not None:
+            return found
+        return scan_candidates(self.client, self.settings.key_pattern), True
+
     def _pass(self, report: PassReport) -> None:
         began_ms, persisted_ms = self._pass_start()
+        keys, every_lock = self._candidates()
+        with self.lock:
+            self._locked_pass(report, began_ms, persisted_ms, keys, every_lock=every_lock)
+
+    def _locked_pass(
+        self, report: PassReport, began_ms: int, persisted_ms: int | None, keys: list[bytes], *, every_lock: bool
+    ) -> None:
+        self._persisted_ms = persisted_ms
         self._settle_unknown(report)
-        observations = read_locks(self.client, scan_candidates(self.client, self.settings.key_pattern))
+        observations = read_locks(self.client, keys)
         self._redis_back()
+        if self.discovery is not None:
+            self.discovery.forget_absent([o.key for o in observations if o.value is None and o.invalid is None])
         self._report_invalid({o.key: o.invalid for o in observations if o.invalid}, report)
         after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
         verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
@@ -169,13 +204,35 @@ class Monitor:
                     kept[verdict.holding.key] = (verdict, record)
             if self.gpus is not None:
                 self._gpu_findings(verdicts, report)
-            complete = True
+            complete = every_lock
         finally:
             # Keep what was learned even if a release lost Redis part-way.
             self._known = {key: record for key, (_, record) in kept.items()}
             if complete:
                 self._complete_ms = began_ms
             self._remember(kept, began_ms if complete else None, self._status(report))
+
+    def run_keys(self, observations: list[Observation]) -> list[Verdict]:
+        """Decide and act on these locks now, between passes (the event watcher's deadline and
+        event reads); the verdicts of those still held. Redis errors propagate."""
+        with self.lock:
+            report = PassReport(started=self.wall())
+            after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
+            verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
+            if not self.acting:
+                verdicts = [self._own_notified(v) for v in verdicts]
+            kept: dict[bytes, tuple[Verdict, Record]] = {}
+            try:
+                for verdict in verdicts:
+                    record = self._act(verdict, report)
+                    if record is not None:
+                        kept[verdict.holding.key] = (verdict, record)
+            finally:
+                for obs in observations:
+                    self._known.pop(obs.key, None)
+                self._known.update({key: record for key, (_, record) in kept.items()})
+                self._remember(kept, None, None)
+            return [verdict for verdict, _ in kept.values()]
 
     @property
     def acting(self) -> bool:
@@ -244,7 +301,7 @@ class Monitor:
             }
         ).encode()
 
-    def _remember(self, kept: dict[bytes, tuple[Verdict, Record]], began_ms: int | None, status: bytes) -> None:
+    def _remember(self, kept: dict[bytes, tuple[Verdict, Record]], began_ms: int | None, status: bytes | None) -> None:
         """Write this monitor's status; an acting monitor also writes the records that changed
         (compare-and-set) and, after a complete pass, when it began. One script call per
         READ_BATCH records written, the last also writing the mark and the status: one round trip
@@ -253,7 +310,8 @@ class Monitor:
         # The status key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
         status_ttl = status_ttl_ms(self.settings)
         if not self.acting:
-            self.client.set(status_key, status, px=status_ttl)
+            if status is not None:
+                self.client.set(status_key, status, px=status_ttl)
             return
         writes = []
         for verdict, record in kept.values():
@@ -264,14 +322,17 @@ class Monitor:
             life = NO_TTL_RECORD_MS if h.expiry_ms < 0 else max(1, h.expiry_ms - h.now_ms) + RECORD_MARGIN_MS
             writes.append((h.key, [protocol.fingerprint(h.holder), h.expiry_ms, verdict.stored or b"", data, life]))
         if is_cluster(self.client):
-            self.client.set(status_key, status, px=status_ttl)
+            if status is not None:
+                self.client.set(status_key, status, px=status_ttl)
             self._remember_cluster(writes, began_ms)
             return
         head = [protocol.last_pass_key(self.settings.key_pattern), status_key]
         for start in range(0, max(1, len(writes)), READ_BATCH):
             batch = writes[start : start + READ_BATCH]
             header: list[Any] = ["", "", "", b"", 0]
-            if start + READ_BATCH >= len(writes):  # the last call also says the pass is done
+            if status is None and not batch:
+                return  # nothing changed, and no pass to report
+            if status is not None and start + READ_BATCH >= len(writes):  # the last call also says the pass is done
                 header = ["h", "", "" if began_ms is None else began_ms, status, status_ttl]
             pairs = [k for key, _ in batch for k in (key, protocol.holding_key(key))]
             script_keys = (head if header[0] else []) + pairs
@@ -337,6 +398,8 @@ class Monitor:
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
         h = verdict.holding
         fid = self._fid(h)
+        if fid in self._released:
+            return None  # read before this monitor released it: done already, said already
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
             return record
@@ -354,6 +417,10 @@ class Monitor:
             return record
         self._failures.pop(fid, None)
         self._audit_result(result, fields, report, h.key)
+        if result.outcome is Outcome.RELEASED:
+            now = self.mono()
+            self._released = {k: t for k, t in self._released.items() if now - t < TOMBSTONE_S}
+            self._released[fid] = now
         return record if result.outcome is Outcome.HEARTBEAT_REVIVED else None
 
     def _call_reaper(self, verdict: Verdict) -> ReleaseResult:

@@ -83,3 +83,25 @@ def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
         # Which holding: Redis-clock ms when a monitor first saw it. Values repeat; this does not.
         "holding": h.id,
     }
+
+
+def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
+    """The next Redis-clock ms at which this holding's decision can change without any write to
+    Redis: its heartbeat runs out, goes stale, or its held time crosses a tier. None: never. Pure.
+
+    A key is gone only after its expiry ms (Redis expires when now > expiry), hence the + 1.
+    """
+    h = verdict.holding
+    now = h.now_ms
+    candidates = []
+    if h.hb_value is not None and h.hb_expiry_ms >= 0:
+        candidates.append(h.hb_expiry_ms + 1)
+        observed = h.record.hb_observed_ms
+        if h.record.hb_seen and observed is not None:
+            candidates.append(observed + units.to_ms(settings.heartbeat_timeout_s) + 1)
+    start = now - h.held_ms
+    for tier_s in (settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s):
+        if tier_s is not None:
+            candidates.append(start + units.to_ms(tier_s))
+    future = [c for c in candidates if c > now]
+    return min(future, default=None)

@@ -89,7 +89,11 @@ def test_signal_stops_cleanly(r, redis_server, tmp_path, sig):
     code, out = stop_daemon(proc)
     assert code == 0, out
     assert "Traceback" not in out
-    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == ["monitor_started", "monitor_stopped"]
+    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == [
+        "monitor_started",
+        "keyspace_notifications",
+        "monitor_stopped",
+    ]
     for line in out.splitlines():  # JSON logs for journald
         json.loads(line)
 
@@ -236,7 +240,11 @@ def test_scheduler_skips_no_pass_silently_when_pass_is_slow(r, redis_server, tmp
     stop.set()
     runner.join(timeout=20)
     assert not runner.is_alive()
-    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == ["monitor_started", "monitor_stopped"]
+    assert [e["event"] for e in events(tmp_path / "audit.jsonl")] == [
+        "monitor_started",
+        "keyspace_notifications",
+        "monitor_stopped",
+    ]
 
 
 # --- the audit file under a running daemon, and lines that could not be written ---------------------

@@ -388,7 +388,7 @@ def test_sighup_reopens_after_external_rotation(r, redis_server, tmp_path):
     # was open then, and is not what this test is about.
     rotated = [e["event"] for e in events(tmp_path / "audit.jsonl.1") if e["event"] != "lock_warning"]
     current = [e["event"] for e in events(audit) if e["event"] != "lock_warning"]
-    assert rotated == ["monitor_started", "lock_released"]
+    assert rotated == ["monitor_started", "keyspace_notifications", "lock_released"]
     assert current == ["lock_released", "monitor_stopped"]
 
 

@@ -1,0 +1,373 @@
+"""The event-driven core (DESIGN.md section 6): an index of lock keys kept by keyspace
+notifications, and each lock re-read at its next deadline instead of at the next pass.
+
+One thread owns a PubSub connection. It subscribes to the keyspace events of the lock pattern, then
+seeds the index with one SCAN (a lock present before the subscription is found by the SCAN, one
+created after it by its event). A paced background SCAN (`discovery.reconcile_keys_per_s`)
+reconciles the index; a resubscription starts a sweep at once and the index counts as complete
+again only when that sweep has ended.
+
+Each read names itself on a channel of our own at its end (READ_SCRIPT's mark): Redis delivers
+that message after every keyspace event raised before the read. So when the mark arrives the
+thread knows exactly which events preceded the read, and a heartbeat write that came after the
+lock's last change and before the read proves the heartbeat belongs to the holding read (DESIGN.md
+section 3): a worker that dies in its first seconds is `dead` at its heartbeat's expiry, not `none`.
+
+Each lock's next deadline (its heartbeat's expiry, the heartbeat going stale, the next tier) is
+scheduled on this thread's clock and the lock re-read right then: Redis emits `expired` only when
+it evicts a key, which can lag by minutes, and a read of an expired key evicts it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from monitor import notify, protocol, units
+from monitor.config import Settings
+from monitor.logs import get_logger
+from monitor.notify import NotifyState
+from monitor.scanner import READ_BATCH, SCAN_COUNT, Observation, read_locks, scan_candidates
+from monitor.service import Monitor
+from monitor.verdict import next_deadline_ms
+
+log = get_logger("gpulock_monitor.watcher")
+
+# Events after which the key no longer exists.
+_GONE = frozenset({b"del", b"expired", b"evicted", b"rename_from", b"move_from", b"unlink"})
+# Heartbeat events that are a write by its holder (DESIGN.md section 3: an EXPIRE alone counts).
+_HB_WRITES = frozenset({b"set", b"expire", b"pexpire", b"setex", b"psetex", b"rename_to", b"restore", b"copy_to"})
+MARK_WAIT_S = 2.0  # a read's mark, or a pass's barrier, that takes longer means the subscription is broken
+RECONCILE_COUNT = 1000
+MAX_BACKOFF_S = 5.0
+
+
+class SubscriptionLostError(redis.ConnectionError):
+    """A mark did not come back: the subscription is broken (control flow: resubscribe)."""
+
+
+@dataclass
+class Progress:
+    """What the watcher has done, for metrics, status and health."""
+
+    state: NotifyState | None = None
+    events: int = 0
+    index_size: int = 0
+    sweeps: int = 0  # reconcile sweeps ended
+    sweep_keys: int = 0  # keys examined by the sweep under way
+    found_by_reconcile: int = 0  # locks the events had not announced (a gap, or notifications off then)
+    resubscribes: int = 0
+    complete: bool = False
+
+
+class Watcher:
+    """Start with `start()`; the pass asks `candidates()`; `stop()` ends the thread."""
+
+    def __init__(
+        self, monitor: Monitor, settings: Settings, *, db: int, on_state: Callable[[NotifyState], None]
+    ) -> None:
+        self.monitor = monitor
+        # Standalone or Sentinel only: in a cluster each primary raises its own events (daemon.start_watcher).
+        assert isinstance(monitor.client, redis.Redis)
+        self.client: redis.Redis = monitor.client
+        self.settings = settings
+        self.db = db
+        self.on_state = on_state
+        self.id = secrets.token_hex(6)
+        self.sync_channel = protocol.keyspace_channel(db, protocol.MONITOR_PREFIX + f"sync:{self.id}".encode())
+        self._prefix = protocol.keyspace_channel(db, b"")
+        self.progress = Progress()
+        self._mutex = threading.Lock()  # the index and the barriers: shared with the pass's thread
+        self._index: dict[bytes, int] = {}  # key -> position of its last event (0: found by a SCAN)
+        self._barriers: dict[int, threading.Event] = {}
+        self._pass_seq = 0
+        self._marks = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget what only an unbroken subscription proves."""
+        self._seq = 0
+        self._lock_pos: dict[bytes, int] = {}
+        self._hb_pos: dict[bytes, int] = {}
+        self._dirty: set[bytes] = set()
+        self._deadlines: list[tuple[float, bytes]] = []
+        self._deadline_of: dict[bytes, float] = {}
+        self._pending: tuple[int, int, float, list[Observation]] | None = None  # mark, seq, sent, read
+        self._cursor = 0
+        self._sweep_started: float | None = None
+        self._next_step = 0.0
+
+    # --- the pass's side ----------------------------------------------------------------------
+
+    def candidates(self) -> tuple[list[bytes], bool] | None:
+        """The indexed keys, and whether they are every lock present now; None: SCAN instead.
+
+        Asks whether notifications are still on (one probe), then waits until the watcher has
+        read every event raised before this call (a mark through the subscription)."""
+        if not self.progress.complete:
+            return None
+        state = self._self_test()
+        if not state.on:
+            self._set_state(state)
+            with self._mutex:
+                self.progress.complete = False
+            return None
+        n = next(self._marks)
+        arrived = threading.Event()
+        with self._mutex:
+            self._barriers[n] = arrived
+        self.client.publish(self.sync_channel, str(n))
+        if not arrived.wait(MARK_WAIT_S):
+            with self._mutex:
+                self._barriers.pop(n, None)
+                return list(self._index), False
+        with self._mutex:
+            self._pass_seq = self._seq
+            return list(self._index), self.progress.complete
+
+    def forget_absent(self, absent: list[bytes]) -> None:
+        """Keys a pass found gone: out of the index unless an event came for them since."""
+        with self._mutex:
+            for key in absent:
+                if self._index.get(key, -1) <= self._pass_seq:
+                    self._index.pop(key, None)
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="event-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._session()
+                backoff = 0.1
+            except redis.RedisError as exc:
+                with self._mutex:
+                    self.progress.complete = False
+                    for barrier in self._barriers.values():
+                        barrier.set()  # the pass goes on, its index not complete
+                log.warning("watcher_interrupted", error=str(exc), retry_in_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            except Exception:  # a bug here must not end event handling for good; passes go on regardless
+                log.exception("watcher_failed")
+                with self._mutex:
+                    self.progress.complete = False
+                self._stop.wait(MAX_BACKOFF_S)
+
+    def test_now(self) -> None:
+        """Ask once, now, whether notifications are on (the thread asks again when it starts)."""
+        try:
+            self._set_state(self._self_test())
+        except redis.RedisError as exc:
+            log.warning("notifications_unknown", error=str(exc))
+
+    def _self_test(self) -> NotifyState:
+        try:
+            return notify.self_test(self.client, self.id, self.db)
+        except redis.ResponseError as exc:  # an ACL without SUBSCRIBE or the probe key: a setting, not an outage
+            return NotifyState("off", notify.NEEDED, f"the notification probe was refused: {exc}")
+
+    def _set_state(self, state: NotifyState) -> None:
+        before = self.progress.state
+        self.progress.state = state
+        if before is None or before.state != state.state:
+            self.on_state(state)
+
+    def _session(self) -> None:
+        state = self._self_test()
+        if not state.on and self.settings.configure_notifications:
+            notify.configure(self.client)
+            state = self._self_test()
+        self._set_state(state)
+        if not state.on:
+            # Passes SCAN; ask again now and then, and switch over when the operator turns them on.
+            self._stop.wait(max(self.settings.monitor_interval_s, 30.0))
+            return
+        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            self._subscribe(pubsub)
+            self._loop(pubsub)
+        finally:
+            pubsub.close()
+            with self._mutex:
+                self.progress.complete = False
+
+    def _subscribe(self, pubsub: Any) -> None:
+        pattern = self.settings.key_pattern.encode()
+        pubsub.psubscribe(protocol.keyspace_channel(self.db, pattern))
+        pubsub.subscribe(self.sync_channel)
+        confirmed, deadline = 0, time.monotonic() + MARK_WAIT_S
+        while confirmed < 2:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SubscriptionLostError("no confirmation of the keyspace subscription")
+            message = pubsub.get_message(timeout=left)
+            if message is not None and message["type"] in ("subscribe", "psubscribe"):
+                confirmed += 1
+        with self._mutex:
+            self._reset()
+            self.progress.resubscribes += 1
+        # Subscribed first: a lock present before the SCAN is found by it, a later one by its event.
+        seeded = scan_candidates(self.client, self.settings.key_pattern)
+        with self._mutex:
+            for key in seeded:
+                self._index.setdefault(key, 0)
+            self._dirty.update(seeded)
+            self.progress.index_size = len(self._index)
+            self.progress.complete = True
+        self._next_step = time.monotonic()
+        log.info("watcher_subscribed", locks=len(seeded), state=self.progress.state and self.progress.state.reason)
+
+    def _loop(self, pubsub: Any) -> None:
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=self._wait_s())
+            while message is not None:
+                self._on_message(message)
+                message = pubsub.get_message(timeout=0.0)
+            now = time.monotonic()
+            if self._pending is not None and now - self._pending[2] > MARK_WAIT_S:
+                raise SubscriptionLostError("a read's mark did not come back")
+            self._due(now)
+            self._reconcile_step(now)
+            self._read_dirty()
+
+    def _wait_s(self) -> float:
+        if self._dirty and self._pending is None:
+            return 0.0
+        nxt = min(self._deadlines[0][0] if self._deadlines else float("inf"), self._next_step)
+        return max(0.0, min(0.5, nxt - time.monotonic()))
+
+    # --- events -----------------------------------------------------------------------------------
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message["type"] not in ("message", "pmessage"):
+            return  # (un)subscribe confirmations
+        channel, data = message["channel"], message["data"]
+        self._seq += 1
+        self.progress.events += 1
+        if channel == self.sync_channel:
+            self._on_mark(int(data))
+            return
+        if not channel.startswith(self._prefix):
+            return
+        key = channel[len(self._prefix) :]
+        if key.endswith(protocol.HEARTBEAT_SUFFIX):
+            lock = key[: -len(protocol.HEARTBEAT_SUFFIX)]
+            if data in _HB_WRITES:
+                self._hb_pos[lock] = self._seq
+            if lock in self._index:
+                self._dirty.add(lock)
+            return
+        if not protocol.is_lock_candidate(key):
+            return
+        self._lock_pos[key] = self._seq
+        with self._mutex:
+            if data in _GONE:
+                self._index.pop(key, None)
+                self._dirty.discard(key)
+                self._deadline_of.pop(key, None)
+            else:
+                self._index[key] = self._seq
+                self._dirty.add(key)
+            self.progress.index_size = len(self._index)
+
+    def _on_mark(self, n: int) -> None:
+        with self._mutex:
+            barrier = self._barriers.pop(n, None)
+        if barrier is not None:
+            barrier.set()
+            return
+        if self._pending is None or self._pending[0] != n:
+            return  # a mark of a read given up on
+        _, sent_seq, _, observations = self._pending
+        self._pending = None
+        proven = [replace(o, hb_written=self._hb_written(o.key)) if o.value is not None else o for o in observations]
+        with self._mutex:
+            for obs in proven:
+                if obs.value is None and self._index.get(obs.key, -1) <= sent_seq:
+                    self._index.pop(obs.key, None)
+            self.progress.index_size = len(self._index)
+        valid = [o for o in proven if o.invalid is None and o.value is not None]
+        read_mono = time.monotonic()
+        verdicts = self.monitor.run_keys(valid)
+        for obs in proven:
+            self._deadline_of.pop(obs.key, None)
+        for verdict in verdicts:
+            due = next_deadline_ms(verdict, self.settings)
+            if due is not None:
+                at = read_mono + units.to_s(due - verdict.holding.now_ms)
+                self._deadline_of[verdict.holding.key] = at
+                heapq.heappush(self._deadlines, (at, verdict.holding.key))
+
+    def _hb_written(self, key: bytes) -> bool:
+        """A heartbeat write event after the lock's last change, both before the read's mark."""
+        return self._hb_pos.get(key, 0) > self._lock_pos.get(key, 0)
+
+    # --- reads, deadlines, reconcile --------------------------------------------------------------
+
+    def _due(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            at, key = heapq.heappop(self._deadlines)
+            if self._deadline_of.get(key) == at:
+                del self._deadline_of[key]
+                self._dirty.add(key)
+
+    def _read_dirty(self) -> None:
+        if self._pending is not None or not self._dirty:
+            return
+        with self._mutex:
+            keys = [k for k in itertools.islice(self._dirty, READ_BATCH) if k in self._index]
+            self._dirty.difference_update(itertools.islice(self._dirty.copy(), READ_BATCH))
+        if not keys:
+            return
+        n = next(self._marks)
+        self._pending = (n, self._seq, time.monotonic(), [])
+        observations = read_locks(self.client, keys, mark=(self.sync_channel, str(n).encode()))
+        self._pending = (n, self._seq, self._pending[2], observations)
+
+    def _reconcile_step(self, now: float) -> None:
+        if now < self._next_step:
+            return
+        if self._cursor == 0:
+            self._sweep_started = now
+            self.progress.sweep_keys = 0
+        cursor, found = self.client.scan(self._cursor, match=self.settings.key_pattern, count=RECONCILE_COUNT)
+        keys = [k for k in found if isinstance(k, bytes)]
+        self._cursor = int(cursor)
+        self.progress.sweep_keys += RECONCILE_COUNT
+        with self._mutex:
+            for key in keys:
+                if protocol.is_lock_candidate(key) and key not in self._index:
+                    self._index[key] = 0
+                    self._dirty.add(key)
+                    self.progress.found_by_reconcile += 1
+            self.progress.index_size = len(self._index)
+        pace_s = max(0.05, RECONCILE_COUNT / self.settings.reconcile_keys_per_s)
+        self._next_step = now + pace_s
+        if self._cursor == 0:
+            self.progress.sweeps += 1
+            started = self._sweep_started if self._sweep_started is not None else now
+            # A small keyspace is swept once an interval, not hundreds of times a second.
+            self._next_step = max(self._next_step, started + self.settings.monitor_interval_s)
+
+
+__all__ = ["SCAN_COUNT", "Progress", "Watcher"]

@@ -1,0 +1,252 @@
+"""The event-driven core against real redis-servers with and without keyspace notifications.
+
+Passes here run every 30 s (they never get the chance): whatever is released, the event watcher
+released it at its deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import build, events, make_settings, next_message, subscribed, wait_for
+
+from monitor import daemon, notify, protocol
+from monitor.demo.redis_server import RedisServer
+from monitor.scanner import read_locks
+from monitor.service import Monitor
+from monitor.watcher import Watcher
+
+HB_INTERVAL_S = 0.3  # a heartbeat lives 0.6 s
+SLOW = {"monitor_interval": 30, "timeout_levels": {"warning": 20, "soft_timeout": 30, "hard_timeout": 60}}
+
+
+def settings_for(url: str, tmp: Path, **discovery: object):
+    return make_settings(
+        url,
+        tmp,
+        gpu_lock_monitor={**SLOW, "heartbeat": {"interval": HB_INTERVAL_S, "timeout": 5}},
+        discovery={"reconcile_keys_per_s": 100_000, **discovery},
+    )
+
+
+@contextmanager
+def notifying(flags: str = "K$gx") -> Iterator[tuple[RedisServer, redis.Redis]]:
+    with RedisServer(None, "--notify-keyspace-events", flags) as server:
+        client = redis.Redis.from_url(server.url, protocol=2)
+        try:
+            yield server, client
+        finally:
+            client.close()
+
+
+@contextmanager
+def watching(monitor: Monitor) -> Iterator[Watcher]:
+    watcher = daemon.start_watcher(monitor)
+    assert watcher is not None
+    try:
+        wait_for(lambda: watcher.progress.complete, timeout_s=10)
+        yield watcher
+    finally:
+        watcher.stop()
+
+
+def legacy_acquire(r: redis.Redis, gpu: int, task: str = "tts", *, heartbeat: bool = True) -> bytes:
+    """What the fleet's worker does: SET NX EX, then its heartbeat key with EX 2 * interval."""
+    key = protocol.lock_key(gpu)
+    assert r.set(key, protocol.lock_value(task), nx=True, ex=600)
+    if heartbeat:
+        r.set(protocol.heartbeat_key(key), str(time.time()), px=round(2000 * HB_INTERVAL_S))
+    return key
+
+
+# --- the self-test ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "state", "missing"),
+    [
+        ("K$gx", "on", ""),
+        ("KA", "on", ""),
+        ("K$g", "on", "x"),
+        ("K$", "partial", "gx"),
+        ("E$g", "off", "K$gx"),
+        ("", "off", "K$gx"),
+    ],
+)
+def test_the_self_test_says_on_partial_or_off_and_which_classes_are_missing(flags, state, missing):
+    with notifying(flags) as (_, r):
+        found = notify.self_test(r, "t", 0)
+        assert r.keys("gpulock_monitor:probe:*") == []  # the probe leaves nothing behind
+    assert (found.state, found.missing) == (state, missing)
+
+
+def test_with_notifications_off_passes_scan_and_the_audit_says_so_once(tmp_path):
+    with notifying("") as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        watcher = daemon.start_watcher(monitor)
+        assert watcher is not None
+        try:
+            wait_for(lambda: watcher.progress.state is not None)
+            assert watcher.candidates() is None  # the pass SCANs
+            legacy_acquire(r, 0)
+            report = monitor.run_pass()
+        finally:
+            watcher.stop()
+    assert report is not None
+    assert report.error is None
+    assert [v.holding.key for v in report.verdicts] == [b"gpu_lock:0"]
+    (said,) = events(monitor.settings.audit_path, "keyspace_notifications")
+    assert (said["state"], said["discovery"]) == ("off", "scan")
+
+
+def test_discovery_off_in_the_config_never_subscribes(tmp_path):
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path, notifications="off"))
+        assert daemon.start_watcher(monitor) is None
+        assert r.pubsub_numpat() == 0
+    (said,) = events(monitor.settings.audit_path, "keyspace_notifications")
+    assert said["reason"] == "discovery.notifications is off: a SCAN every pass"
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", ["K$gx", "K$g"])  # expired events or not: the deadline read does it
+def test_a_worker_killed_before_any_pass_is_released_at_its_heartbeat_expiry(tmp_path, flags):
+    with notifying(flags) as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor), subscribed(r, protocol.release_channel(b"gpu_lock:0")) as notices:
+            started = time.monotonic()
+            key = legacy_acquire(r, 0)  # and dies at once: its heartbeat is never refreshed
+            notice = next_message(notices, timeout_s=10)
+            took_s = time.monotonic() - started
+        assert r.exists(key) == 0
+    assert notice is not None
+    assert json.loads(notice["data"])["release_reason"] == "forced_by_monitor"
+    # The heartbeat lives 0.6 s; soft_timeout is 30 s and no pass runs before 30 s.
+    assert 2 * HB_INTERVAL_S <= took_s < 2 * HB_INTERVAL_S + 2.0, took_s
+    (released,) = events(monitor.settings.audit_path, "lock_released")
+    assert (released["reason"], released["heartbeat"]) == ("heartbeat_dead", "dead")
+
+
+def test_a_heartbeat_refreshed_right_before_each_deadline_is_never_released(tmp_path):
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor):
+            key = legacy_acquire(r, 0)
+            hb_key = protocol.heartbeat_key(key)
+            # Refresh when 20 ms of the 600 are left, ten times: 5.8 s past the first expiry.
+            for _ in range(10):
+                left_ms = r.pttl(hb_key)
+                assert left_ms > 0, "the heartbeat ran out under a live worker"
+                time.sleep(max(0.0, (left_ms - 20) / 1000))
+                r.set(hb_key, str(time.time()), px=round(2000 * HB_INTERVAL_S))
+            assert r.get(key) == b"locked_by_tts"
+            r.delete(hb_key)  # the worker dies now
+            wait_for(lambda: r.exists(key) == 0, timeout_s=5)
+    assert [e["reason"] for e in events(monitor.settings.audit_path, "lock_released")] == ["heartbeat_dead"]
+
+
+def test_a_leftover_heartbeat_never_condemns_the_next_holder_of_the_same_value(tmp_path):
+    """Legacy release deletes only the lock; the same task takes it again at once, without
+    heartbeats. The leftover expires: the new holding's heartbeat is none, never dead."""
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor):
+            key = legacy_acquire(r, 0)
+            hb_key = protocol.heartbeat_key(key)
+            wait_for(lambda: key in monitor._known, timeout_s=5)
+            r.delete(key)
+            legacy_acquire(r, 0, heartbeat=False)
+            wait_for(lambda: r.exists(hb_key) == 0, timeout_s=5)  # the leftover ran out
+            verdicts = monitor.run_keys(read_locks(monitor.client, [key]))
+        assert r.get(key) == b"locked_by_tts"
+    assert [v.holding.heartbeat.value for v in verdicts] == ["none"]
+    assert events(monitor.settings.audit_path, "lock_released") == []
+
+
+def test_an_event_read_and_a_pass_racing_on_one_lock_release_it_once(tmp_path):
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor):
+            key = legacy_acquire(r, 0)
+            stop = threading.Event()
+
+            def passes() -> None:
+                while not stop.is_set():
+                    monitor.run_pass()
+
+            racer = threading.Thread(target=passes)
+            racer.start()
+            try:
+                wait_for(lambda: r.exists(key) == 0, timeout_s=10)
+            finally:
+                stop.set()
+                racer.join(timeout=10)
+    released = events(monitor.settings.audit_path, "lock_released")
+    assert len(released) == 1, released
+    assert events(monitor.settings.audit_path, "release_failed") == []
+    assert events(monitor.settings.audit_path, "release_skipped") == []
+
+
+# --- the index ----------------------------------------------------------------------------------
+
+
+def test_passes_read_the_index_and_no_scan_once_it_is_complete(tmp_path):
+    with notifying() as (server, r):
+        for gpu in range(3):
+            legacy_acquire(r, gpu, heartbeat=False)
+        r.mset({f"celery-task-meta-{n}": b"x" for n in range(200)})  # a keyspace of other things
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor) as watcher:
+            wait_for(lambda: watcher.progress.sweeps >= 1)
+            scans = _calls(r, "scan")
+            reports = [monitor.run_pass() for _ in range(3)]
+            legacy_acquire(r, 7, heartbeat=False)
+            later = monitor.run_pass()
+            scans_after = _calls(r, "scan")
+    assert scans_after == scans  # the reconcile sweeps once an interval (30 s here)
+    assert all(rep is not None and rep.error is None for rep in [*reports, later])
+    assert sorted(v.holding.key for v in reports[0].verdicts) == [b"gpu_lock:0", b"gpu_lock:1", b"gpu_lock:2"]
+    assert b"gpu_lock:7" in {v.holding.key for v in later.verdicts}  # its event added it
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_lock_whose_event_was_missed_is_found_by_the_reconcile_sweep(tmp_path):
+    with notifying() as (server, r):
+        settings = make_settings(
+            server.url,
+            tmp_path,
+            gpu_lock_monitor={**SLOW, "monitor_interval": 0.5},
+            discovery={"reconcile_keys_per_s": 100_000},
+        )
+        monitor = build(settings)
+        with watching(monitor) as watcher:
+            r.config_set("notify-keyspace-events", "")  # a gap: this lock raises no event
+            legacy_acquire(r, 5, heartbeat=False)
+            r.config_set("notify-keyspace-events", "K$gx")
+            wait_for(lambda: watcher.progress.found_by_reconcile == 1, timeout_s=10)
+            keys, complete = watcher.candidates() or ([], False)
+    assert keys == [b"gpu_lock:5"]
+    assert complete
+
+
+def test_a_lost_subscription_is_resubscribed_and_the_index_reseeded(tmp_path):
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor) as watcher:
+            r.client_kill_filter(_type="pubsub")
+            wait_for(lambda: watcher.progress.resubscribes >= 2 and watcher.progress.complete, timeout_s=15)
+            key = legacy_acquire(r, 3)
+            wait_for(lambda: r.exists(key) == 0, timeout_s=10)  # released at its heartbeat's expiry
+    assert [e["reason"] for e in events(monitor.settings.audit_path, "lock_released")] == ["heartbeat_dead"]
