@@ -236,7 +236,7 @@ def test_status_json_says_where_it_looked_beside_the_fields_it_had(r, cfg, redis
     doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
     assert doc["version"] == 1
     assert doc["config"] == str(cfg)
-    assert doc["redis"] == {"url": redis_server.url, "db": 0}
+    assert doc["redis"] == {"url": redis_server.url, "db": 0, "via": None}
     assert doc["key_pattern"] == "gpu_lock:*"
     assert doc["daemon"] == {"name": HOST, "state": "none", "last_pass_age_s": None}
     assert set(doc) >= {"redis_time", "auto_recovery", "locks", "invalid", "nvml", "gpus"}
@@ -308,3 +308,18 @@ def test_status_and_release_colour_for_a_terminal_only(r, cfg, redis_server, tmp
     assert b"\x1b[" not in subprocess.run(status, capture_output=True, check=True).stdout  # down a pipe
     monkeypatch.setenv("NO_COLOR", "1")
     assert b"\x1b[" not in answer_at_terminal(status, "")[2]
+
+
+def test_status_through_sentinel_names_the_service_and_the_database_it_selects(sentinel, tmp_path):
+    _, port = sentinel
+    cfg = config_file(
+        tmp_path,
+        "redis://127.0.0.1:1/3",  # host and port come from the sentinel; the URL gives the database
+        redis={"sentinel": {"service": "gpulocks", "nodes": [f"127.0.0.1:{port}"]}},
+        nvml={"enabled": False},
+    )
+    result = cli("status", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert f"redis: sentinel gpulocks at 127.0.0.1:{port}, redis://127.0.0.1:1/3 (db 3)" in result.output
+    doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
+    assert doc["redis"] == {"url": "redis://127.0.0.1:1/3", "db": 3, "via": f"sentinel gpulocks at 127.0.0.1:{port}"}

@@ -41,8 +41,9 @@ class LookedAt:
     """Where `status` looked, and what the daemon on this host last said there."""
 
     config: str | None  # the config file; None: none was found, the built-in defaults
-    redis: str  # the URL, its password masked (or the Sentinel service, or the Cluster)
-    db: int
+    url: str  # redis.url, its password masked
+    db: int  # the database the client selects
+    via: str | None  # how the server is found besides its URL: "sentinel SERVICE at NODES", "cluster"
     key_pattern: str
     name: str  # the daemon's (monitor.name, by default the host name)
     daemon: str  # running | late | stopped | none
@@ -52,7 +53,8 @@ class LookedAt:
     @property
     def where(self) -> list[str]:
         config = "none found, the built-in defaults" if self.config is None else self.config
-        return [f"redis: {self.redis} (db {self.db})  pattern: {self.key_pattern}", f"config: {config}"]
+        redis_ = self.url if self.via is None else f"{self.via}, {self.url}"
+        return [f"redis: {redis_} (db {self.db})  pattern: {self.key_pattern}", f"config: {config}"]
 
     @property
     def daemon_line(self) -> str:
@@ -68,7 +70,7 @@ class LookedAt:
     def as_json(self) -> dict[str, Any]:
         return {
             "config": self.config,
-            "redis": {"url": self.redis, "db": self.db},
+            "redis": {"url": self.url, "db": self.db, "via": self.via},
             "key_pattern": self.key_pattern,
             "daemon": {
                 "name": self.name,
@@ -96,8 +98,9 @@ def look(client: Client, settings: Settings, config: Path | None, name: str) -> 
         daemon = "late" if age > pass_grace_s(settings.monitor_interval_s) else "running"
     return LookedAt(
         config=None if config is None else str(config.resolve()),
-        redis=_redis(client, settings),
+        url=redact_url(settings.redis_url),
         db=_db(client),
+        via=_via(client, settings),
         key_pattern=settings.key_pattern,
         name=name,
         daemon=daemon,
@@ -113,11 +116,10 @@ def _db(client: Client) -> int:
     return 0  # a Cluster has only database 0
 
 
-def _redis(client: Client, settings: Settings) -> str:
-    url = redact_url(settings.redis_url)
+def _via(client: Client, settings: Settings) -> str | None:
     if settings.sentinel_service:
-        return f"sentinel service {settings.sentinel_service} at {', '.join(settings.sentinel_nodes)}"
-    return f"cluster {url}" if is_cluster(client) else url
+        return f"sentinel {settings.sentinel_service} at {','.join(settings.sentinel_nodes)}"
+    return "cluster" if is_cluster(client) else None
 
 
 def _document(raw: bytes | None) -> dict[str, Any]:
