@@ -30,7 +30,7 @@ from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
 from monitor.gpuwatch import GpuWatch
-from monitor.holding import Holding, Record
+from monitor.holding import Holding, Record, shifted
 from monitor.logs import get_logger
 from monitor.policy import Action, Reason
 from monitor.protocol import HeartbeatCheck, Outcome
@@ -38,7 +38,7 @@ from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
 from monitor.scanner import READ_BATCH, Observation, read_locks, scan_candidates
 from monitor.snapshot import last_complete_pass_ms, status_ttl_ms
-from monitor.verdict import Verdict, evaluate, lock_fields
+from monitor.verdict import Verdict, evaluate, lock_fields, next_deadline_ms
 
 log = get_logger("gpulock_monitor")
 
@@ -48,6 +48,7 @@ RECORD_MARGIN_MS = 60_000
 NO_TTL_RECORD_MS = 86_400_000
 MISMATCH_TTL_MS = 7 * 86_400_000
 TOMBSTONE_S = units.to_s(protocol.TOMBSTONE_TTL_MS)
+_NEVER = 2**62
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
 
@@ -65,6 +66,10 @@ class PassReport:
     @property
     def released(self) -> int:
         return len(self.released_keys)
+
+
+def _signature(obs: Observation) -> tuple[Any, ...]:
+    return (obs.value, obs.expiry_ms, obs.hb_value, obs.hb_expiry_ms, obs.record)
 
 
 class Discovery(Protocol):
@@ -136,6 +141,8 @@ class Monitor:
         self.lock = threading.RLock()
         self.discovery: Discovery | None = None
         self._persisted_ms: int | None = None
+        # Per lock, what Redis held at the last pass, its verdict then, and when that can change.
+        self._steady: dict[bytes, tuple[Any, Verdict, int]] = {}
 
     # --- the pass ---------------------------------------------------------------------------
 
@@ -187,9 +194,7 @@ class Monitor:
             self.discovery.forget_absent([o.key for o in observations if o.value is None and o.invalid is None])
         self._report_invalid({o.key: o.invalid for o in observations if o.invalid}, report)
         after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
-        verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
-        if not self.acting:
-            verdicts = [self._own_notified(v) for v in verdicts]
+        verdicts = self._evaluate(observations, after)
         report.verdicts = verdicts
         if self.gpus is not None:
             self.gpus.refresh()
@@ -208,9 +213,42 @@ class Monitor:
         finally:
             # Keep what was learned even if a release lost Redis part-way.
             self._known = {key: record for key, (_, record) in kept.items()}
+            self._steady = self._steady_from(kept)
             if complete:
                 self._complete_ms = began_ms
             self._remember(kept, began_ms if complete else None, self._status(report))
+
+    def _evaluate(self, observations: list[Observation], after: int | None) -> list[Verdict]:
+        """`evaluate`, except for locks where nothing in Redis changed since the last pass and no
+        boundary (a tier, the heartbeat's expiry or staleness) fell due: their verdict is the last
+        one, only later (README "Performance": most locks of a steady pass)."""
+        reused: dict[bytes, Verdict] = {}
+        fresh: list[Observation] = []
+        for obs in observations:
+            hit = self._steady.get(obs.key)
+            if hit is not None and hit[0] == _signature(obs) and obs.now_ms < hit[2] and not obs.hb_written:
+                last = hit[1]
+                reused[obs.key] = Verdict(shifted(last.holding, obs.now_ms), last.decision, last.stored)
+            else:
+                fresh.append(obs)
+        verdicts = evaluate(fresh, self.settings, after_ms=after, remembered=self._known)
+        if not self.acting:
+            verdicts = [self._own_notified(v) for v in verdicts]
+        by_key = {**reused, **{v.holding.key: v for v in verdicts}}
+        return [by_key[o.key] for o in observations if o.key in by_key]
+
+    def _steady_from(self, kept: dict[bytes, tuple[Verdict, Record]]) -> dict[bytes, tuple[Any, Verdict, int]]:
+        """What the next pass may reuse: kept verdicts with the record as it will read it."""
+        steady = {}
+        for key, (verdict, record) in kept.items():
+            h = verdict.holding
+            if verdict.decision.action is Action.RELEASE or h.expiry_ms < 0:
+                continue  # acted on at every look; a lock without a TTL has no identity to hold on to
+            stored = record.dumps() if self.acting else verdict.stored
+            last = Verdict(replace(h, record=record), verdict.decision, stored)
+            due = next_deadline_ms(last, self.settings)
+            steady[key] = ((h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored), last, due or _NEVER)
+        return steady
 
     def run_keys(self, observations: list[Observation]) -> list[Verdict]:
         """Decide and act on these locks now, between passes (the event watcher's deadline and
@@ -222,6 +260,8 @@ class Monitor:
             if not self.acting:
                 verdicts = [self._own_notified(v) for v in verdicts]
             kept: dict[bytes, tuple[Verdict, Record]] = {}
+            for obs in observations:
+                self._steady.pop(obs.key, None)
             try:
                 for verdict in verdicts:
                     record = self._act(verdict, report)

@@ -49,8 +49,8 @@ def evaluate(
         stored, mine = Record.loads(obs.record), remembered.get(obs.key)
         ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
         prev = ours[0] if ours else None
-        if prev is not None and len(ours) == 2:
-            prev = replace(prev, notified=ours[0].notified | ours[1].notified)
+        if prev is not None and len(ours) == 2 and not ours[1].notified <= prev.notified:
+            prev = replace(prev, notified=prev.notified | ours[1].notified)
         # Only a new holding can be tainted by what came before it.
         tainted = prev is None and (
             taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
@@ -94,10 +94,11 @@ def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
     h = verdict.holding
     now = h.now_ms
     candidates = []
-    if h.hb_value is not None and h.hb_expiry_ms >= 0:
-        candidates.append(h.hb_expiry_ms + 1)
+    if h.hb_value is not None:
+        if h.hb_expiry_ms >= 0:
+            candidates.append(h.hb_expiry_ms + 1)
         observed = h.record.hb_observed_ms
-        if h.record.hb_seen and observed is not None:
+        if h.record.hb_seen and observed is not None:  # stale once watched unchanged this long
             candidates.append(observed + units.to_ms(settings.heartbeat_timeout_s) + 1)
     start = now - h.held_ms
     for tier_s in (settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s):

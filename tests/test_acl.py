@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import beat, config_file, events, hold, wait_for
+from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
 from monitor.demo.redis_server import RedisServer, find_binary
 from monitor.worker.client import GpuLock
@@ -176,7 +176,10 @@ def test_monitor_user_is_refused_everything_else(acl_redis):
         ("EXPIRE", "gpu_lock:0", "1"),  # no command the monitor does not use, even on its own keys
         ("RENAME", "gpu_lock:0", "gpu_lock:1"),
         ("PUBLISH", "other-channel", "x"),
-        ("SUBSCRIBE", "gpu_lock:gpu_lock:0"),
+        # It subscribes to its lock keys' events only, not to the whole keyspace's or other channels.
+        ("SUBSCRIBE", "other-channel"),
+        ("PSUBSCRIBE", "__keyspace@2__:*"),
+        ("PSUBSCRIBE", "__keyspace@0__:gpu_lock:*"),
         # A script runs with the caller's rights: every command in it is checked as if sent alone.
         ("EVAL", "return redis.call('GET', KEYS[1])", "1", "celery-task-meta-1"),
         ("EVAL", "return redis.call('FLUSHALL')", "0"),
@@ -242,3 +245,29 @@ def test_worker_user_runs_the_reference_client(acl_redis):
         with pytest.raises(redis.ResponseError, match=REFUSED):
             worker.execute_command(*command)
     worker.close()
+
+
+def test_monitor_user_runs_the_event_driven_core_where_notifications_are_on(acl_redis, tmp_path):
+    """Subscribing to the lock keys' events, the probe, the reads' marks: all within the shipped rules."""
+    from monitor import daemon, protocol
+
+    admin = acl_redis.admin
+    admin.config_set("notify-keyspace-events", "K$gx")
+    settings = make_settings(
+        acl_redis.url("gpulock-monitor"),
+        tmp_path,
+        gpu_lock_monitor={"monitor_interval": 30, "heartbeat": {"interval": 0.3, "timeout": 5}},
+    )
+    monitor = build(settings, acl_redis.client("gpulock-monitor"))
+    watcher = daemon.start_watcher(monitor)
+    assert watcher is not None
+    try:
+        wait_for(lambda: watcher.progress.complete, timeout_s=10)
+        key = hold(admin, 0, "crashed")
+        admin.set(protocol.heartbeat_key(key), b"1", px=600)  # written once, then the worker died
+        wait_for(lambda: not admin.exists(key), timeout_s=10)
+    finally:
+        watcher.stop()
+    assert [e["state"] for e in events(settings.audit_path, "keyspace_notifications")] == ["on"]
+    assert [e["reason"] for e in events(settings.audit_path, "lock_released")] == ["heartbeat_dead"]
+    assert acl_redis.refusals() == []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import build, events, make_settings, next_message, subscribed, wait_for
+from helpers import beat, build, events, hold, make_settings, next_message, subscribed, wait_for
 
 from monitor import daemon, notify, protocol
 from monitor.demo.redis_server import RedisServer
@@ -250,3 +250,44 @@ def test_a_lost_subscription_is_resubscribed_and_the_index_reseeded(tmp_path):
             key = legacy_acquire(r, 3)
             wait_for(lambda: r.exists(key) == 0, timeout_s=10)  # released at its heartbeat's expiry
     assert [e["reason"] for e in events(monitor.settings.audit_path, "lock_released")] == ["heartbeat_dead"]
+
+
+# --- passes that skip what did not change ---------------------------------------------------------
+
+
+def test_a_steady_pass_judges_again_only_locks_that_changed_or_reached_a_boundary(
+    r, redis_server, tmp_path, monkeypatch
+):
+    from monitor import verdict
+
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 5.0, "soft_timeout": 30, "hard_timeout": 60}},
+    )
+    steady = hold(r, 0, age_s=0)  # nothing about it changes below
+    crossing = hold(r, 1, age_s=4.5)  # passes the warning threshold half a second from now
+    beating = hold(r, 2, age_s=0)  # its heartbeat is rewritten
+    monitor = build(settings)
+    monitor.run_pass()
+    monitor.run_pass()  # the records the first pass wrote are read back once
+    judged: list[bytes] = []
+    real_track = verdict.track
+
+    def counting(obs, *args, **kwargs):
+        judged.append(obs.key)
+        return real_track(obs, *args, **kwargs)
+
+    monkeypatch.setattr(verdict, "track", counting)
+    beat(r, beating)
+    report = monitor.run_pass()
+    assert judged == [beating]
+    assert {v.holding.key for v in report.verdicts} == {steady, crossing, beating}
+    held = {v.holding.key: v.holding.held_ms for v in report.verdicts}
+    assert events(settings.audit_path, "lock_warning") == []
+    judged.clear()
+    wait_for(lambda: r.pttl(crossing) < (600 - 5) * 1000, timeout_s=5)
+    later = monitor.run_pass()
+    assert judged == [crossing]  # its warning boundary fell due; nothing else changed
+    assert {v.holding.key: v.holding.held_ms for v in later.verdicts}[steady] > held[steady]  # the same, later
+    assert [e["lock_key"] for e in events(settings.audit_path, "lock_warning")] == ["gpu_lock:1"]
