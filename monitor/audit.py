@@ -34,8 +34,11 @@ SCHEMA_VERSION = 1
 MAX_PENDING = 10_000
 
 
-def monitor_identity() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+def monitor_identity(name: str | None = None) -> dict[str, Any]:
+    """Who wrote an event: the real host name, and `name` (`monitor.name`; the host name when not
+    set), which stays the same across a pod's restarts."""
+    host = socket.gethostname()
+    return {"host": host, "name": name or host, "pid": os.getpid(), "version": __version__}
 
 
 class JsonlFile:
@@ -195,10 +198,10 @@ def critical_record(
 class AuditLog:
     """Builds audit events (schema v1, DESIGN.md section 7) and writes them."""
 
-    def __init__(self, file: JsonlFile, *, dry_run: bool = False) -> None:
+    def __init__(self, file: JsonlFile, *, dry_run: bool = False, name: str | None = None) -> None:
         self.file = file
         self.dry_run = dry_run
-        self.identity = monitor_identity()
+        self.identity = monitor_identity(name)
 
     def event(self, name: str, *, sync: bool = False, now: float, **fields: Any) -> dict[str, Any]:
         record = {"v": SCHEMA_VERSION, "ts": units.iso(now), "event": name, **fields, "monitor": self.identity}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,9 @@ class Settings:
     redis_down_alert_s: float = 60.0
     log_level: str = "info"
     log_format: str = "auto"
+    # `monitor.name`: the daemon's stable identity (its status key, `health --host`); None: the
+    # host name, which on Kubernetes changes with every pod.
+    monitor_name: str | None = None
     # Non-fatal findings (unknown sections, risky but legal values), for the caller to log.
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -211,6 +215,11 @@ class Settings:
         """TLS to Redis: a rediss:// URL, or any `redis.tls` file given."""
         tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
         return urlsplit(self.redis_url).scheme == "rediss" or any(tls_files)
+
+    @property
+    def name(self) -> str:
+        """This monitor's name: `monitor.name`, else the host name."""
+        return self.monitor_name or socket.gethostname()
 
     @property
     def heartbeat_ttl_s(self) -> float:
@@ -861,6 +870,26 @@ def _key(key: Any) -> str:
 
 
 _LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# A monitor's name is part of a Redis key and of `health` output: a host name's characters.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
+
+
+def _monitor_name(value: Any, path: str) -> str | None:
+    if value is None or (isinstance(value, _FromEnv) and not value):  # ${POD_NAME:} for "the host name"
+        return None
+    return monitor_name(_text(value), path)
+
+
+def monitor_name(value: Any, path: str) -> str:
+    """A monitor's name (`monitor.name`, `health --host`), checked; one ConfigError line if not one."""
+    name = _string(value, path)
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{path}: expected a name of letters, digits and . _ - : @ (at most 253, as a host name), got {short(name)}"
+        )
+    return name
 
 
 class _PythonLogFormat(str):
@@ -940,9 +969,10 @@ _SECTIONS: dict[str, Spec] = {
     },
     "alerts": {"channels": ("alert_channels", _channels), "redis_down_after": ("redis_down_alert_s", _seconds)},
     "logging": {
-        "level": ("log_level", _choice("debug", "info", "warning", "error")),
+        "level": ("log_level", _choice(*LOG_LEVELS)),
         "format": ("_log_format", _log_format_value),
     },
+    "monitor": {"name": ("monitor_name", _monitor_name)},
 }
 
 

@@ -294,7 +294,9 @@ def test_audit_follow_shows_appended_lines_and_goes_on_after_rotation(cfg, tmp_p
 def test_health_critical_without_daemon_then_healthy_after_pass(r, redis_server, cfg, tmp_path):
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
-    assert result.output.strip() == "critical: no monitor pass recorded recently (is the daemon running?)"
+    assert result.output.strip() == (
+        "critical: no monitor pass recorded recently (is the daemon running?) | locks=0 zombies=0 failing_releases=0"
+    )
     hold(r, 0)
     build(make_settings(redis_server.url, tmp_path)).run_pass()
     result = cli("health", "-c", str(cfg))
@@ -308,7 +310,9 @@ def test_health_degraded_by_zombie_in_dry_run(r, redis_server, tmp_path):
     build(make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"auto_recovery": False})).run_pass()
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 1
-    assert result.output.strip() == "degraded: 1 zombie lock(s) overdue for release, worst gpu_lock:3 by 50 s"
+    reason, _, perf = result.output.strip().partition(" | ")
+    assert reason == "degraded: 1 zombie lock(s) overdue for release, worst gpu_lock:3 by 50 s"
+    assert perf.startswith("locks=1 zombies=1 last_pass_age=")
 
 
 def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
@@ -316,7 +320,8 @@ def test_health_critical_when_releases_fail(r, redis_server, tmp_path):
     r.set(protocol.monitor_status_key(os.uname().nodename), json.dumps({"failing_releases": 2}), px=600_000)
     result = cli("health", "-c", str(cfg))
     assert result.exit_code == 2
-    assert result.output.strip() == "critical: 2 release(s) failing"
+    assert result.output.startswith("critical: 2 release(s) failing | locks=0 zombies=0 last_pass_age=")
+    assert result.output.strip().endswith(" failing_releases=2")
 
 
 def test_health_critical_when_last_pass_is_old(r, redis_server, tmp_path):

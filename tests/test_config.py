@@ -690,8 +690,13 @@ def test_every_command_refuses_a_hostile_config_in_one_line(tmp_path, command, n
     result = _cli(*command, "-c", str(config), env=_cli_env(**LIMITS_ENV))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
-    (line,) = result.stderr.splitlines()
-    assert line.startswith(f"gpulock-monitor: {config}: ")
+    if command == ["health"]:  # a Nagios check: UNKNOWN (3), its line on stdout
+        assert (result.returncode, result.stderr) == (3, "")
+        (line,) = result.stdout.splitlines()
+        assert line.startswith(f"unknown: {config}: ")
+    else:
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"gpulock-monitor: {config}: ")
     assert len(line) < 400
 
 
@@ -1306,3 +1311,34 @@ def test_a_password_file_only_root_can_read_says_to_run_as_root(tmp_path, monkey
         f"redis.password_file: cannot read {secret}: permission denied "
         "(run the command as a user who can read it, e.g. with sudo)"
     )
+
+
+# --- monitor.name: a stable identity -------------------------------------------------------------------
+
+
+def test_monitor_name_defaults_to_the_host_name_and_can_be_set():
+    import socket
+
+    assert Settings().monitor_name is None
+    assert Settings().name == socket.gethostname()
+    assert Settings.from_mapping({"monitor": {"name": "gpu-pool-a"}}, env={}).name == "gpu-pool-a"
+    from_env = {"monitor": {"name": "${NODE_NAME:}"}}
+    assert Settings.from_mapping(from_env, env={"NODE_NAME": "gpu-node-7"}).name == "gpu-node-7"
+    assert Settings.from_mapping(from_env, env={}).name == socket.gethostname()  # empty: the host name
+    assert Settings.from_mapping({"monitor": {"name": "a"}}, env={}).redacted()["monitor"] == {"name": "a"}
+
+
+@pytest.mark.parametrize("name", ["a b", "{tag}", "-x", "x" * 254, "gpu\nnode", "ü"])
+def test_a_monitor_name_is_a_host_names_characters(name):
+    with pytest.raises(ConfigError, match=r"^monitor\.name: expected a name of letters, digits and \. _ - : @"):
+        Settings.from_mapping({"monitor": {"name": name}}, env={})
+
+
+def test_the_audit_says_the_real_host_and_the_name():
+    import socket
+
+    from monitor.audit import monitor_identity
+
+    assert monitor_identity("gpu-pool-a")["name"] == "gpu-pool-a"
+    assert monitor_identity("gpu-pool-a")["host"] == socket.gethostname()
+    assert monitor_identity()["name"] == socket.gethostname()

@@ -3,6 +3,8 @@ that refuses (ACL, WRONGTYPE), runs a long script (BUSY) or loads its data (LOAD
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from monitor.cli import main
 from monitor.config import Settings
 from monitor.connection import connect, redis_down
 from monitor.demo.redis_server import RedisServer, find_binary, free_port
-from monitor.health import State, assess, overdue_s
+from monitor.health import State, assess, health_check, mark_stopped, overdue_s
 from monitor.holding import Holding, Record
 from monitor.policy import Action, Decision, Heartbeat, Reason, Tier
 from monitor.verdict import Verdict
@@ -94,6 +96,67 @@ def test_assess_gives_each_conditions_state_and_reason(kw, state, reason):
     health = assess(SETTINGS, **args)
     assert (health.state, health.reason) == (state, reason)
     assert health.line == f"{state.name.lower()}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("kw", "line"),
+    [
+        (
+            {},
+            "healthy: 0 lock(s), last pass 1.0 s ago | locks=0 zombies=0 last_pass_age=1.0s;70;160 failing_releases=0",
+        ),
+        (
+            {"verdicts": [HELD, FRESH_ZOMBIE, ZOMBIE], "last_pass_age_s": 4.25},
+            "degraded: 1 zombie lock(s) overdue for release, worst gpu_lock:0 by 100 s"
+            " | locks=3 zombies=1 last_pass_age=4.2s;70;160 failing_releases=0",
+        ),
+        (
+            {"failing_releases": 2},
+            "critical: 2 release(s) failing | locks=0 zombies=0 last_pass_age=1.0s;70;160 failing_releases=2",
+        ),
+        (
+            {"last_pass_age_s": None},
+            "critical: no monitor pass recorded recently (is the daemon running?)"
+            " | locks=0 zombies=0 failing_releases=0",
+        ),
+        ({"redis_error": "Connection refused"}, "critical: redis unreachable: Connection refused"),
+        (
+            {
+                "stopped": "the daemon n7 stopped cleanly at 2026-01-01T00:00:00.000+00:00 (5 s ago)",
+                "last_pass_age_s": None,
+            },
+            "critical: the daemon n7 stopped cleanly at 2026-01-01T00:00:00.000+00:00 (5 s ago)"
+            " | locks=0 zombies=0 failing_releases=0",
+        ),
+    ],
+)
+def test_health_line_ends_in_nagios_perfdata_of_what_is_known(kw, line):
+    args = {"redis_error": None, "last_pass_age_s": 1.0, "failing_releases": 0, "verdicts": [], **kw}
+    assert assess(SETTINGS, **args).nagios_line == line
+
+
+def test_a_clean_stop_is_critical_at_once_and_says_when(r, redis_server, tmp_path):
+    settings = make_settings(redis_server.url, tmp_path)
+    monitor = build(settings)
+    monitor.run_pass()
+    assert health_check(settings).state is State.HEALTHY
+    mark_stopped(r, settings, monitor.audit.identity, now=1_795_000_000.0)
+    result = health_check(settings)
+    assert result.state is State.CRITICAL
+    assert result.reason == f"the daemon {settings.name} stopped cleanly at 2026-11-18T11:06:40.000+00:00 (0 s ago)"
+    assert 0 < r.pttl(protocol.monitor_status_key(settings.name)) <= 600_000  # goes the way of any status
+    monitor.run_pass()  # started again: its first pass says so
+    assert health_check(settings).state is State.HEALTHY
+
+
+def test_health_of_another_monitor_by_name(r, redis_server, tmp_path):
+    settings = make_settings(redis_server.url, tmp_path)
+    r.set(protocol.monitor_status_key("gpu-node-9"), json.dumps({"failing_releases": 0}), px=600_000 - 2_000)
+    other = health_check(settings, "gpu-node-9")
+    assert (other.state, other.reason) == (State.HEALTHY, "0 lock(s), last pass 2.0 s ago")
+    assert health_check(settings).state is State.CRITICAL  # this host's daemon left nothing
+    named = make_settings(redis_server.url, tmp_path, monitor={"name": "gpu-node-9"})
+    assert health_check(named).state is State.HEALTHY
 
 
 # --- `gpulock-monitor health` against a Redis that refuses or is busy -----------------------------
@@ -283,3 +346,65 @@ def test_loading_redis_is_audited_unavailable_once_without_traceback(tmp_path, c
     assert len(events(settings.audit_path, "redis_unavailable")) == 1
     assert len(events(settings.audit_path, "redis_recovered")) == 1
     assert "Traceback" not in out
+
+
+# --- `gpulock-monitor health` as a Nagios check: --host, perfdata, UNKNOWN for its own errors -------------
+
+
+def test_health_prints_perfdata_after_a_bar(r, redis_server, tmp_path):
+    hold(r, 0)
+    build(make_settings(redis_server.url, tmp_path)).run_pass()
+    code, output = health(config_file(tmp_path, redis_server.url))
+    assert code == 0, output
+    reason, perf = output.rstrip("\n").split(" | ")
+    assert reason.startswith("healthy: 1 lock(s), last pass ")
+    locks, zombies, age, failing = perf.split(" ")
+    assert (locks, zombies, failing) == ("locks=1", "zombies=0", "failing_releases=0")
+    value, warn, crit = age.removeprefix("last_pass_age=").split(";")
+    assert value.endswith("s")
+    assert 0 <= float(value[:-1]) < 60
+    assert (warn, crit) == ("10.4", "11")  # 2 x 0.2 + 10 and 5 x 0.2 + 10: degraded and critical
+
+
+def test_health_host_checks_another_monitors_status_key(r, redis_server, tmp_path):
+    cfg = config_file(tmp_path, redis_server.url)
+    r.set(protocol.monitor_status_key("gpu-node-9"), json.dumps({"failing_releases": 1}), px=600_000 - 1_000)
+    result = CliRunner().invoke(main, ["health", "-c", str(cfg), "--host", "gpu-node-9"])
+    assert result.exit_code == 2
+    assert result.output.startswith("critical: 1 release(s) failing | ")
+    own = CliRunner().invoke(main, ["health", "-c", str(cfg)])
+    assert own.output.startswith("critical: no monitor pass recorded recently")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        (
+            ["-c", "/nonexistent/monitor.yml"],
+            {},
+            "unknown: --config: config file /nonexistent/monitor.yml does not exist",
+        ),
+        (["--host", "gpu node"], {}, "unknown: --host: expected a name of letters, digits and . _ - : @"),
+        (
+            [],
+            {"CREDENTIALS_DIRECTORY": None},
+            "unknown: redis.password_file: environment variable CREDENTIALS_DIRECTORY",
+        ),
+    ],
+)
+def test_health_says_unknown_and_exits_3_when_it_cannot_check(tmp_path, args, env, line):
+    cfg = tmp_path / "m.yml"
+    cfg.write_text("redis:\n  url: redis://127.0.0.1:1/0\n  password_file: ${CREDENTIALS_DIRECTORY}/redis-password\n")
+    command = [sys.executable, "-m", "monitor", "health", "-c", str(cfg), *args]
+    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith(line)
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr == ""
+
+
+def test_health_usage_errors_are_unknown_too():
+    result = CliRunner().invoke(main, ["health", "--no-such-option"])
+    assert result.exit_code == 3
+    assert "No such option" in result.output

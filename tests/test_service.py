@@ -55,7 +55,7 @@ def test_dead_heartbeat_released_with_full_audit_event(r, settings):
     assert event["outcome"] == "released"
     assert 10 <= event["held_s"] < 30
     assert event["heartbeat_age_s"] is not None
-    assert set(event["monitor"]) == {"host", "pid", "version"}
+    assert set(event["monitor"]) == {"host", "name", "pid", "version"}
 
 
 def test_legacy_lock_released_at_soft_timeout(r, settings):

@@ -23,11 +23,11 @@ import yaml
 from monitor import __version__, audit_read, daemon, logs, manual, snapshot
 from monitor.audit import monitor_identity
 from monitor.cli import status as render
-from monitor.config import Settings, find_config, load_settings
+from monitor.config import Settings, UnsetVariableError, find_config, load_settings, monitor_name
 from monitor.connection import connect
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
-from monitor.health import health_check
+from monitor.health import State, health_check
 from monitor.protocol import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -233,14 +233,36 @@ def audit(
         sys.stderr.close()
 
 
-@main.command()
+class _NagiosCommand(click.Command):
+    """A usage error exits 3 (UNKNOWN to Nagios), not click's 2, which Nagios reads as CRITICAL."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            # click declares exit_code on the class; this one error (and its hints) exits 3.
+            exc.exit_code = int(State.UNKNOWN)  # type: ignore[misc]
+            raise
+
+
+@main.command(cls=_NagiosCommand)
 @config_option
-@_one_line_errors
-def health(config_path: str | None) -> None:
-    """Exit 0 healthy, 1 degraded, 2 critical, with one line of reason."""
-    settings = load_settings(config_path)
-    result = health_check(settings)
-    click.echo(result.line)
+@click.option(
+    "--host",
+    "name",
+    metavar="NAME",
+    help="Check the daemon of that name (its monitor.name, by default its host name), e.g. from a bastion.",
+)
+def health(config_path: str | None, name: str | None) -> None:
+    """Exit 0 healthy, 1 degraded, 2 critical, 3 unknown (health itself could not check), with one
+    line of reason and, after a `|`, Nagios performance data."""
+    try:
+        settings = load_settings(config_path)
+        result = health_check(settings, None if name is None else monitor_name(name, "--host"))
+    except (MonitorError, OSError) as exc:  # its own trouble (config, a file it cannot read): not the daemon's
+        click.echo(f"unknown: {exc}")
+        sys.exit(int(State.UNKNOWN))
+    click.echo(result.nagios_line)
     sys.exit(int(result.state))
 
 
@@ -262,6 +284,8 @@ def config_check(config_path: str | None) -> None:
     found: str | None = None
     try:
         client = connect(settings)
+    except UnsetVariableError:  # status, health and release would stop on it here too: an error
+        raise
     except MonitorError as exc:  # e.g. a redis.tls file that cannot be read: the config cannot work
         warnings.append(str(exc))
     else:
