@@ -214,6 +214,37 @@ class _Alerts(Collector):
         yield from families.values()
 
 
+class _Discovery:
+    """How locks are found (README "How it finds locks"): the event watcher's progress."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        progress = getattr(self.monitor.discovery, "progress", None)
+        state = "off" if progress is None or progress.state is None else progress.state.state
+        mode = "events" if progress is not None and progress.complete and state == "on" else "scan"
+        info = GaugeMetricFamily(
+            f"{PREFIX}_discovery_info",
+            "How locks are found: mode events (keyspace notifications) or scan (a SCAN every pass).",
+            labels=["mode", "notifications"],
+        )
+        info.add_metric([mode, state], 1)
+        yield info
+        if progress is None:
+            return
+        for name, kind, value, text in (
+            ("keyspace_events", "counter", progress.events, "Keyspace events and marks received."),
+            ("index_locks", "gauge", progress.index_size, "Lock keys in the index."),
+            ("reconcile_sweeps", "counter", progress.sweeps, "Reconcile SCAN sweeps ended."),
+            ("reconcile_sweep_keys", "gauge", progress.sweep_keys, "Keys examined by the sweep under way."),
+            ("reconcile_found", "counter", progress.found_by_reconcile, "Locks found by a sweep, not an event."),
+            ("subscriptions", "counter", progress.resubscribes, "Keyspace subscriptions made (1 + resubscriptions)."),
+        ):
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"{PREFIX}_{name}", text, value=value)
+
+
 class Metrics:
     """The daemon's metrics; `observe` after each pass, `on_event` for every audited event."""
 
@@ -233,6 +264,12 @@ class Metrics:
             registry=r,
         )
         self.pass_errors = Counter(f"{PREFIX}_pass_errors", "Passes that ended in an error.", registry=r)
+        self.release_delay = Histogram(
+            f"{PREFIX}_release_delay_seconds",
+            "From when a release fell due (heartbeat expiry or staleness, tier boundary) to the release.",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self.last_success = Gauge(
             f"{PREFIX}_last_success_timestamp_seconds",
             "Unix time the last pass that completed began (0 before one has).",
@@ -245,6 +282,7 @@ class Metrics:
         r.register(_AuditFiles({"audit": monitor.audit.file, "critical": monitor.critical}))
         r.register(_Static([_config_seconds(monitor.settings)]))
         r.register(_Gpus(monitor))
+        r.register(_Discovery(monitor))
         if alerts is not None:
             r.register(_Alerts(alerts))
         self.monitor = monitor
@@ -257,6 +295,9 @@ class Metrics:
             self.releases.labels(str(fields.get("reason")), outcome).inc()
             if event is Event.LOCK_RELEASED and outcome == "released":
                 self.passes.forget(str(fields.get("lock_key")))
+                late = fields.get("late_s")
+                if isinstance(late, (int, float)):
+                    self.release_delay.observe(late)
 
     def observe(self, report: PassReport | None) -> None:
         self.passes.apply(report)

@@ -38,7 +38,7 @@ from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
 from monitor.scanner import READ_BATCH, Observation, read_locks, scan_candidates
 from monitor.snapshot import last_complete_pass_ms, status_ttl_ms
-from monitor.verdict import Verdict, evaluate, lock_fields, next_deadline_ms
+from monitor.verdict import Verdict, due_ms, evaluate, lock_fields, next_deadline_ms
 
 log = get_logger("gpulock_monitor")
 
@@ -346,7 +346,7 @@ class Monitor:
         (compare-and-set) and, after a complete pass, when it began. One script call per
         READ_BATCH records written, the last also writing the mark and the status: one round trip
         in a steady pass (README "Performance"); in a cluster, a pipeline split by node."""
-        status_key = protocol.monitor_status_key(self.audit.identity["host"])
+        status_key = protocol.monitor_status_key(self.settings.name)  # monitor.name: what `health` reads
         # The status key's own TTL dates it on Redis's clock: `health` reads its age as ttl - PTTL.
         status_ttl = status_ttl_ms(self.settings)
         if not self.acting:
@@ -444,6 +444,10 @@ class Monitor:
         if failure is not None and self.mono() < failure.next_try:
             return record
         fields = self._fields(verdict, dry_run=False)
+        before = Record.loads(verdict.stored) if self.acting else self._known.get(h.key)
+        due = due_ms(verdict, before, self.settings)
+        if due is not None:
+            fields["late_s"] = round(units.to_s(max(0, h.now_ms - due)), 3)
         try:
             result = self._call_reaper(verdict)
         except REDIS_DOWN as exc:

@@ -12,7 +12,7 @@ from typing import Any
 from monitor import protocol, units
 from monitor.config import Settings
 from monitor.holding import Holding, Record, taints, track
-from monitor.policy import Decision, Tiers, decide
+from monitor.policy import Decision, Reason, Tiers, decide
 from monitor.scanner import Observation
 
 
@@ -106,3 +106,22 @@ def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
             candidates.append(start + units.to_ms(tier_s))
     future = [c for c in candidates if c > now]
     return min(future, default=None)
+
+
+def due_ms(verdict: Verdict, before: Record | None, settings: Settings) -> int | None:
+    """When the release the rules now decide fell due (Redis-clock ms), where the monitor can
+    tell: the heartbeat's expiry or staleness as last seen (`before`), or the tier's boundary.
+    `now - due` is how late the monitor acted (README "How it finds locks"). Pure."""
+    h, reason = verdict.holding, verdict.decision.reason
+    start = h.now_ms - h.held_ms
+    if reason is Reason.HARD_TIMEOUT and settings.hard_timeout_s is not None:
+        return start + units.to_ms(settings.hard_timeout_s)
+    if reason is Reason.SOFT_TIMEOUT_NO_HEARTBEAT:
+        return start + units.to_ms(settings.soft_timeout_s)
+    if reason is not Reason.HEARTBEAT_DEAD or before is None or not before.is_holding(h.holder, h.expiry_ms):
+        return None
+    if h.hb_value is None and before.hb_expiry_ms is not None and before.hb_expiry_ms >= 0:
+        return before.hb_expiry_ms  # it ran out then
+    if before.hb_observed_ms is not None:
+        return before.hb_observed_ms + units.to_ms(settings.heartbeat_timeout_s)  # it went stale then
+    return None

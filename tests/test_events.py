@@ -291,3 +291,24 @@ def test_a_steady_pass_judges_again_only_locks_that_changed_or_reached_a_boundar
     assert judged == [crossing]  # its warning boundary fell due; nothing else changed
     assert {v.holding.key: v.holding.held_ms for v in later.verdicts}[steady] > held[steady]  # the same, later
     assert [e["lock_key"] for e in events(settings.audit_path, "lock_warning")] == ["gpu_lock:1"]
+
+
+def test_metrics_say_how_locks_are_found_and_how_late_a_release_was(tmp_path):
+    from monitor.metrics import Metrics
+
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        metrics = Metrics(monitor)
+        sample = metrics.registry.get_sample_value
+        assert sample("gpulock_monitor_discovery_info", {"mode": "scan", "notifications": "off"}) == 1
+        with watching(monitor), subscribed(r, protocol.release_channel(b"gpu_lock:0")) as notices:
+            legacy_acquire(r, 0)
+            assert next_message(notices, timeout_s=10) is not None
+            wait_for(lambda: sample("gpulock_monitor_release_delay_seconds_count"))
+            assert sample("gpulock_monitor_discovery_info", {"mode": "events", "notifications": "on"}) == 1
+            assert sample("gpulock_monitor_subscriptions_total") == 1
+            assert sample("gpulock_monitor_keyspace_events_total") >= 2  # the lock's and its heartbeat's
+            assert sample("gpulock_monitor_index_locks") == 0  # released: gone from the index
+    (released,) = events(monitor.settings.audit_path, "lock_released")
+    assert 0 <= released["late_s"] < 1.0  # the heartbeat ran out, the release came right after
+    assert sample("gpulock_monitor_release_delay_seconds_sum") == released["late_s"]
