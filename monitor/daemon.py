@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from types import FrameType
 
+import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -30,7 +31,7 @@ from monitor.errors import MonitorError
 from monitor.events import Event
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
-from monitor.health import Health, assess, pass_grace_s
+from monitor.health import Health, assess, mark_stopped, pass_grace_s
 from monitor.logs import get_logger
 from monitor.notify import NotifyState
 from monitor.service import Monitor, PassReport
@@ -49,7 +50,7 @@ def open_logs(settings: Settings, *, dry_run: bool) -> tuple[AuditLog, JsonlFile
         except OSError as exc:
             raise MonitorError(f"{option}: cannot open {path}: {exc.strerror or exc}") from None
         files.append(file)
-    return AuditLog(files[0], dry_run=dry_run), files[1]
+    return AuditLog(files[0], dry_run=dry_run, name=settings.name), files[1]
 
 
 def build_monitor(settings: Settings, *, dry_run: bool) -> Monitor:
@@ -222,6 +223,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
         _lifecycle(monitor, Event.MONITOR_STOPPED)
+        _say_stopped(monitor)
         if alerts is not None:
             alerts.stop(timeout_s=5.0)
         if stop_http is not None:
@@ -263,6 +265,15 @@ def _lifecycle(monitor: Monitor, event: Event) -> None:
     if event == "monitor_stopped":
         monitor.audit.file.close()
         monitor.critical.close()
+
+
+def _say_stopped(monitor: Monitor) -> None:
+    """The status key says the daemon stopped, so `health` tells at once instead of calling it
+    healthy until its last pass goes stale. Redis may be gone: the stop goes on."""
+    try:
+        mark_stopped(monitor.client, monitor.settings, monitor.audit.identity, monitor.wall())
+    except redis.RedisError as exc:
+        log.warning("stopped_state_not_written", error=str(exc))
 
 
 def _unwritten(monitor: Monitor) -> int:

@@ -408,3 +408,52 @@ def test_health_usage_errors_are_unknown_too():
     result = CliRunner().invoke(main, ["health", "--no-such-option"])
     assert result.exit_code == 3
     assert "No such option" in result.output
+
+
+# --- what the daemon leaves for `health`: its name, and a clean stop --------------------------------------
+
+
+def _daemon(settings: Settings, **kw: object) -> tuple[threading.Thread, threading.Event]:
+    from monitor import daemon
+
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(settings,), kwargs={"stop": stop, **kw})
+    runner.start()
+    return runner, stop
+
+
+def test_a_daemon_stopped_cleanly_is_critical_at_once(r, redis_server, tmp_path):
+    settings = make_settings(redis_server.url, tmp_path)
+    runner, stop = _daemon(settings)
+    try:
+        wait_for(lambda: health_check(settings).state is State.HEALTHY)
+    finally:
+        stop.set()
+        runner.join(timeout=20)
+    result = health_check(settings)
+    assert result.state is State.CRITICAL
+    assert result.reason.startswith(f"the daemon {settings.name} stopped cleanly at 20")
+    assert events(settings.audit_path, "monitor_stopped")
+    code, output = health(config_file(tmp_path, redis_server.url))
+    assert code == 2
+    assert output.startswith(f"critical: the daemon {settings.name} stopped cleanly at ")
+
+
+def test_monitor_name_names_the_status_key_and_stands_beside_the_host_in_the_audit(r, redis_server, tmp_path):
+    settings = make_settings(redis_server.url, tmp_path, monitor={"name": "gpu-pool-a"})
+    runner, _ = _daemon(settings, once=True)
+    runner.join(timeout=20)
+    assert r.exists(protocol.monitor_status_key("gpu-pool-a"))
+    assert not r.exists(protocol.monitor_status_key(socket.gethostname()))
+    (started,) = events(settings.audit_path, "monitor_started")
+    assert started["monitor"]["name"] == "gpu-pool-a"
+    assert started["monitor"]["host"] == socket.gethostname()
+    assert health_check(settings).state is State.HEALTHY
+    cfg = config_file(tmp_path, redis_server.url)  # no monitor.name: this host's name, whose key is empty
+    assert health(cfg)[0] == 2
+    result = CliRunner().invoke(main, ["health", "-c", str(cfg), "--host", "gpu-pool-a"])
+    assert result.exit_code == 0, result.output
+    named = config_file(tmp_path, redis_server.url, monitor={"name": "gpu-pool-a"})
+    status = CliRunner().invoke(main, ["status", "--json", "-c", str(named)])
+    daemon = json.loads(status.stdout)["daemon"]
+    assert (daemon["name"], daemon["state"]) == ("gpu-pool-a", "running")

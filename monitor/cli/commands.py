@@ -21,7 +21,6 @@ import redis
 import yaml
 
 from monitor import __version__, audit_read, daemon, logs, manual, snapshot
-from monitor.audit import monitor_identity
 from monitor.cli import status as render
 from monitor.config import Settings, UnsetVariableError, find_config, load_settings, monitor_name
 from monitor.connection import connect
@@ -121,7 +120,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     logs.configure("warning", "console", stream=sys.stderr)  # keep stdout for the table or JSON
     client = connect(settings)
     snap = snapshot.take(client, settings, Nvml(settings.nvml_enabled))
-    looked_at = render.look(client, settings, find_config(config_path), str(monitor_identity()["host"]))
+    looked_at = render.look(client, settings, find_config(config_path), settings.name)  # monitor.name
     if as_json:
         click.echo(json.dumps(render.as_json(snap, looked_at), indent=2, ensure_ascii=False))
     else:
