@@ -1246,7 +1246,7 @@ UNSET_LINE = (
 
 @pytest.mark.parametrize(
     "command",
-    [["status"], ["status", "--json"], ["release", "gpu_lock:0", "--yes"], ["run", "--once"]],
+    [["config", "check"], ["status"], ["status", "--json"], ["release", "gpu_lock:0", "--yes"], ["run", "--once"]],
 )
 def test_credentials_directory_unset_at_a_shell_is_one_line_saying_how_to_run(tmp_path, command):
     config = tmp_path / "m.yml"
