@@ -369,3 +369,300 @@ def outcome_of(code: bytes) -> Outcome:
         return Outcome(code.decode("ascii", "replace"))
     except ValueError:
         raise ReleaseError(f"release script answered {code!r}") from None
+
+
+# --- The holder record (DESIGN.md section 2) ---------------------------------------------------------
+# `<lock_key>:holder`: what a holder that knows the protocol says of itself, written in the same
+# script as the lock and expiring with it to the millisecond. Optional: legacy workers write none,
+# so nothing may depend on it being there. It names the process (host, pid, the pid namespace that
+# pid means something in, the process's start time against pid reuse), the GPU where known, the
+# task, and the token that ties it to the lock's value; the work's last progress mark lives here
+# too (the heartbeat's value stays a bare timestamp for the workers that read it). Its format is
+# HolderRecord's. A field may be added without changing `v`; `v` changes only when a reader of
+# version 1 would misread a record.
+
+# The section's own imports, kept with it (E402): the protocol above needs none of them.
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from typing import TypedDict  # noqa: E402
+
+HOLDER_RECORD_VERSION = 1
+# A record is a few hundred bytes; anyone who can write the key controls it, and the monitor
+# parses one per lock per pass: a larger one is not a record.
+HOLDER_RECORD_MAX_BYTES = 65536
+
+
+class ProcessFacts(TypedDict):
+    """Where a holder runs: enough to find it on its host, and to tell it from a later process
+    that got the same pid."""
+
+    host: str
+    pid: int
+    pid_ns: int | None
+    start_time: int | None
+
+
+class HolderRecord(TypedDict):
+    """The holder record: one JSON object, as `holder_record` writes it for example
+
+
+        {"v":1,"host":"gpu-node-3","pid":4242,"pid_ns":4026531836,"start_time":81234567,
+         "gpu_uuid":"GPU-5f0c...","task":"tts_synthesize","task_id":"c0ffee...","token":"9b1e2f...",
+         "heartbeat_interval_s":60,"heartbeats":true,"progress_ms":null,"progress_timeout_s":null}
+
+    A field the holder does not know is null. A progress mark rewrites the object inside Redis
+    (cjson): field order, spacing and the form of numbers (60.0 becomes 60) may change, never a
+    value. Read back by `parse_holder_record`, a field of the wrong type is None too.
+    """
+
+    v: int
+    host: str | None  # socket.gethostname() of the holder
+    pid: int | None
+    pid_ns: int | None  # the inode of /proc/<pid>/ns/pid: a pid means something only in its namespace
+    start_time: int | None  # /proc/<pid>/stat field 22, clock ticks after boot: tells a reused pid
+    gpu_uuid: str | None  # NVML's UUID (GPU-..., MIG-...) when the holder knows which GPU it uses
+    task: str | None
+    task_id: str | None
+    token: str  # the lock value is lock_value(task + "#" + token): the record is that holding's
+    heartbeat_interval_s: float | None
+    heartbeats: bool  # true: the holder refreshes <lock_key>:heartbeat; a missing one means dead
+    progress_ms: int | None  # the last progress mark, Redis-clock ms (TIME inside PROGRESS_SCRIPT)
+    progress_timeout_s: float | None  # how long the holder may go without a mark
+
+
+# The record's field names, in the order the builder writes them.
+HOLDER_FIELDS: tuple[str, ...] = (
+    "v",
+    "host",
+    "pid",
+    "pid_ns",
+    "start_time",
+    "gpu_uuid",
+    "task",
+    "task_id",
+    "token",
+    "heartbeat_interval_s",
+    "heartbeats",
+    "progress_ms",
+    "progress_timeout_s",
+)
+
+_UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# NVML's forms: a GPU, a MIG instance, and the MIG form of drivers before R470.
+_GPU_UUID = re.compile(rf"GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
+
+
+def holder_key(lock_key: bytes) -> bytes:
+    return lock_key + HOLDER_SUFFIX
+
+
+def is_gpu_uuid(text_: str) -> bool:
+    """True for a whole NVML UUID (CUDA also takes unique prefixes, which name no GPU for NVML)."""
+    return _GPU_UUID.fullmatch(text_) is not None
+
+
+def visible_gpu_uuid(environ: Mapping[str, str] | None = None) -> str | None:
+    """The GPU this process uses, when CUDA_VISIBLE_DEVICES names exactly one, by its UUID; None
+    for an index, a list or nothing (which GPU an index means is not known outside the process)."""
+    env = os.environ if environ is None else environ
+    entries = [e.strip() for e in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[0] if len(entries) == 1 and is_gpu_uuid(entries[0]) else None
+
+
+def pid_namespace(pid: int | str = "self") -> int | None:
+    """The inode of the process's pid namespace (/proc/<pid>/ns/pid); None where /proc has none."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def process_start_time(pid: int | str = "self") -> int | None:
+    """When the process started, in clock ticks after boot (/proc/<pid>/stat field 22): with the
+    pid, it names one process, never a later one that got the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+        # The command name (field 2) is in parentheses and may hold spaces and parentheses itself.
+        return int(data[data.rindex(b")") + 2 :].split()[22 - 3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def this_process() -> ProcessFacts:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_ns": pid_namespace(),
+        "start_time": process_start_time(),
+    }
+
+
+def holder_record(
+    *,
+    task: str,
+    token: str,
+    heartbeat_interval_s: float,
+    task_id: str | None = None,
+    gpu_uuid: str | None = None,
+    progress_timeout_s: float | None = None,
+    process: ProcessFacts | None = None,
+) -> bytes:
+    """The record a holder writes with its lock (`process`: this one unless given)."""
+    facts = this_process() if process is None else process
+    record: HolderRecord = {
+        "v": HOLDER_RECORD_VERSION,
+        "host": facts["host"],
+        "pid": facts["pid"],
+        "pid_ns": facts["pid_ns"],
+        "start_time": facts["start_time"],
+        "gpu_uuid": gpu_uuid,
+        "task": task,
+        "task_id": task_id,
+        "token": token,
+        "heartbeat_interval_s": heartbeat_interval_s,
+        "heartbeats": True,
+        "progress_ms": None,
+        "progress_timeout_s": progress_timeout_s,
+    }
+    data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > HOLDER_RECORD_MAX_BYTES:
+        raise ValueError(f"holder record of {len(data)} bytes: readers ignore one over {HOLDER_RECORD_MAX_BYTES}")
+    return data
+
+
+def parse_holder_record(raw: object) -> HolderRecord | None:
+    """The record in `raw` (as GET returns it), or None when it is not one: absent, not JSON, not an
+    object, another version, no token, too large. A field of the wrong type reads as absent (None;
+    `heartbeats` as False: only a promise counts). Never raises: the key is anyone's data."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, bytes) or len(raw) > HOLDER_RECORD_MAX_BYTES:
+        return None
+    try:
+        doc = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or _int(doc.get("v"), 1) != HOLDER_RECORD_VERSION:
+        return None
+    token = _str(doc.get("token"))
+    if not token:
+        return None
+    return {
+        "v": HOLDER_RECORD_VERSION,
+        "host": _str(doc.get("host")),
+        "pid": _int(doc.get("pid"), 1),
+        "pid_ns": _int(doc.get("pid_ns"), 1),
+        "start_time": _int(doc.get("start_time"), 0),
+        "gpu_uuid": _str(doc.get("gpu_uuid")),
+        "task": _str(doc.get("task")),
+        "task_id": _str(doc.get("task_id")),
+        "token": token,
+        "heartbeat_interval_s": _seconds(doc.get("heartbeat_interval_s")),
+        "heartbeats": doc.get("heartbeats") is True,
+        "progress_ms": _int(doc.get("progress_ms"), 0),
+        "progress_timeout_s": _seconds(doc.get("progress_timeout_s")),
+    }
+
+
+def holder_record_matches(record: HolderRecord, value: bytes) -> bool:
+    """True when `record` was written with the lock value `value`. A record outlives its holding when
+    the lock goes without it (a legacy worker's delete, the monitor's release, a crash): the next
+    holding, a legacy one included, must not be judged by it."""
+    if record["task"] is None:
+        return False
+    return value == lock_value(f"{record['task']}#{record['token']}")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number")
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object, least: int) -> int | None:
+    # Integral floats too: Redis's cjson writes every number back as a double.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= least else None
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+# KEYS lock, heartbeat, holder record; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms,
+# record. ACQUIRE_SCRIPT with the record: written in the same script as the lock (no moment has the
+# lock without it), expiring at the lock's own expiry to the millisecond (SET PXAT, Redis 6.2; before
+# it, PX with the lock's PTTL, within a millisecond). Returns the lock's expiry, or 0.
+ACQUIRE_WITH_HOLDER_SCRIPT = (
+    EXPIRY_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+local e = expiry(KEYS[1])
+if e < 0 then  -- a lock somebody made persistent: the record still goes, in its own time
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[2])
+  return e
+end
+local set = redis.pcall('SET', KEYS[3], ARGV[5], 'PXAT', e)
+if type(set) == 'table' and set.err then
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', math.max(1, redis.call('PTTL', KEYS[1])))
+end
+return e
+"""
+)
+
+
+# `own(raw, token)`: the record decoded, when `raw` is a record with that token; else nil.
+_OWN_RECORD_LUA = """
+local function own(raw, token)
+  if type(raw) ~= 'string' then return nil end
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' and rec['token'] == token then return rec end
+  return nil
+end
+"""
+
+
+# KEYS lock, holder record; ARGV value, token. Marks progress: the record's progress_ms becomes
+# Redis's TIME in ms, never earlier than the mark already there (a failover to a server whose clock
+# is behind cannot move it back), keeping the record's expiry. Only while the lock holds this very
+# value: returns the mark, 0 when the lock is not this holding's, -1 when its record is not there.
+PROGRESS_SCRIPT = (
+    _OWN_RECORD_LUA
+    + """
+if redis.pcall('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local rec = own(redis.pcall('GET', KEYS[2]), ARGV[2])
+if not rec then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = rec['progress_ms']
+if type(last) == 'number' and last > now then now = last end
+rec['progress_ms'] = now
+redis.call('SET', KEYS[2], cjson.encode(rec), 'KEEPTTL')
+return now
+"""
+)
+
+
+# KEYS holder record; ARGV token. Deletes the record only while it is that holding's (the next
+# holder may have written its own since): 1 when deleted, else 0.
+DROP_HOLDER_SCRIPT = (
+    _OWN_RECORD_LUA
+    + """
+if own(redis.pcall('GET', KEYS[1]), ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+)
