@@ -9,6 +9,10 @@ The lock wraps `__call__`, the one place Celery runs for every outcome: success,
 `after_return` (a lock released there would leak, with a live heartbeat, until the hard timeout).
 At a hard time limit the pool ends the process (SIGTERM, then SIGKILL): a task that cannot release
 in between (stuck in a CUDA call) stops heartbeating, and the monitor frees the GPU.
+
+The lock's holder record is written by the pool process that runs the task (its pid, not the
+worker's main process), with the task's name and id; `self.gpu_lock.progress()` marks progress in
+it, and `gpu_lock_options={"progress_timeout_s": ...}` says how long the task may go without a mark.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class GpuTask(Task):  # type: ignore[misc]
 
     @property
     def gpu_lock(self) -> GpuLock | None:
-        """The lock the current run holds; check `gpu_lock.lost` in long loops."""
+        """The lock the current run holds: in long loops, check `gpu_lock.lost` and mark
+        `gpu_lock.progress()`."""
         return getattr(self.request, "gpu_lock", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -9,7 +9,10 @@ What it fixes in the workers this protocol comes from:
 - a heartbeat thread keeps `<lock>:heartbeat` fresh while the lock is owned, rides out Redis
   blips, and reports a lost lock instead of dying silently;
 - every release is an owner-checked script, the emergency one included: never a blind DEL;
-- the value is `locked_by_<task>#<token>`, unique per acquisition, so owner checks are exact.
+- the value is `locked_by_<task>#<token>`, unique per acquisition, so owner checks are exact;
+- a holder record (`<lock>:holder`: host, pid, pid namespace, process start time, GPU UUID, task,
+  token) is written in the same script as the lock and expires with it, so the monitor can find the
+  process; `lock.progress()` marks in it that the work moved forward (DESIGN.md section 2).
 
 It logs through the standard library (logger `gpulock_monitor.client`), each message the event's
 name and its fields: a worker's own logging set-up decides where they go, and a worker that set up
@@ -55,6 +58,7 @@ class Counters:
     release_script_errors: int = 0
     ownership_violations: int = 0
     heartbeat_failures: int = 0  # refreshes that hit a Redis error (retried at the next interval)
+    progress_failures: int = 0  # progress marks that hit a Redis error (the work goes on)
 
 
 COUNTERS = Counters()
@@ -80,11 +84,19 @@ class GpuLock:
         cleanup: Callable[[], None] | None = None,
         on_lost: Callable[[GpuLock], None] | None = None,
         critical_path: str | None = None,
+        gpu_uuid: str | None = None,
+        progress_timeout_s: float | None = None,
     ) -> None:
+        if gpu_uuid is not None and not protocol.is_gpu_uuid(gpu_uuid):
+            raise ValueError(f"gpu_uuid {gpu_uuid!r} is not a GPU UUID as NVML names it (GPU-..., MIG-...)")
+        if progress_timeout_s is not None and not progress_timeout_s > 0:
+            raise ValueError(f"progress_timeout_s must be positive, not {progress_timeout_s!r}")
         self.client = client
         self.key = lock_key.encode()
+        self.holder_key = protocol.holder_key(self.key)
         self.task_name = task_name
-        self.value = protocol.lock_value(f"{task_name}#{uuid.uuid4().hex[:12]}")
+        self.token = uuid.uuid4().hex[:12]
+        self.value = protocol.lock_value(f"{task_name}#{self.token}")
         self.timeout_ms = units.to_ms(timeout_s)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_wait_s = max_wait_s
@@ -94,13 +106,20 @@ class GpuLock:
         self.cleanup = cleanup
         self.on_lost = on_lost
         self.critical_path = critical_path
+        # None: CUDA_VISIBLE_DEVICES's, when it names one GPU by UUID (read when the lock is taken).
+        self.gpu_uuid = gpu_uuid
+        self.progress_timeout_s = progress_timeout_s
+        self.progress_ms: int | None = None  # the last progress mark, Redis-clock ms
         self.lost = threading.Event()  # set when the heartbeat finds the lock no longer ours
         self.acquired_at: float | None = None
         self.expiry_ms = -2  # the lock's absolute expiry on Redis's clock, once acquired
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._acquire = client.register_script(protocol.ACQUIRE_SCRIPT)
+        self._record: bytes | None = None
+        self._progress_refused = False
+        self._acquire = client.register_script(protocol.ACQUIRE_WITH_HOLDER_SCRIPT)
         self._beat = client.register_script(protocol.HEARTBEAT_SCRIPT)
+        self._progress = client.register_script(protocol.PROGRESS_SCRIPT)
 
     # --- acquire ----------------------------------------------------------------------------------
 
@@ -109,6 +128,7 @@ class GpuLock:
         riding out Redis restarts (resubscribing) until the deadline."""
         deadline = time.monotonic() + self.max_wait_s
         delay = self.poll_min_s
+        self._record = self.holder_record()  # of the process that takes the lock, not of its parent
         while True:
             try:
                 self._wait_and_take(deadline)
@@ -148,14 +168,55 @@ class GpuLock:
         finally:
             pubsub.close()
 
+    def holder_record(self) -> bytes:
+        """The holder record this process writes with the lock (protocol.holder_record)."""
+        return protocol.holder_record(
+            task=self.task_name,
+            token=self.token,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            task_id=self.task_id,
+            gpu_uuid=self.gpu_uuid if self.gpu_uuid is not None else protocol.visible_gpu_uuid(),
+            progress_timeout_s=self.progress_timeout_s,
+        )
+
     def _try(self) -> bool:
+        if self._record is None:
+            self._record = self.holder_record()
         hb_ms = protocol.heartbeat_ttl_ms(self.heartbeat_interval_s)
-        keys_ = [self.key, protocol.heartbeat_key(self.key)]
-        expiry = int(self._acquire(keys=keys_, args=[self.value, self.timeout_ms, repr(time.time()), hb_ms]))
+        keys_ = [self.key, protocol.heartbeat_key(self.key), self.holder_key]
+        args: list[bytes | str | int] = [self.value, self.timeout_ms, repr(time.time()), hb_ms, self._record]
+        expiry = int(self._acquire(keys=keys_, args=args))
         if expiry == 0:
             return False
         self.expiry_ms = expiry
         return True
+
+    # --- progress -----------------------------------------------------------------------------------
+
+    def progress(self) -> bool:
+        """Mark that the work moved forward: the holder record's `progress_ms` becomes Redis's
+        clock now (never earlier than the last mark). One script call, owner-checked: False, and
+        nothing written, when the lock is no longer this holding's or its record is gone; False
+        too on a Redis error (counted, logged: a progress mark is evidence, not the work)."""
+        try:
+            mark = int(self._progress(keys=[self.key, self.holder_key], args=[self.value, self.token]))
+        except redis.RedisError as exc:
+            COUNTERS.progress_failures += 1
+            log.warning("progress_failed lock_key=%s error=%s", protocol.text(self.key), exc)
+            return False
+        if mark > 0:
+            self.progress_ms = mark
+            return True
+        if not self._progress_refused:  # a work loop marks often: say it once
+            self._progress_refused = True
+            why = "not_owner" if mark == 0 else "no_record"
+            log.warning(
+                "progress_refused lock_key=%s holder=%s reason=%s",
+                protocol.text(self.key),
+                protocol.text(self.value),
+                why,
+            )
+        return False
 
     # --- heartbeat ----------------------------------------------------------------------------------
 
@@ -192,14 +253,14 @@ class GpuLock:
         """Identity-checked release, by the monitor's own script; False when the lock was no
         longer this holding (nothing deleted)."""
         self._stop_heartbeat()
+        client = client or self.client
         try:
             # No bookkeeping keys: a worker's ACL need not reach the monitor's own keys.
-            result = Reaper(client or self.client).release(
-                self.key, self.value, self.expiry_ms, reason=reason, bookkeeping=False
-            )
+            result = Reaper(client).release(self.key, self.value, self.expiry_ms, reason=reason, bookkeeping=False)
         except ReleaseError as exc:
             COUNTERS.release_script_errors += 1
             raise redis.ResponseError(str(exc)) from exc
+        self._drop_record(client)
         done = result.outcome is protocol.Outcome.RELEASED
         if self.task_id is not None:
             with _BY_TASK_LOCK:
@@ -208,6 +269,20 @@ class GpuLock:
             COUNTERS.ownership_violations += 1
             log.warning("release_not_owner lock_key=%s holder=%s", protocol.text(self.key), protocol.text(self.value))
         return bool(done)
+
+    def _drop_record(self, client: redis.Redis) -> None:
+        """Delete this holding's record, if it is still there and still this holding's.
+
+        The release script deletes the lock and its heartbeat only; the record would otherwise stay
+        until the lock's expiry (beside a legacy worker's next holding, which writes none). Whatever
+        the release answered: if the lock was taken from us, our record is stale all the more. It
+        runs after the release notice, so a waiter is not delayed, and the script leaves a record
+        the next holder has written since. Best effort: the record expires with the lock anyway.
+        """
+        try:
+            client.register_script(protocol.DROP_HOLDER_SCRIPT)(keys=[self.holder_key], args=[self.token])
+        except redis.RedisError as exc:
+            log.info("holder_record_left lock_key=%s error=%s", protocol.text(self.key), exc)
 
     def __enter__(self) -> GpuLock:
         return self.acquire()
