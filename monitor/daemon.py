@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from types import FrameType
 
 import redis
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -73,9 +74,14 @@ class Runner:
         self.alerts = alerts
         self.ready = threading.Event()
         self.last_end = monitor.mono()
+        self.started: float | None = None  # when the pass in progress began (monotonic)
 
     def __call__(self) -> None:
-        report = self.monitor.run_pass()
+        self.started = self.monitor.mono()
+        try:
+            report = self.monitor.run_pass()
+        finally:
+            self.started = None
         self.last_end = self.monitor.mono()
         if self.observe is not None:
             self.observe(report)
@@ -96,6 +102,16 @@ class Runner:
         if not self.ready.is_set():
             self.ready.set()
             systemd.notify("READY=1")
+
+    def skipped(self, _event: object = None) -> None:
+        """The scheduler skipped a pass because the last one still runs (APScheduler's own line
+        is dropped in logs.py): say how long that one has taken, every interval it goes on."""
+        started = self.started
+        log.warning(
+            "pass_skipped_still_running",
+            running_s=None if started is None else round(self.monitor.mono() - started, 1),
+            monitor_interval_s=self.monitor.settings.monitor_interval_s,
+        )
 
     def progressing(self) -> bool:
         """True while passes keep completing; a hung pass makes this False."""
@@ -194,16 +210,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         runner.observe = exporter.observe
     _lifecycle(monitor, Event.MONITOR_STARTED)
     watcher = start_watcher(monitor)
-    scheduler = BackgroundScheduler(timezone=timezone.utc)
-    scheduler.add_job(
-        runner,
-        IntervalTrigger(seconds=settings.monitor_interval_s),
-        id="pass",
-        next_run_time=datetime.now(timezone.utc),
-        max_instances=1,
-        coalesce=True,
-        misfire_grace_time=None,
-    )
+    scheduler = _scheduler(runner, settings)
     scheduler.start()
     period = systemd.watchdog_period_s()
     tick = min(1.0, period) if period else 1.0
@@ -229,6 +236,23 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         if stop_http is not None:
             stop_http()
     return 1 if _unwritten(monitor) else 0
+
+
+def _scheduler(runner: Runner, settings: Settings) -> BackgroundScheduler:
+    """One interval job, the first run at once; a run due while the last still runs is skipped
+    (coalesced) and said by the runner."""
+    scheduler = BackgroundScheduler(timezone=timezone.utc)
+    scheduler.add_job(
+        runner,
+        IntervalTrigger(seconds=settings.monitor_interval_s),
+        id="pass",
+        next_run_time=datetime.now(timezone.utc),
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+    scheduler.add_listener(runner.skipped, EVENT_JOB_MAX_INSTANCES)
+    return scheduler
 
 
 def start_alerts(monitor: Monitor) -> Alerts | None:

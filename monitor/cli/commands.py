@@ -22,7 +22,7 @@ import yaml
 
 from monitor import __version__, audit_read, daemon, logs, manual, snapshot
 from monitor.cli import status as render
-from monitor.config import Settings, UnsetVariableError, find_config, load_settings, monitor_name
+from monitor.config import LOG_LEVELS, Settings, UnsetVariableError, find_config, load_settings, monitor_name
 from monitor.connection import connect
 from monitor.errors import MonitorError
 from monitor.gpu import Nvml
@@ -83,9 +83,9 @@ def _terminal_width() -> int | None:
     return None
 
 
-def _settings(config_path: str | None) -> Settings:
+def _settings(config_path: str | None, log_level: str | None = None) -> Settings:
     settings = load_settings(config_path)
-    logs.configure(settings.log_level, settings.log_format, stream=sys.stdout)
+    logs.configure(log_level or settings.log_level, settings.log_format, stream=sys.stdout)
     log = logs.get_logger("gpulock_monitor")
     for warning in settings.warnings:
         log.warning("config_warning", detail=warning)
@@ -104,10 +104,16 @@ def main(config_path: str | None) -> None:
 @config_option
 @click.option("--once", is_flag=True, help="Do one pass and exit.")
 @click.option("--dry-run", is_flag=True, help="Decide and audit everything, release nothing.")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="Log at this level and above (default: logging.level of the config).",
+)
 @_one_line_errors
-def run(config_path: str | None, once: bool, dry_run: bool) -> None:
+def run(config_path: str | None, once: bool, dry_run: bool, log_level: str | None) -> None:
     """Run the monitor daemon."""
-    sys.exit(daemon.run(_settings(config_path), dry_run=dry_run, once=once))
+    settings = _settings(config_path, None if log_level is None else log_level.lower())
+    sys.exit(daemon.run(settings, dry_run=dry_run, once=once))
 
 
 @main.command()
