@@ -164,6 +164,7 @@ class Settings:
         warnings += _log_format(values)
         if env.get(REDIS_URL_ENV):
             values["redis_url"] = _redis_url(env[REDIS_URL_ENV], f"${REDIS_URL_ENV}")
+        _channel_urls_from_env(values.get("alert_channels", ()), env)
         if values.get("redis_password"):
             if values.get("redis_password_file"):
                 raise ConfigError("redis.password: give password or password_file, not both")
@@ -827,6 +828,16 @@ def _channel_numbers(channel: Mapping[str, Any], where: str) -> None:
         _count(0, MAX_RETRIES)(channel["retries"], f"{where}.retries")
     if "port" in channel:
         _port(channel["port"], f"{where}.port")
+
+
+def _channel_urls_from_env(raw_channels: tuple[Mapping[str, Any], ...], env: Mapping[str, str]) -> None:
+    """An alert URL given as `url_env` is checked as one written in the file, when its variable is
+    set here (one that is not is said by `run`, which reads it: a shell may lack the service's
+    environment)."""
+    for i, channel in enumerate(raw_channels):
+        var = channel.get("url_env")
+        if isinstance(var, str) and env.get(var):
+            _alert_url(env[var], f"alerts.channels[{i}].url_env (${_key(var)})")
 
 
 def _alert_url(value: Any, path: str) -> str:

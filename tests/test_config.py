@@ -1342,3 +1342,39 @@ def test_the_audit_says_the_real_host_and_the_name():
     assert monitor_identity("gpu-pool-a")["name"] == "gpu-pool-a"
     assert monitor_identity("gpu-pool-a")["host"] == socket.gethostname()
     assert monitor_identity()["name"] == socket.gethostname()
+
+
+# --- values from the environment are checked as the file's ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["config", "check"], ["status"], ["health"], ["release", "gpu_lock:0", "--yes"], ["run", "--once"]],
+)
+def test_a_redis_url_without_a_scheme_in_the_environment_is_one_line(tmp_path, command):
+    config = tmp_path / "m.yml"
+    config.write_text(f"audit: {{path: {tmp_path / 'a.jsonl'}, critical_path: {tmp_path / 'c.jsonl'}}}\n")
+    result = _cli(*command, "-c", str(config), env=_cli_env(GPULOCK_MONITOR_REDIS_URL="127.0.0.1:6391"))
+    line = f"{config}: $GPULOCK_MONITOR_REDIS_URL: expected a redis://, rediss:// or unix:// URL, got '127.0.0.1:6391'"
+    assert "Traceback" not in result.stdout + result.stderr
+    if command == ["health"]:  # Nagios: its own error is UNKNOWN, on stdout
+        assert (result.returncode, result.stdout, result.stderr) == (3, f"unknown: {line}\n", "")
+    else:
+        assert (result.returncode, result.stderr) == (1, f"gpulock-monitor: {line}\n")
+
+
+def test_an_alert_url_from_the_environment_is_checked_as_one_in_the_file(tmp_path):
+    config = tmp_path / "m.yml"
+    config.write_text("alerts:\n  channels: [{type: slack, url_env: SLACK_HOOK}]\n")
+    bad = _cli(
+        "config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV, SLACK_HOOK="hooks.example.com/T0/B0/s3cret")
+    )
+    assert bad.returncode == 1
+    assert bad.stderr == (
+        f"gpulock-monitor: {config}: alerts.channels[0].url_env ($SLACK_HOOK): expected an http:// or https:// URL, "
+        "got 'hooks.example.com/***'\n"
+    )
+    good = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV, SLACK_HOOK="https://h.example.com/T0"))
+    assert (good.returncode, good.stdout) == (0, "config ok\n"), good.stderr
+    unset = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV))  # the service's own variable
+    assert (unset.returncode, unset.stdout) == (0, "config ok\n"), unset.stderr
