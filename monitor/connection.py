@@ -128,9 +128,15 @@ def tls_options(settings: Settings, env: Mapping[str, str] | None = None) -> dic
 
 def _readable(name: str, key: str) -> str:
     path = Path(name)
-    if not path.is_file() or not os.access(path, os.R_OK):
-        why = "does not exist" if not path.exists() else "is not a readable file"
-        raise ConfigError(f"redis.tls.{key}: {label(name, 200)} {why}")
+    if not path.exists():
+        raise ConfigError(f"redis.tls.{key}: {label(name, 200)} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"redis.tls.{key}: {label(name, 200)} is not a readable file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(
+            f"redis.tls.{key}: {label(name, 200)} is not a readable file "
+            "(run the command as a user who can read it, e.g. with sudo)"
+        )
     return name
 
 

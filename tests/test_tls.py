@@ -195,6 +195,19 @@ def test_unusable_tls_files_are_one_line_at_connect(pems, tmp_path, files, messa
     assert "\n" not in str(info.value)
 
 
+def test_a_tls_file_only_root_can_read_says_to_run_as_root(pems, monkeypatch):
+    from monitor import connection
+
+    settings = tls_settings(1, ca_file=pems["ca"])
+    monkeypatch.setattr(connection.os, "access", lambda *args, **kwargs: False)  # the tests may run as root
+    with pytest.raises(ConfigError) as info:
+        connect(settings, env={})
+    assert str(info.value) == (
+        f"redis.tls.ca_file: {pems['ca']} is not a readable file "
+        "(run the command as a user who can read it, e.g. with sudo)"
+    )
+
+
 def test_without_tls_no_ssl_option_is_passed():
     assert tls_options(Settings(), env={}) == {}
 
