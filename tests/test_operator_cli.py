@@ -323,3 +323,23 @@ def test_status_through_sentinel_names_the_service_and_the_database_it_selects(s
     assert f"redis: sentinel gpulocks at 127.0.0.1:{port}, redis://127.0.0.1:1/3 (db 3)" in result.output
     doc = json.loads(cli("status", "--json", "-c", str(cfg)).output)
     assert doc["redis"] == {"url": "redis://127.0.0.1:1/3", "db": 3, "via": f"sentinel gpulocks at 127.0.0.1:{port}"}
+
+
+def test_audit_lines_since_reads_back_only_to_that_time(cfg, tmp_path, monkeypatch):
+    live = tmp_path / "audit.jsonl"
+    for hour, name in enumerate(["audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"]):  # an hour each
+        times = [f"2026-01-01T{hour:02d}:{minute:02d}:00Z" for minute in range(60)]
+        live.with_name(name).write_text(
+            "".join(json.dumps({"ts": ts, "n": hour * 60 + i}) + "\n" for i, ts in enumerate(times))
+        )
+    opened: list[str] = []
+    real_open = Path.open
+
+    def recording_open(self, *args, **kw):
+        opened.append(self.name)
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", recording_open)
+    out = cli("audit", "-n", "1000", "--since", "2026-01-01T01:50:00Z", "--json", "-c", str(cfg)).output
+    assert numbers(out) == list(range(110, 180))
+    assert "audit.jsonl.2" not in opened  # older than --since by more than a clock step: not read

@@ -226,7 +226,7 @@ def audit(
             lines = FOLLOW_LINES
         records = audit_read.follow(path, stop=lambda: False, lines=lines, keep=keep, since=start)
     elif lines is not None:
-        records = audit_read.last(path, lines, keep)
+        records = audit_read.last(path, lines, keep, since=start)
     else:
         records = audit_read.read(path)
     try:

@@ -20,7 +20,7 @@ from monitor import protocol, units
 from monitor.config import Settings
 from monitor.connection import Client, is_cluster
 from monitor.gpu import GpuInfo
-from monitor.health import pass_grace_s
+from monitor.health import STOPPED, pass_grace_s
 from monitor.manual import natural_key
 from monitor.redact import redact_url
 from monitor.snapshot import Snapshot, status_ttl_ms, would_do
@@ -32,8 +32,6 @@ CELL_LIMIT = 48  # characters of a key or holder in a table cell
 # others stay whole. A task name is the first to give way; a lock key, which `release` needs, the last.
 CUTS = (("TASK", 12), ("WHY", 14), ("LOCK", 16), ("TASK", 6), ("WHY", 8))
 GAP = "  "
-# What the daemon's status key says after a clean stop (`state`).
-STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
