@@ -30,7 +30,7 @@ from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
 from monitor.gpuwatch import GpuWatch
-from monitor.holding import Holding, Record, shifted
+from monitor.holding import Holding, Record, evolve, shifted
 from monitor.logs import get_logger
 from monitor.policy import Action, Reason
 from monitor.protocol import HeartbeatCheck, Outcome
@@ -143,6 +143,7 @@ class Monitor:
         self._persisted_ms: int | None = None
         # Per lock, what Redis held at the last pass, its verdict then, and when that can change.
         self._steady: dict[bytes, tuple[Any, Verdict, int]] = {}
+        self._reused: dict[bytes, Verdict] = {}  # the last pass's verdicts taken from _steady
 
     # --- the pass ---------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Monitor:
         verdicts = evaluate(fresh, self.settings, after_ms=after, remembered=self._known)
         if not self.acting:
             verdicts = [self._own_notified(v) for v in verdicts]
+        self._reused = reused
         by_key = {**reused, **{v.holding.key: v for v in verdicts}}
         return [by_key[o.key] for o in observations if o.key in by_key]
 
@@ -241,11 +243,14 @@ class Monitor:
         """What the next pass may reuse: kept verdicts with the record as it will read it."""
         steady = {}
         for key, (verdict, record) in kept.items():
+            if self._reused.get(key) is verdict and record is verdict.holding.record and key in self._steady:
+                steady[key] = self._steady[key]  # nothing new: the same entry serves again
+                continue
             h = verdict.holding
             if verdict.decision.action is Action.RELEASE or h.expiry_ms < 0:
                 continue  # acted on at every look; a lock without a TTL has no identity to hold on to
             stored = record.dumps() if self.acting else verdict.stored
-            last = Verdict(replace(h, record=record), verdict.decision, stored)
+            last = Verdict(h if record is h.record else evolve(h, record=record), verdict.decision, stored)
             due = next_deadline_ms(last, self.settings)
             steady[key] = ((h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored), last, due or _NEVER)
         return steady
@@ -271,6 +276,8 @@ class Monitor:
                 for obs in observations:
                     self._known.pop(obs.key, None)
                 self._known.update({key: record for key, (_, record) in kept.items()})
+                # The next pass need not judge again what was judged here.
+                self._steady.update(self._steady_from(kept))
                 self._remember(kept, None, None)
             return [verdict for verdict, _ in kept.values()]
 
@@ -303,7 +310,7 @@ class Monitor:
         h = verdict.holding
         mine = self._known.get(h.key)
         notified = mine.notified if mine is not None and mine.is_holding(h.holder, h.expiry_ms) else frozenset()
-        return replace(verdict, holding=replace(h, record=replace(h.record, notified=notified)))
+        return replace(verdict, holding=evolve(h, record=evolve(h.record, notified=notified)))
 
     @staticmethod
     def _fid(h: Holding) -> tuple[bytes, bytes, int]:
@@ -417,7 +424,7 @@ class Monitor:
         if event.value in record.notified:
             return record
         self.record(event, **self._fields(verdict, dry_run=self.dry_run), **extra)
-        return replace(record, notified=record.notified | {event.value})
+        return evolve(record, notified=record.notified | {event.value})
 
     def _mismatch(self, record: Record, verdict: Verdict) -> Record:
         """The lock's TTL says it is older than a complete pass that did not see it: its worker

@@ -6,12 +6,13 @@ held time and heartbeat state, and the rules' decision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from monitor import protocol, units
 from monitor.config import Settings
-from monitor.holding import Holding, Record, taints, track
+from monitor.holding import Holding, Record, evolve, taints, track
 from monitor.policy import Decision, Reason, Tiers, decide
 from monitor.scanner import Observation
 
@@ -50,7 +51,7 @@ def evaluate(
         ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
         prev = ours[0] if ours else None
         if prev is not None and len(ours) == 2 and not ours[1].notified <= prev.notified:
-            prev = replace(prev, notified=prev.notified | ours[1].notified)
+            prev = evolve(prev, notified=prev.notified | ours[1].notified)
         # Only a new holding can be tainted by what came before it.
         tainted = prev is None and (
             taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
@@ -93,19 +94,23 @@ def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
     """
     h = verdict.holding
     now = h.now_ms
-    candidates = []
+    hb_timeout_ms, tiers_ms = _bounds_ms(
+        settings.heartbeat_timeout_s, settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s
+    )
+    start = now - h.held_ms
+    candidates = [start + tier_ms for tier_ms in tiers_ms]
     if h.hb_value is not None:
         if h.hb_expiry_ms >= 0:
             candidates.append(h.hb_expiry_ms + 1)
         observed = h.record.hb_observed_ms
         if h.record.hb_seen and observed is not None:  # stale once watched unchanged this long
-            candidates.append(observed + units.to_ms(settings.heartbeat_timeout_s) + 1)
-    start = now - h.held_ms
-    for tier_s in (settings.warning_s, settings.soft_timeout_s, settings.hard_timeout_s):
-        if tier_s is not None:
-            candidates.append(start + units.to_ms(tier_s))
-    future = [c for c in candidates if c > now]
-    return min(future, default=None)
+            candidates.append(observed + hb_timeout_ms + 1)
+    return min((c for c in candidates if c > now), default=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _bounds_ms(hb_timeout_s: float, *tiers_s: float | None) -> tuple[int, tuple[int, ...]]:
+    return units.to_ms(hb_timeout_s), tuple(units.to_ms(t) for t in tiers_s if t is not None)
 
 
 def due_ms(verdict: Verdict, before: Record | None, settings: Settings) -> int | None:
