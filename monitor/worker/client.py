@@ -58,7 +58,6 @@ class Counters:
     release_script_errors: int = 0
     ownership_violations: int = 0
     heartbeat_failures: int = 0  # refreshes that hit a Redis error (retried at the next interval)
-    progress_failures: int = 0  # progress marks that hit a Redis error (the work goes on)
 
 
 COUNTERS = Counters()
@@ -110,6 +109,7 @@ class GpuLock:
         self.gpu_uuid = gpu_uuid
         self.progress_timeout_s = progress_timeout_s
         self.progress_ms: int | None = None  # the last progress mark, Redis-clock ms
+        self.progress_failures = 0  # marks that hit a Redis error (the work went on)
         self.lost = threading.Event()  # set when the heartbeat finds the lock no longer ours
         self.acquired_at: float | None = None
         self.expiry_ms = -2  # the lock's absolute expiry on Redis's clock, once acquired
@@ -201,7 +201,7 @@ class GpuLock:
         try:
             mark = int(self._progress(keys=[self.key, self.holder_key], args=[self.value, self.token]))
         except redis.RedisError as exc:
-            COUNTERS.progress_failures += 1
+            self.progress_failures += 1
             log.warning("progress_failed lock_key=%s error=%s", protocol.text(self.key), exc)
             return False
         if mark > 0:
