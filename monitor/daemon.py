@@ -145,6 +145,7 @@ class Runner:
             last_pass_age_s=age,
             failing_releases=m.failing_releases,
             verdicts=verdicts,
+            discovery=m.discovery_mode(),
         )
 
 

@@ -97,6 +97,7 @@ def assess(
     verdicts: Iterable[Verdict],
     redis_refused: bool = False,
     stopped: str | None = None,
+    discovery: str | None = None,
 ) -> Health:
     """`redis_error`: Redis could not be asked; `redis_refused` says it answered with a refusal
     (an ACL's NOPERM, WRONGTYPE, ...) rather than being unreachable, loading or busy. Either way
@@ -141,7 +142,8 @@ def assess(
         )
     if last_pass_age_s > grace:
         return judged(State.DEGRADED, f"last successful pass {last_pass_age_s:.0f} s ago")
-    return judged(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago")
+    found = "" if discovery is None else f", locks found by {protocol.printable(discovery, 100)}"
+    return judged(State.HEALTHY, f"{len(verdicts)} lock(s), last pass {last_pass_age_s:.1f} s ago{found}")
 
 
 def stale_after_s(interval_s: float) -> float:
@@ -179,6 +181,7 @@ def health_check(settings: Settings, name: str | None = None) -> Health:
     age = None
     failing = 0
     stopped = None
+    discovery = None
     if raw is not None and pttl > 0:
         age = units.to_s(snapshot.status_ttl_ms(settings) - pttl)
         status = _document(raw)
@@ -186,6 +189,7 @@ def health_check(settings: Settings, name: str | None = None) -> Health:
             failing = int(status.get("failing_releases", 0))
         except (ValueError, TypeError):
             failing = 0
+        discovery = status.get("discovery") if isinstance(status.get("discovery"), str) else None
         if status.get("state") == STOPPED:
             when = protocol.printable(str(status.get("stopped_at", "?")), 40)
             who = protocol.printable(name, 100)
@@ -198,6 +202,7 @@ def health_check(settings: Settings, name: str | None = None) -> Health:
         failing_releases=failing,
         verdicts=snap.verdicts,
         stopped=stopped,
+        discovery=discovery,
     )
 
 

@@ -345,8 +345,19 @@ class Monitor:
                 "failing_releases": self.failing_releases,
                 "dry_run": self.dry_run,
                 "monitor_interval_s": self.settings.monitor_interval_s,
+                "discovery": self.discovery_mode(),
             }
         ).encode()
+
+    def discovery_mode(self) -> str:
+        """How this monitor finds locks, in a few words (health, status, the status key)."""
+        progress = getattr(self.discovery, "progress", None)
+        state = getattr(progress, "state", None)
+        if progress is not None and progress.complete and state is not None and state.on:
+            return "keyspace events"
+        if state is None:
+            return "a SCAN every pass"
+        return f"a SCAN every pass (keyspace notifications {state.state})"
 
     def _remember(self, kept: dict[bytes, tuple[Verdict, Record]], began_ms: int | None, status: bytes | None) -> None:
         """Write this monitor's status; an acting monitor also writes the records that changed

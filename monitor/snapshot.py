@@ -36,7 +36,11 @@ def take(client: Client, settings: Settings, nvml: Nvml | None = None) -> Snapsh
     observations = read_locks(client, scan_candidates(client, settings.key_pattern))
     return Snapshot(
         redis_time_ms=observations[0].now_ms if observations else None,
-        verdicts=sorted(evaluate(observations, settings), key=lambda v: v.holding.key),
+        # As the daemon judges: a holding absent at its last complete pass began after it.
+        verdicts=sorted(
+            evaluate(observations, settings, after_ms=last_complete_pass_ms(client, settings)),
+            key=lambda v: v.holding.key,
+        ),
         invalid=[o for o in observations if o.invalid],
         dry_run=not settings.auto_recovery,
         gpus=nvml.snapshot() if nvml is not None else {},

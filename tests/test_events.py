@@ -312,3 +312,30 @@ def test_metrics_say_how_locks_are_found_and_how_late_a_release_was(tmp_path):
     (released,) = events(monitor.settings.audit_path, "lock_released")
     assert 0 <= released["late_s"] < 1.0  # the heartbeat ran out, the release came right after
     assert sample("gpulock_monitor_release_delay_seconds_sum") == released["late_s"]
+
+
+# --- health and status say how locks are found ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"), [("K$gx", "keyspace events"), ("", "a SCAN every pass (keyspace notifications off)")]
+)
+def test_health_and_status_say_how_the_daemon_finds_locks(tmp_path, flags, said):
+    from monitor.cli.status import look
+    from monitor.health import health_check
+
+    with notifying(flags) as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        watcher = daemon.start_watcher(monitor)
+        assert watcher is not None
+        try:
+            wait_for(lambda: watcher.progress.state is not None and (watcher.progress.complete or not flags))
+            monitor.run_pass()
+            health = health_check(monitor.settings)
+            looked = look(r, monitor.settings, None, monitor.settings.name)
+        finally:
+            watcher.stop()
+    assert health.line.startswith("healthy: ")
+    assert f"locks found by {said}" in health.line
+    assert looked.discovery == said
+    assert looked.daemon_line.endswith(f"; finds locks by {said}")

@@ -457,3 +457,17 @@ def test_monitor_name_names_the_status_key_and_stands_beside_the_host_in_the_aud
     status = CliRunner().invoke(main, ["status", "--json", "-c", str(named)])
     daemon = json.loads(status.stdout)["daemon"]
     assert (daemon["name"], daemon["state"]) == ("gpu-pool-a", "running")
+
+
+def test_status_and_health_date_a_holding_as_the_daemon_does_after_its_last_complete_pass(r, redis_server, tmp_path):
+    """A lock absent at the last complete pass began after it, whatever its TTL suggests: `status`
+    must not show it older (nor `health` count it overdue) than the daemon judges it."""
+    from monitor import snapshot
+
+    settings = make_settings(redis_server.url, tmp_path)
+    build(settings).run_pass()  # complete: its start is the mark
+    key = hold(r, 0, age_s=350)  # its TTL says 350 s old (a worker with a shorter EX than lock_timeout)
+    (verdict,) = snapshot.take(r, settings).verdicts
+    assert verdict.holding.key == key
+    assert verdict.holding.held_s < 5
+    assert verdict.decision.tier.value == "ok"

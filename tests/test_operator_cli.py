@@ -238,7 +238,7 @@ def test_status_json_says_where_it_looked_beside_the_fields_it_had(r, cfg, redis
     assert doc["config"] == str(cfg)
     assert doc["redis"] == {"url": redis_server.url, "db": 0, "via": None}
     assert doc["key_pattern"] == "gpu_lock:*"
-    assert doc["daemon"] == {"name": HOST, "state": "none", "last_pass_age_s": None}
+    assert doc["daemon"] == {"name": HOST, "state": "none", "last_pass_age_s": None, "discovery": None}
     assert set(doc) >= {"redis_time", "auto_recovery", "locks", "invalid", "nvml", "gpus"}
 
 

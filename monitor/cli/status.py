@@ -47,6 +47,7 @@ class LookedAt:
     daemon: str  # running | late | stopped | none
     last_pass_age_s: float | None
     stopped_at: str | None = None
+    discovery: str | None = None  # how the daemon finds locks, as it said
 
     @property
     def where(self) -> list[str]:
@@ -63,7 +64,8 @@ class LookedAt:
             return f"daemon on {name}: stopped at {protocol.printable(self.stopped_at or '?', 40)}"
         assert self.last_pass_age_s is not None
         late = ", late: is it stalled?" if self.daemon == "late" else ""
-        return f"daemon on {name}: last pass {units.human(self.last_pass_age_s)} ago{late}"
+        found = "" if self.discovery is None else f"; finds locks by {protocol.printable(self.discovery, 100)}"
+        return f"daemon on {name}: last pass {units.human(self.last_pass_age_s)} ago{late}{found}"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class LookedAt:
                 "name": self.name,
                 "state": self.daemon,
                 "last_pass_age_s": None if self.last_pass_age_s is None else round(self.last_pass_age_s, 3),
+                "discovery": self.discovery,
             },
         }
 
@@ -104,6 +107,7 @@ def look(client: Client, settings: Settings, config: Path | None, name: str) -> 
         daemon=daemon,
         last_pass_age_s=age,
         stopped_at=str(said.get("stopped_at", "?")) if daemon == STOPPED else None,
+        discovery=said["discovery"] if daemon != "none" and isinstance(said.get("discovery"), str) else None,
     )
 
 
