@@ -149,6 +149,11 @@ class Runner:
         )
 
 
+# How long the start waits for the event watcher's first SCAN before the first pass (which SCANs
+# by itself if the index is not complete by then).
+SEED_WAIT_S = 5.0
+
+
 def start_watcher(monitor: Monitor) -> Watcher | None:
     """The event-driven core where it can run; otherwise passes SCAN, and the audit says why."""
     settings = monitor.settings
@@ -170,6 +175,8 @@ def start_watcher(monitor: Monitor) -> Watcher | None:
     watcher.test_now()  # said at start, right after monitor_started, where Redis answers
     monitor.discovery = watcher
     watcher.start()
+    if watcher.progress.state is not None and watcher.progress.state.on:
+        watcher.wait_complete(timeout_s=SEED_WAIT_S)  # the first pass reads the index, not the keyspace
     return watcher
 
 

@@ -91,6 +91,7 @@ class Watcher:
         self._pass_seq = 0
         self._marks = itertools.count(1)
         self._stop = threading.Event()
+        self._complete = threading.Event()  # progress.complete, to wait on
         self._thread: threading.Thread | None = None
         self._reset()
 
@@ -121,6 +122,7 @@ class Watcher:
             self._set_state(state)
             with self._mutex:
                 self.progress.complete = False
+                self._complete.clear()
             return None
         n = next(self._marks)
         arrived = threading.Event()
@@ -148,6 +150,10 @@ class Watcher:
         self._thread = threading.Thread(target=self._run, name="event-watcher", daemon=True)
         self._thread.start()
 
+    def wait_complete(self, timeout_s: float) -> bool:
+        """Until the index holds every lock (subscribed and seeded), at most `timeout_s`."""
+        return self._complete.wait(timeout_s)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -162,6 +168,7 @@ class Watcher:
             except redis.RedisError as exc:
                 with self._mutex:
                     self.progress.complete = False
+                    self._complete.clear()
                     for barrier in self._barriers.values():
                         barrier.set()  # the pass goes on, its index not complete
                 log.warning("watcher_interrupted", error=str(exc), retry_in_s=backoff)
@@ -171,6 +178,7 @@ class Watcher:
                 log.exception("watcher_failed")
                 with self._mutex:
                     self.progress.complete = False
+                    self._complete.clear()
                 self._stop.wait(MAX_BACKOFF_S)
 
     def test_now(self) -> None:
@@ -210,6 +218,7 @@ class Watcher:
             pubsub.close()
             with self._mutex:
                 self.progress.complete = False
+                self._complete.clear()
 
     def _subscribe(self, pubsub: Any) -> None:
         pattern = self.settings.key_pattern.encode()
@@ -234,6 +243,7 @@ class Watcher:
             self._dirty.update(seeded)
             self.progress.index_size = len(self._index)
             self.progress.complete = True
+            self._complete.set()
         self._next_step = time.monotonic()
         log.info("watcher_subscribed", locks=len(seeded), state=self.progress.state and self.progress.state.reason)
 
