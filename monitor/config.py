@@ -10,6 +10,7 @@ path and the problem on one line.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -153,6 +154,12 @@ class Settings:
             raise ConfigError("config: the top level must be a mapping of sections")
         warnings = []
         unknown = [_key(name) for name in raw if name not in _SECTIONS]
+        for name in unknown:
+            # A foreign section (the fleet's own config.yml has many) is ignored; a near miss of one
+            # of ours is a typo that would silently drop every setting in it.
+            close = difflib.get_close_matches(name, list(_SECTIONS), n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"{name}: unknown section; did you mean {close[0]}?")
         if unknown:
             many = "s" if len(unknown) > 1 else ""
             names = ", ".join(unknown[:12]) + (f" and {len(unknown) - 12} more" if len(unknown) > 12 else "")

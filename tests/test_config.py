@@ -1378,3 +1378,18 @@ def test_an_alert_url_from_the_environment_is_checked_as_one_in_the_file(tmp_pat
     assert (good.returncode, good.stdout) == (0, "config ok\n"), good.stderr
     unset = _cli("config", "check", "-c", str(config), env=_cli_env(**LIMITS_ENV))  # the service's own variable
     assert (unset.returncode, unset.stdout) == (0, "config ok\n"), unset.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "meant"),
+    [("gpulock_monitor", "gpu_lock_monitor"), ("gpu_locks", "gpu_lock"), ("loging", "logging"), ("alert", "alerts")],
+)
+def test_a_misspelt_section_is_refused_naming_the_one_meant(section, meant):
+    with pytest.raises(ConfigError, match=rf"^{section}: unknown section; did you mean {meant}\?$"):
+        Settings.from_mapping({section: {"monitor_interval": 10}}, env={})
+
+
+@pytest.mark.parametrize("section", ["celery", "core", "ocr", "monitoring", "database", "ai_providers"])
+def test_a_foreign_section_is_ignored_with_a_warning(section):
+    settings = Settings.from_mapping({section: {"anything": 1}}, env={})
+    assert settings.warnings[0] == f"{section}: unknown section, ignored"
