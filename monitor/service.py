@@ -16,7 +16,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -81,6 +81,12 @@ class Discovery(Protocol):
 
     def forget_absent(self, absent: list[bytes]) -> None:
         """Keys the pass found gone (the index drops those no event has named since)."""
+
+    def quiet(self) -> frozenset[bytes]:
+        """Locks no event has named since they were last read (as of `candidates()`)."""
+
+    def read_by_pass(self, keys: list[bytes]) -> None:
+        """The pass read these keys."""
 
 
 @dataclass
@@ -189,13 +195,20 @@ class Monitor:
     ) -> None:
         self._persisted_ms = persisted_ms
         self._settle_unknown(report)
+        # Where events say a lock is as it was last read and no deadline of it is due, it is not read.
+        quiet = self.discovery.quiet() if self.discovery is not None else frozenset()
+        skipped = [k for k in keys if k in quiet and (hit := self._steady.get(k)) is not None and hit[2] > began_ms]
+        if skipped:
+            unread = set(skipped)
+            keys = [k for k in keys if k not in unread]
         observations = read_locks(self.client, keys)
         self._redis_back()
         if self.discovery is not None:
+            self.discovery.read_by_pass(keys)
             self.discovery.forget_absent([o.key for o in observations if o.value is None and o.invalid is None])
         self._report_invalid({o.key: o.invalid for o in observations if o.invalid}, report)
         after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
-        verdicts = self._evaluate(observations, after)
+        verdicts = self._evaluate(observations, after, skipped=skipped, now_ms=began_ms)
         report.verdicts = verdicts
         if self.gpus is not None:
             self.gpus.refresh()
@@ -219,11 +232,16 @@ class Monitor:
                 self._complete_ms = began_ms
             self._remember(kept, began_ms if complete else None, self._status(report))
 
-    def _evaluate(self, observations: list[Observation], after: int | None) -> list[Verdict]:
+    def _evaluate(
+        self, observations: list[Observation], after: int | None, *, skipped: Sequence[bytes] = (), now_ms: int = 0
+    ) -> list[Verdict]:
         """`evaluate`, except for locks where nothing in Redis changed since the last pass and no
         boundary (a tier, the heartbeat's expiry or staleness) fell due: their verdict is the last
         one, only later (README "Performance": most locks of a steady pass)."""
         reused: dict[bytes, Verdict] = {}
+        for key in skipped:  # not even read: the last verdict, at the pass's start
+            last = self._steady[key][1]
+            reused[key] = Verdict(shifted(last.holding, max(now_ms, last.holding.now_ms)), last.decision, last.stored)
         fresh: list[Observation] = []
         for obs in observations:
             hit = self._steady.get(obs.key)
@@ -237,7 +255,7 @@ class Monitor:
             verdicts = [self._own_notified(v) for v in verdicts]
         self._reused = reused
         by_key = {**reused, **{v.holding.key: v for v in verdicts}}
-        return [by_key[o.key] for o in observations if o.key in by_key]
+        return [by_key[o.key] for o in observations if o.key in by_key] + [reused[k] for k in skipped]
 
     def _steady_from(self, kept: dict[bytes, tuple[Verdict, Record]]) -> dict[bytes, tuple[Any, Verdict, int]]:
         """What the next pass may reuse: kept verdicts with the record as it will read it."""

@@ -99,6 +99,8 @@ def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
     )
     start = now - h.held_ms
     candidates = [start + tier_ms for tier_ms in tiers_ms]
+    if h.expiry_ms >= 0:
+        candidates.append(h.expiry_ms + 1)  # gone then, with or without an `expired` event
     if h.hb_value is not None:
         if h.hb_expiry_ms >= 0:
             candidates.append(h.hb_expiry_ms + 1)

@@ -88,7 +88,6 @@ class Watcher:
         self._mutex = threading.Lock()  # the index and the barriers: shared with the pass's thread
         self._index: dict[bytes, int] = {}  # key -> position of its last event (0: found by a SCAN)
         self._barriers: dict[int, threading.Event] = {}
-        self._pass_seq = 0
         self._marks = itertools.count(1)
         self._stop = threading.Event()
         self._complete = threading.Event()  # progress.complete, to wait on
@@ -99,7 +98,11 @@ class Watcher:
         """Forget what only an unbroken subscription proves."""
         self._seq = 0
         self._lock_pos: dict[bytes, int] = {}
-        self._hb_pos: dict[bytes, int] = {}
+        self._hb_pos: dict[bytes, int] = {}  # any event of the heartbeat key
+        self._hb_written_pos: dict[bytes, int] = {}  # a write of it (what proves it the holding's)
+        self._read_pos: dict[bytes, int] = {}  # the last read of the lock saw every event up to here
+        self._pass_seq = -1  # the position of the last pass's barrier in this subscription
+        self._quiet: frozenset[bytes] = frozenset()  # as of the last pass's barrier
         self._dirty: set[bytes] = set()
         self._deadlines: list[tuple[float, bytes]] = []
         self._deadline_of: dict[bytes, float] = {}
@@ -134,8 +137,20 @@ class Watcher:
                 self._barriers.pop(n, None)
                 return list(self._index), False
         with self._mutex:
-            self._pass_seq = self._seq
             return list(self._index), self.progress.complete
+
+    def quiet(self) -> frozenset[bytes]:
+        """Locks no event named since they were last read, as of the last `candidates()`: Redis
+        holds them as that read saw them (the pass need not read them again before a deadline)."""
+        return self._quiet
+
+    def read_by_pass(self, keys: list[bytes]) -> None:
+        """The pass read these after its barrier: they saw every event up to it."""
+        with self._mutex:
+            if self._pass_seq < 0:
+                return  # resubscribed since the barrier: what the read saw may predate a gap
+            for key in keys:
+                self._read_pos[key] = self._pass_seq
 
     def forget_absent(self, absent: list[bytes]) -> None:
         """Keys a pass found gone: out of the index unless an event came for them since."""
@@ -282,15 +297,17 @@ class Watcher:
         key = channel[len(self._prefix) :]
         if key.endswith(protocol.HEARTBEAT_SUFFIX):
             lock = key[: -len(protocol.HEARTBEAT_SUFFIX)]
-            if data in _HB_WRITES:
+            with self._mutex:
                 self._hb_pos[lock] = self._seq
+                if data in _HB_WRITES:
+                    self._hb_written_pos[lock] = self._seq
             if lock in self._index:
                 self._dirty.add(lock)
             return
         if not protocol.is_lock_candidate(key):
             return
-        self._lock_pos[key] = self._seq
         with self._mutex:
+            self._lock_pos[key] = self._seq
             if data in _GONE:
                 self._index.pop(key, None)
                 self._dirty.discard(key)
@@ -303,6 +320,14 @@ class Watcher:
     def _on_mark(self, n: int) -> None:
         with self._mutex:
             barrier = self._barriers.pop(n, None)
+            if barrier is not None:
+                # Every event raised before the pass's barrier is in: which locks changed since read.
+                self._pass_seq = self._seq
+                self._quiet = frozenset(
+                    key
+                    for key in self._index
+                    if max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0)) <= self._read_pos.get(key, -1)
+                )
         if barrier is not None:
             barrier.set()
             return
@@ -312,6 +337,8 @@ class Watcher:
         self._pending = None
         proven = [replace(o, hb_written=self._hb_written(o.key)) if o.value is not None else o for o in observations]
         with self._mutex:
+            for obs in proven:
+                self._read_pos[obs.key] = self._seq
             for obs in proven:
                 if obs.value is None and self._index.get(obs.key, -1) <= sent_seq:
                     self._index.pop(obs.key, None)
@@ -330,7 +357,7 @@ class Watcher:
 
     def _hb_written(self, key: bytes) -> bool:
         """A heartbeat write event after the lock's last change, both before the read's mark."""
-        return self._hb_pos.get(key, 0) > self._lock_pos.get(key, 0)
+        return self._hb_written_pos.get(key, 0) > self._lock_pos.get(key, 0)
 
     # --- reads, deadlines, reconcile --------------------------------------------------------------
 

@@ -339,3 +339,33 @@ def test_health_and_status_say_how_the_daemon_finds_locks(tmp_path, flags, said)
     assert f"locks found by {said}" in health.line
     assert looked.discovery == said
     assert looked.daemon_line.endswith(f"; finds locks by {said}")
+
+
+def test_with_events_a_pass_reads_only_what_changed_since_it_was_last_read(tmp_path, monkeypatch):
+    from monitor import service
+
+    with notifying() as (server, r):
+        keys = [hold(r, gpu) for gpu in range(3)]
+        for key in keys:
+            beat(r, key)
+        monitor = build(settings_for(server.url, tmp_path))
+        read: list[list[bytes]] = []
+        real_read = service.read_locks
+
+        def recording(client, candidates, **kwargs):
+            read.append(list(candidates))
+            return real_read(client, candidates, **kwargs)
+
+        monkeypatch.setattr(service, "read_locks", recording)
+        with watching(monitor):
+            monitor.run_pass()
+            monitor.run_pass()  # what the first pass wrote is read back, once
+            read.clear()
+            quiet = monitor.run_pass()
+            assert read == [[]]  # nothing changed: nothing read
+            r.set(protocol.heartbeat_key(keys[1]), b"new beat", ex=120)
+            moved = monitor.run_pass()
+    assert sorted(v.holding.key for v in quiet.verdicts) == keys
+    beats = {v.holding.key: v.holding.hb_value for v in moved.verdicts}
+    assert beats[keys[1]] == b"new beat"  # read by the pass or by the watcher before it: not stale
+    assert len(moved.verdicts) == 3
