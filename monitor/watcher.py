@@ -372,8 +372,9 @@ class Watcher:
         if self._pending is not None or not self._dirty:
             return
         with self._mutex:
-            keys = [k for k in itertools.islice(self._dirty, READ_BATCH) if k in self._index]
-            self._dirty.difference_update(itertools.islice(self._dirty.copy(), READ_BATCH))
+            batch = list(itertools.islice(self._dirty, READ_BATCH))
+            self._dirty.difference_update(batch)  # exactly those read: the rest stay due
+            keys = [k for k in batch if k in self._index]
         if not keys:
             return
         n = next(self._marks)

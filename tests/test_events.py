@@ -369,3 +369,19 @@ def test_with_events_a_pass_reads_only_what_changed_since_it_was_last_read(tmp_p
     beats = {v.holding.key: v.holding.hb_value for v in moved.verdicts}
     assert beats[keys[1]] == b"new beat"  # read by the pass or by the watcher before it: not stale
     assert len(moved.verdicts) == 3
+
+
+def test_every_lock_named_by_a_burst_of_events_is_read_and_released_by_the_watcher(tmp_path):
+    """More locks than one read takes (500): none is dropped between batches. Without expired
+    events (no x), only the watcher's own reads can find them dead before a pass."""
+    with notifying("K$g") as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor):
+            pipe = r.pipeline(transaction=False)
+            for gpu in range(1200):  # 1,200 workers that die at once, before any pass
+                key = protocol.lock_key(gpu)
+                pipe.set(key, protocol.lock_value("burst"), ex=600)
+                pipe.set(protocol.heartbeat_key(key), b"1", px=round(2000 * HB_INTERVAL_S))
+            pipe.execute()
+            wait_for(lambda: not r.keys("gpu_lock:*"), timeout_s=10)  # passes run every 30 s
+    assert len(events(monitor.settings.audit_path, "lock_released")) == 1200
