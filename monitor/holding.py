@@ -123,7 +123,7 @@ class Record:
 
 # A steady pass reads the same 10,000 records again: parsing each (JSON) was a third of its time.
 # Records are immutable, so one parse serves every pass that reads the same bytes.
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=4096)
 def _parsed(raw: bytes) -> Record | None:
     return Record._parse(raw)
 

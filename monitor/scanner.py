@@ -45,6 +45,11 @@ class Observation:
     invalid: str | None = None  # why this key is not a lock (e.g. wrong type)
     # Keyspace events prove a heartbeat write after this holding began and before this read.
     hb_written: bool = False
+    # Keyspace events changed the lock since it was last read: for a lock without a TTL, a new holding.
+    relocked: bool = False
+    # Keyspace events showed a heartbeat key there when this holding began: an earlier holder's
+    # writer may still beat on it, so no heartbeat can condemn this holding (holding.taints).
+    hb_tainted: bool = False
 
     @property
     def pttl_ms(self) -> int:

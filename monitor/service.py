@@ -68,6 +68,12 @@ class PassReport:
         return len(self.released_keys)
 
 
+def _identity(h: Holding) -> tuple[bytes, bytes, int, int]:
+    """A holding's identity (DESIGN section 3): lock, value and absolute expiry; without a TTL, which
+    repeats, also when it was first seen."""
+    return (h.key, h.holder, h.expiry_ms, h.id if h.expiry_ms < 0 else 0)
+
+
 def _signature(obs: Observation) -> tuple[Any, ...]:
     return (obs.value, obs.expiry_ms, obs.hb_value, obs.hb_expiry_ms, obs.record)
 
@@ -87,6 +93,12 @@ class Discovery(Protocol):
 
     def read_by_pass(self, keys: list[bytes]) -> None:
         """The pass read these keys."""
+
+    def relocked(self) -> frozenset[bytes]:
+        """Locks some event changed since they were last read (as of `candidates()`)."""
+
+    def tainted(self) -> frozenset[bytes]:
+        """Locks whose holding began with a heartbeat key there (as of `candidates()`)."""
 
 
 @dataclass
@@ -131,7 +143,7 @@ class Monitor:
         # Holdings this monitor released, and when (monotonic): a pass and the event watcher may
         # both have read one before either released it, and the tombstone would answer the
         # second `released` too. Forgotten with the tombstone.
-        self._released: dict[tuple[bytes, bytes, int], float] = {}
+        self._released: dict[tuple[bytes, bytes, int, int], float] = {}  # by _identity
         # Names this monitor's release attempts: replicas share a holding's id (its stored first
         # sight), and a tombstone must answer `released` only to the attempt that released.
         self._attempt = f"monitor:{secrets.token_hex(8)}"
@@ -197,11 +209,15 @@ class Monitor:
         self._settle_unknown(report)
         # Where events say a lock is as it was last read and no deadline of it is due, it is not read.
         quiet = self.discovery.quiet() if self.discovery is not None else frozenset()
+        relocked = self.discovery.relocked() if self.discovery is not None else frozenset()
+        beaten = self.discovery.tainted() if self.discovery is not None else frozenset()
         skipped = [k for k in keys if k in quiet and (hit := self._steady.get(k)) is not None and hit[2] > began_ms]
         if skipped:
             unread = set(skipped)
             keys = [k for k in keys if k not in unread]
         observations = read_locks(self.client, keys)
+        if relocked or beaten:
+            observations = [replace(o, relocked=o.key in relocked, hb_tainted=o.key in beaten) for o in observations]
         self._redis_back()
         if self.discovery is not None:
             self.discovery.read_by_pass(keys)
@@ -277,6 +293,8 @@ class Monitor:
         """Decide and act on these locks now, between passes (the event watcher's deadline and
         event reads); the verdicts of those still held. Redis errors propagate."""
         with self.lock:
+            # A read from before this monitor released that holding: nothing left to judge.
+            observations = [o for o in observations if (o.key, o.value, o.expiry_ms, 0) not in self._released]
             report = PassReport(started=self.wall())
             after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
             verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
@@ -474,7 +492,7 @@ class Monitor:
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
         h = verdict.holding
         fid = self._fid(h)
-        if fid in self._released:
+        if _identity(h) in self._released:
             return None  # read before this monitor released it: done already, said already
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
@@ -500,7 +518,10 @@ class Monitor:
         if result.outcome is Outcome.RELEASED:
             now = self.mono()
             self._released = {k: t for k, t in self._released.items() if now - t < TOMBSTONE_S}
-            self._released[fid] = now
+            self._released[_identity(h)] = now
+            unsettled = self._unsettled.get(h.key)
+            if unsettled is not None and _identity(unsettled.holding) == _identity(h):
+                del self._unsettled[h.key]  # settled by this answer: the next pass must not say it again
         return record if result.outcome is Outcome.HEARTBEAT_REVIVED else None
 
     def _call_reaper(self, verdict: Verdict) -> ReleaseResult:
@@ -531,6 +552,9 @@ class Monitor:
     def _settle_unknown(self, report: PassReport) -> None:
         """Ask again about releases whose reply was lost; the script answers what it did."""
         for key, verdict in list(self._unsettled.items()):
+            if _identity(verdict.holding) in self._released:
+                del self._unsettled[key]  # another read of it was answered `released` already
+                continue
             fields = {**self._fields(verdict, dry_run=False), "settles": "unknown"}
             try:
                 result = self._call_reaper(verdict)

@@ -48,13 +48,15 @@ def evaluate(
         if obs.invalid or obs.value is None:
             continue
         stored, mine = Record.loads(obs.record), remembered.get(obs.key)
+        if obs.relocked and obs.expiry_ms < 0:
+            stored = mine = None  # set again since the last look: what was known is of another holding
         ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
         prev = ours[0] if ours else None
         if prev is not None and len(ours) == 2 and not ours[1].notified <= prev.notified:
             prev = evolve(prev, notified=prev.notified | ours[1].notified)
         # Only a new holding can be tainted by what came before it.
         tainted = prev is None and (
-            taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
+            obs.hb_tainted or taints(obs.record, obs.now_ms) or (mine is not None and mine.ran_out_beating(obs.now_ms))
         )
         holding = track(
             obs,

@@ -34,8 +34,9 @@ import redis
 from monitor import notify, protocol, units
 from monitor.config import Settings
 from monitor.logs import get_logger
+from monitor.manual import redis_match
 from monitor.notify import NotifyState
-from monitor.scanner import READ_BATCH, SCAN_COUNT, Observation, read_locks, scan_candidates
+from monitor.scanner import READ_BATCH, SCAN_COUNT, Observation, read_locks
 from monitor.service import Monitor
 from monitor.verdict import next_deadline_ms
 
@@ -90,6 +91,7 @@ class Watcher:
         self._barriers: dict[int, threading.Event] = {}
         self._marks = itertools.count(1)
         self._stop = threading.Event()
+        self._resubscribe = threading.Event()  # set by a pass that found the subscription wanting
         self._complete = threading.Event()  # progress.complete, to wait on
         self._thread: threading.Thread | None = None
         self._reset()
@@ -100,6 +102,10 @@ class Watcher:
         self._lock_pos: dict[bytes, int] = {}
         self._hb_pos: dict[bytes, int] = {}  # any event of the heartbeat key
         self._hb_written_pos: dict[bytes, int] = {}  # a write of it (what proves it the holding's)
+        self._hb_present: set[bytes] = set()  # locks whose heartbeat key exists, as far as events and reads tell
+        self._hb_at_set: dict[bytes, bool] = {}  # whether it existed when the lock last changed
+        self._relocked: frozenset[bytes] = frozenset()  # as of the last pass's barrier
+        self._tainted: frozenset[bytes] = frozenset()  # as of the last pass's barrier
         self._read_pos: dict[bytes, int] = {}  # the last read of the lock saw every event up to here
         self._pass_seq = -1  # the position of the last pass's barrier in this subscription
         self._quiet: frozenset[bytes] = frozenset()  # as of the last pass's barrier
@@ -118,14 +124,18 @@ class Watcher:
 
         Asks whether notifications are still on (one probe), then waits until the watcher has
         read every event raised before this call (a mark through the subscription)."""
+        with self._mutex:
+            self._quiet = self._relocked = self._tainted = frozenset()  # only this pass's barrier sets them
         if not self.progress.complete:
             return None
-        state = self._self_test()
+        try:
+            state = self._self_test()
+        except redis.RedisError as exc:  # not an answer about notifications: this pass SCANs
+            log.warning("notification_probe_failed", error=str(exc))
+            return None
         if not state.on:
             self._set_state(state)
-            with self._mutex:
-                self.progress.complete = False
-                self._complete.clear()
+            self._lost("keyspace notifications are not on any more")
             return None
         n = next(self._marks)
         arrived = threading.Event()
@@ -135,9 +145,30 @@ class Watcher:
         if not arrived.wait(MARK_WAIT_S):
             with self._mutex:
                 self._barriers.pop(n, None)
-                return list(self._index), False
+            self._lost("the pass's mark did not come back through the subscription")
+            return None
         with self._mutex:
-            return list(self._index), self.progress.complete
+            if not self.progress.complete:
+                self._quiet = self._relocked = self._tainted = frozenset()
+                return None
+            return list(self._index), True
+
+    def _lost(self, why: str) -> None:
+        """The index may be missing events: passes SCAN until the thread has subscribed again."""
+        with self._mutex:
+            self.progress.complete = False
+            self._complete.clear()
+            self._quiet = self._relocked = self._tainted = frozenset()
+        self._resubscribe.set()
+        log.warning("watcher_resubscribing", reason=why)
+
+    def relocked(self) -> frozenset[bytes]:
+        """Locks some event changed since they were last read, as of the last `candidates()`."""
+        return self._relocked
+
+    def tainted(self) -> frozenset[bytes]:
+        """Locks whose holding began with a heartbeat key there, as of the last `candidates()`."""
+        return self._tainted
 
     def quiet(self) -> frozenset[bytes]:
         """Locks no event named since they were last read, as of the last `candidates()`: Redis
@@ -186,6 +217,7 @@ class Watcher:
                     self._complete.clear()
                     for barrier in self._barriers.values():
                         barrier.set()  # the pass goes on, its index not complete
+                    self._barriers.clear()
                 log.warning("watcher_interrupted", error=str(exc), retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
@@ -206,7 +238,7 @@ class Watcher:
     def _self_test(self) -> NotifyState:
         try:
             return notify.self_test(self.client, self.id, self.db)
-        except redis.ResponseError as exc:  # an ACL without SUBSCRIBE or the probe key: a setting, not an outage
+        except redis.exceptions.NoPermissionError as exc:  # the ACL's setting, not an outage
             return NotifyState("off", notify.NEEDED, f"the notification probe was refused: {exc}")
 
     def _set_state(self, state: NotifyState) -> None:
@@ -223,7 +255,7 @@ class Watcher:
         self._set_state(state)
         if not state.on:
             # Passes SCAN; ask again now and then, and switch over when the operator turns them on.
-            self._stop.wait(max(self.settings.monitor_interval_s, 30.0))
+            self._stop.wait(max(self.settings.monitor_interval_s, 1.0))
             return
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
         try:
@@ -250,9 +282,17 @@ class Watcher:
         with self._mutex:
             self._reset()
             self.progress.resubscribes += 1
-        # Subscribed first: a lock present before the SCAN is found by it, a later one by its event.
-        seeded = scan_candidates(self.client, self.settings.key_pattern)
+        # Subscribed first: a lock present before the SCAN is found by it, a later one by its event;
+        # so is a heartbeat key (whether one exists when a lock is set decides what proves it ours).
+        seeded, beating = [], set()
+        for key in self.client.scan_iter(match=self.settings.key_pattern, count=SCAN_COUNT):
+            if key.endswith(protocol.HEARTBEAT_SUFFIX):
+                beating.add(key[: -len(protocol.HEARTBEAT_SUFFIX)])
+            elif protocol.is_lock_candidate(key):
+                seeded.append(key)
+        seeded = list(dict.fromkeys(seeded))
         with self._mutex:
+            self._hb_present |= beating
             for key in seeded:
                 self._index.setdefault(key, 0)
             self._dirty.update(seeded)
@@ -264,6 +304,9 @@ class Watcher:
 
     def _loop(self, pubsub: Any) -> None:
         while not self._stop.is_set():
+            if self._resubscribe.is_set():
+                self._resubscribe.clear()
+                raise SubscriptionLostError("resubscribing, as a pass asked")
             message = pubsub.get_message(timeout=self._wait_s())
             while message is not None:
                 self._on_message(message)
@@ -301,6 +344,10 @@ class Watcher:
                 self._hb_pos[lock] = self._seq
                 if data in _HB_WRITES:
                     self._hb_written_pos[lock] = self._seq
+                    self._hb_present.add(lock)
+                elif data in _GONE:
+                    self._hb_written_pos.pop(lock, None)
+                    self._hb_present.discard(lock)
             if lock in self._index:
                 self._dirty.add(lock)
             return
@@ -312,9 +359,14 @@ class Watcher:
                 self._index.pop(key, None)
                 self._dirty.discard(key)
                 self._deadline_of.pop(key, None)
+                self._hb_pos.pop(key, None)  # what is kept per lock ends with it
+                self._read_pos.pop(key, None)
+                self._hb_at_set.pop(key, None)
             else:
                 self._index[key] = self._seq
                 self._dirty.add(key)
+                # A heartbeat there now may be an earlier holder's, and its writer may beat once more.
+                self._hb_at_set[key] = key in self._hb_present or not self._covers_heartbeat(key)
             self.progress.index_size = len(self._index)
 
     def _on_mark(self, n: int) -> None:
@@ -328,6 +380,8 @@ class Watcher:
                     for key in self._index
                     if max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0)) <= self._read_pos.get(key, -1)
                 )
+                self._relocked = frozenset(key for key in self._index if self._was_relocked(key))
+                self._tainted = frozenset(key for key in self._index if self._began_beaten(key))
         if barrier is not None:
             barrier.set()
             return
@@ -335,12 +389,25 @@ class Watcher:
             return  # a mark of a read given up on
         _, sent_seq, _, observations = self._pending
         self._pending = None
-        proven = [replace(o, hb_written=self._hb_written(o.key)) if o.value is not None else o for o in observations]
         with self._mutex:
+            proven = [
+                replace(
+                    o,
+                    hb_written=self._hb_written(o.key),
+                    relocked=self._was_relocked(o.key),
+                    hb_tainted=self._began_beaten(o.key),
+                )
+                if o.value is not None
+                else o
+                for o in observations
+            ]
             for obs in proven:
                 self._read_pos[obs.key] = self._seq
-            for obs in proven:
-                if obs.value is None and self._index.get(obs.key, -1) <= sent_seq:
+                if obs.hb_value is None:
+                    self._hb_present.discard(obs.key)
+                else:
+                    self._hb_present.add(obs.key)
+                if obs.value is None and obs.invalid is None and self._index.get(obs.key, -1) <= sent_seq:
                     self._index.pop(obs.key, None)
             self.progress.index_size = len(self._index)
         valid = [o for o in proven if o.invalid is None and o.value is not None]
@@ -356,8 +423,26 @@ class Watcher:
                 heapq.heappush(self._deadlines, (at, verdict.holding.key))
 
     def _hb_written(self, key: bytes) -> bool:
-        """A heartbeat write event after the lock's last change, both before the read's mark."""
-        return self._hb_written_pos.get(key, 0) > self._lock_pos.get(key, 0)
+        """Events prove a heartbeat write of this holding: the lock changed while this subscription
+        watched, no heartbeat key was there then, and one was written after (before the read's mark).
+        A heartbeat there at the lock's change may be an earlier holder's, whose writer may beat
+        once more after the new holder's SET: then nothing is proven by events."""
+        if key not in self._lock_pos or self._hb_at_set.get(key, True):
+            return False
+        return self._hb_written_pos.get(key, 0) > self._lock_pos[key]
+
+    def _began_beaten(self, key: bytes) -> bool:
+        """The lock's holding began, while this subscription watched, with a heartbeat key there."""
+        return key in self._lock_pos and self._hb_at_set.get(key, True)
+
+    def _was_relocked(self, key: bytes) -> bool:
+        """Some event changed the lock since this subscription's last read of it (a lock without a
+        TTL set again with the same value is a new holding that polling could not tell apart)."""
+        return key in self._lock_pos and self._lock_pos[key] > self._read_pos.get(key, -1)
+
+    def _covers_heartbeat(self, key: bytes) -> bool:
+        """Whether the subscription pattern also names `key`'s heartbeat (else its events never come)."""
+        return redis_match(self.settings.key_pattern.encode(), protocol.heartbeat_key(key))
 
     # --- reads, deadlines, reconcile --------------------------------------------------------------
 

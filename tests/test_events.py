@@ -385,3 +385,83 @@ def test_every_lock_named_by_a_burst_of_events_is_read_and_released_by_the_watch
             pipe.execute()
             wait_for(lambda: not r.keys("gpu_lock:*"), timeout_s=10)  # passes run every 30 s
     assert len(events(monitor.settings.audit_path, "lock_released")) == 1200
+
+
+# --- what the adversarial review found ------------------------------------------------------------
+
+
+def test_a_lock_without_ttl_taken_again_by_the_same_task_is_a_new_holding(tmp_path):
+    """Polling cannot tell a no-TTL lock deleted and set again with the same value from the old one;
+    its keyspace events can, and the new holder inherits no held time."""
+    with notifying() as (server, r):
+        settings = make_settings(
+            server.url,
+            tmp_path,
+            gpu_lock_monitor={**SLOW, "timeout_levels": {"warning": 1.0, "soft_timeout": 2.0, "hard_timeout": 60}},
+        )
+        monitor = build(settings)
+        with watching(monitor), subscribed(r, protocol.release_channel(b"gpu_lock:0")) as notices:
+            key = protocol.lock_key(0)
+            r.set(key, protocol.lock_value("tts"))  # no TTL
+            wait_for(lambda: key in monitor._known, timeout_s=5)
+            time.sleep(1.5)  # the first holding ages
+            r.delete(key)  # a legacy release
+            r.set(key, protocol.lock_value("tts"))  # the same task again, at once
+            retaken = time.monotonic()
+            notice = next_message(notices, timeout_s=10)
+            released_after_s = time.monotonic() - retaken
+    assert notice is not None
+    assert released_after_s >= 2.0 - 0.05  # its own soft_timeout, not the earlier holding's
+    (released,) = events(settings.audit_path, "lock_released")
+    assert released["held_s"] >= 2.0
+
+
+def test_a_stray_beat_of_the_previous_holder_never_condemns_the_next_one(tmp_path):
+    """A legacy holder deletes its lock while its heartbeat thread still runs; the next holder (no
+    heartbeats) takes the lock, then the old thread beats once more. That write came after the new
+    SET, but the heartbeat key was there at the SET: it proves nothing about the new holder."""
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor):
+            key = legacy_acquire(r, 0, heartbeat=False)
+            hb_key = protocol.heartbeat_key(key)
+            r.set(hb_key, str(time.time()), px=10_000)  # its heartbeat, still well within its TTL below
+            wait_for(lambda: key in monitor._known, timeout_s=5)
+            r.delete(key)
+            legacy_acquire(r, 0, task="next", heartbeat=False)
+            r.set(hb_key, str(time.time()), px=round(2000 * HB_INTERVAL_S))  # the old thread's last beat
+            wait_for(lambda: r.exists(hb_key) == 0, timeout_s=5)
+            verdicts = monitor.run_keys(read_locks(monitor.client, [key]))
+            assert r.get(key) == b"locked_by_next"
+    assert [v.holding.heartbeat.value for v in verdicts] == ["none"]
+    assert events(monitor.settings.audit_path, "lock_released") == []
+
+
+def test_notifications_turned_off_then_on_again_switch_passes_to_scan_and_back(tmp_path):
+    with notifying() as (server, r):
+        settings = make_settings(server.url, tmp_path, gpu_lock_monitor={**SLOW, "monitor_interval": 0.5})
+        monitor = build(settings)
+        with watching(monitor) as watcher:
+            assert watcher.candidates() is not None
+            r.config_set("notify-keyspace-events", "")
+            assert watcher.candidates() is None  # this pass SCANs
+            assert watcher.quiet() == frozenset()
+            r.config_set("notify-keyspace-events", "K$gx")
+            wait_for(lambda: watcher.progress.complete, timeout_s=10)
+            assert watcher.candidates() is not None
+    said = [e["state"] for e in events(settings.audit_path, "keyspace_notifications")]
+    assert said == ["on", "off", "on"]
+
+
+def test_a_key_that_is_not_a_lock_stays_indexed_and_is_audited(tmp_path):
+    with notifying() as (server, r):
+        r.hset("gpu_lock:stats", "n", 1)  # (hash commands raise no event of the classes used)
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor) as watcher:
+            assert b"gpu_lock:stats" in watcher._index  # the seed SCAN found it
+            for _ in range(3):
+                monitor.run_pass()
+            assert b"gpu_lock:stats" in watcher._index
+            assert watcher.progress.found_by_reconcile == 0
+    (said,) = events(monitor.settings.audit_path, "invalid_lock")
+    assert said["lock_key"] == "gpu_lock:stats"
