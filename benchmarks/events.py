@@ -8,7 +8,7 @@ for the `scan` rows. `passes`: a pass's wall time (half the locks' heartbeats re
 the default 60 s heartbeat and 30 s interval), the daemon's CPU (process time) and
 Redis's busy time per pass (INFO commandstats, all commands), the reconcile SCAN's share of Redis
 over 10 s, and the daemon's peak RSS. `latency`: a legacy worker takes a lock with a 300 ms
-heartbeat, beats for 2.4 s and dies; from the heartbeat's expiry (Redis clock) to the release notice arriving, and
+heartbeat, beats for 6 s and dies; from the heartbeat's expiry (Redis clock) to the release notice arriving, and
 to a waiting reference client holding the lock; with notifications off, passes run every 1 s.
 """
 
@@ -35,7 +35,7 @@ from monitor.service import Monitor
 from monitor.worker.client import GpuLock
 
 HB_PX = 300
-LIVE_BEATS = 16  # 2.4 s of a live worker before it dies
+LIVE_BEATS = 40  # 6 s of a live worker before it dies: passes every 1 s see its heartbeat change
 
 
 def redis_args(notify: bool) -> list[str]:
