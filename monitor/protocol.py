@@ -287,24 +287,6 @@ def notice(lock_key: bytes, holder: bytes, reason: str, timestamp: float) -> byt
     ).encode()
 
 
-# KEYS lock, heartbeat; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms. Returns the
-# lock's absolute expiry (with the value, the holding's identity for the release script), or 0.
-# The first heartbeat is written with the lock: the monitor counts it as alive from the start, and
-# its first refresh proves it this holding's (DESIGN.md section 3).
-# Finding our own value means an earlier try succeeded but its reply was lost to a dropped
-# connection: that try's lock is ours, so say so instead of waiting on ourselves.
-ACQUIRE_SCRIPT = (
-    EXPIRY_LUA
-    + """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-return expiry(KEYS[1])
-"""
-)
-
-
 # KEYS lock, heartbeat; ARGV value, heartbeat value, heartbeat ttl ms.
 HEARTBEAT_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -601,9 +583,13 @@ def _seconds(value: object) -> float | None:
 
 
 # KEYS lock, heartbeat, holder record; ARGV value, lock ttl ms, heartbeat value, heartbeat ttl ms,
-# record. ACQUIRE_SCRIPT with the record: written in the same script as the lock (no moment has the
-# lock without it), expiring at the lock's own expiry to the millisecond (SET PXAT, Redis 6.2; before
-# it, PX with the lock's PTTL, within a millisecond). Returns the lock's expiry, or 0.
+# record. Returns the lock's absolute expiry (with the value, the holding's identity for the release
+# script), or 0. The first heartbeat is written with the lock: the monitor counts it as alive from the
+# start, and its first refresh proves it this holding's (DESIGN.md section 3). Finding our own value
+# means an earlier try succeeded but its reply was lost to a dropped connection: that try's lock is
+# ours, so say so instead of waiting on ourselves. The record is written in the same script as the
+# lock (no moment has the lock without it), expiring at the lock's own expiry to the millisecond
+# (SET PXAT, Redis 6.2; before it, PX with the lock's PTTL, within a millisecond).
 ACQUIRE_WITH_HOLDER_SCRIPT = (
     EXPIRY_LUA
     + """

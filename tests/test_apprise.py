@@ -21,18 +21,8 @@ from monitor.redact import redact
 
 pytest.importorskip("apprise")
 
-RELEASED = {
-    "lock_key": "gpu_lock:0",
-    "holder": "locked_by_tts",
-    "held_s": 930.5,
-    "heartbeat": "alive",
-    "heartbeat_age_s": 3.0,
-    "tier": "hard",
-    "reason": "hard_timeout",
-    "dry_run": False,
-    "holding": 17,
-    "outcome": "released",
-}
+from test_alerts import RELEASED  # the same released lock as the other channels are tested with
+
 WARNING = {"lock_key": "gpu_lock:1", "holder": "locked_by_asr", "held_s": 301.0, "tier": "warning", "holding": 3}
 
 
