@@ -215,7 +215,7 @@ class Monitor:
         if skipped:
             unread = set(skipped)
             keys = [k for k in keys if k not in unread]
-        observations = read_locks(self.client, keys)
+        observations = self._not_released(read_locks(self.client, keys))
         if relocked or beaten:
             observations = [replace(o, relocked=o.key in relocked, hb_tainted=o.key in beaten) for o in observations]
         self._redis_back()
@@ -289,12 +289,18 @@ class Monitor:
             steady[key] = ((h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored), last, due or _NEVER)
         return steady
 
+    def _not_released(self, observations: list[Observation]) -> list[Observation]:
+        """Less reads of a holding this monitor released since (a pass and the event watcher may both
+        have read it before either released it; the tombstone would answer `released` again)."""
+        if not self._released:
+            return observations
+        return [o for o in observations if (o.key, o.value, o.expiry_ms, 0) not in self._released]
+
     def run_keys(self, observations: list[Observation]) -> list[Verdict]:
         """Decide and act on these locks now, between passes (the event watcher's deadline and
         event reads); the verdicts of those still held. Redis errors propagate."""
         with self.lock:
-            # A read from before this monitor released that holding: nothing left to judge.
-            observations = [o for o in observations if (o.key, o.value, o.expiry_ms, 0) not in self._released]
+            observations = self._not_released(observations)
             report = PassReport(started=self.wall())
             after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
             verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
@@ -492,8 +498,6 @@ class Monitor:
     def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
         h = verdict.holding
         fid = self._fid(h)
-        if _identity(h) in self._released:
-            return None  # read before this monitor released it: done already, said already
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
             return record
@@ -552,9 +556,6 @@ class Monitor:
     def _settle_unknown(self, report: PassReport) -> None:
         """Ask again about releases whose reply was lost; the script answers what it did."""
         for key, verdict in list(self._unsettled.items()):
-            if _identity(verdict.holding) in self._released:
-                del self._unsettled[key]  # another read of it was answered `released` already
-                continue
             fields = {**self._fields(verdict, dry_run=False), "settles": "unknown"}
             try:
                 result = self._call_reaper(verdict)

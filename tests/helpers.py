@@ -165,7 +165,7 @@ def acl_user(
         rules.update(channels=channels, reset_channels=True)
     admin.acl_setuser(name, enabled=True, passwords=[f"+{password}"], **rules)
     at = admin.connection_pool.connection_kwargs
-    url = f"redis://{name}:{password}@{at.get('host', '127.0.0.1')}:{at.get('port', 6379)}/{at.get('db', 0)}"
+    url = f"redis://{name}:{password}@{at['host']}:{at['port']}/{at.get('db', 0)}"
     client = redis.Redis.from_url(url, protocol=2)
     try:
         yield AclUser(url, client)

@@ -465,3 +465,50 @@ def test_a_key_that_is_not_a_lock_stays_indexed_and_is_audited(tmp_path):
             assert watcher.progress.found_by_reconcile == 0
     (said,) = events(monitor.settings.audit_path, "invalid_lock")
     assert said["lock_key"] == "gpu_lock:stats"
+
+
+# --- a holding read twice, released once ------------------------------------------------------------
+
+
+def test_a_read_from_before_the_release_is_neither_released_nor_audited_again(r, redis_server, tmp_path, monkeypatch):
+    """The interleaving injected: the second actor's read of the holding predates the first one's
+    release. The tombstone would answer `released` again; this monitor says it once."""
+    from monitor import service
+
+    settings = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"timeout_levels": {"soft_timeout": 400}})
+    key = hold(r, 0, age_s=450)  # past soft_timeout, no heartbeat: released at the next look
+    monitor = build(settings)
+    stale = read_locks(monitor.client, [key])
+    assert monitor.run_pass().released == 1
+    assert monitor.run_keys(stale) == []  # the event path's read of it, handled after the pass
+    monkeypatch.setattr(service, "read_locks", lambda client, keys, **kw: stale)
+    assert monitor.run_pass().released == 0  # a pass whose read predates the release
+    assert len(events(settings.audit_path, "lock_released")) == 1
+    assert events(settings.audit_path, "release_skipped") == []
+    assert events(settings.audit_path, "lock_timeout_mismatch") == []  # nor judged as a new holding
+
+
+def test_a_release_whose_reply_was_lost_is_settled_once_whatever_reads_it_again(r, redis_server, tmp_path, monkeypatch):
+    """Lost reply: audited `unknown`. Another read of the holding asks again (its own attempt, so the
+    tombstone does not answer it), then the next pass settles it: `released` once."""
+    settings = make_settings(redis_server.url, tmp_path, gpu_lock_monitor={"timeout_levels": {"soft_timeout": 400}})
+    key = hold(r, 0, age_s=450)
+    monitor = build(settings)
+    stale = read_locks(monitor.client, [key])
+    real_release = monitor.reaper.release
+    lost = []
+
+    def losing(*args, **kwargs):
+        result = real_release(*args, **kwargs)
+        if not lost:
+            lost.append(result)
+            raise redis.ConnectionError("reply lost")
+        return result
+
+    monkeypatch.setattr(monitor.reaper, "release", losing)
+    assert monitor.run_pass().error is not None  # the pass stops at the lost reply
+    assert not r.exists(key)  # the script ran
+    monitor.run_keys(stale)  # another read of the same holding: the tombstone answers
+    assert monitor.run_pass().error is None
+    outcomes = [e["outcome"] for e in events(settings.audit_path, "lock_released")]
+    assert outcomes == ["unknown", "released"]  # said unknown, then settled once, never released twice
