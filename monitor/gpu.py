@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,6 +27,10 @@ from monitor import protocol
 from monitor.logs import get_logger
 
 log = get_logger("gpulock_monitor.nvml")
+
+# Xid errors kept per device, and shown in an audit record's `gpu`.
+XID_KEPT = 256
+XID_SHOWN = 16
 
 # NVML return codes (nvml.h) behind the init failures an operator will meet.
 _INIT_REASONS = {
@@ -47,8 +52,42 @@ class GpuProcess:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One value from the driver's own sample buffer, timed on this host's monotonic clock."""
+
+    mono: float
+    value: float
+
+
+@dataclass(frozen=True)
+class Xid:
+    """One Xid error NVML reported for a device (`code`: the Xid number, as in the kernel log)."""
+
+    code: int
+    wall: float  # time.time() when the monitor received it
+    mono: float  # time.monotonic() then: what durations and "since the holding began" use
+    gpu_instance: int | None = None  # MIG: the GPU/compute instance the error was in, when NVML says
+    compute_instance: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "ts": datetime.fromtimestamp(self.wall, timezone.utc).isoformat(timespec="milliseconds"),
+            "gpu_instance": self.gpu_instance,
+            "compute_instance": self.compute_instance,
+        }
+
+
+@dataclass(frozen=True)
 class GpuInfo:
-    """One device at one moment; None means NVML could not say."""
+    """One device at one moment; None means NVML could not say.
+
+    The `*_samples` are what the driver sampled since the previous snapshot (every sample, not one
+    a pass): () when it sampled nothing new (an idle GPU's buffer runs dry), None when this
+    driver or GPU has no sample buffer of that kind. `xids` are the Xid errors received since the
+    monitor started watching (the most recent XID_KEPT), None when Xid events are not watched or
+    not available on this device. `read_mono` is when this snapshot was read (time.monotonic()).
+    """
 
     index: int
     uuid: str | None
@@ -57,6 +96,16 @@ class GpuInfo:
     memory_total_bytes: int | None
     utilization_pct: int | None
     processes: tuple[GpuProcess, ...] | None
+    memory_util_pct: int | None = None  # memory-controller activity (utilization.memory)
+    power_w: float | None = None
+    power_limit_w: float | None = None  # the enforced limit
+    sm_clock_mhz: int | None = None
+    sm_clock_max_mhz: int | None = None
+    util_samples: tuple[Sample, ...] | None = None
+    memory_util_samples: tuple[Sample, ...] | None = None
+    power_samples: tuple[Sample, ...] | None = None  # watts
+    xids: tuple[Xid, ...] | None = None
+    read_mono: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +116,12 @@ class GpuInfo:
             "memory_total_bytes": self.memory_total_bytes,
             "utilization_pct": self.utilization_pct,
             "processes": None if self.processes is None else [p.as_dict() for p in self.processes],
+            "memory_util_pct": self.memory_util_pct,
+            "power_w": self.power_w,
+            "power_limit_w": self.power_limit_w,
+            "sm_clock_mhz": self.sm_clock_mhz,
+            "sm_clock_max_mhz": self.sm_clock_max_mhz,
+            "xids": None if self.xids is None else [x.as_dict() for x in self.xids[-XID_SHOWN:]],
         }
 
 
