@@ -252,9 +252,11 @@ def _heartbeat(
     now = obs.now_ms
     if obs.hb_value is None:
         rec = evolve(rec, hb_value=None, hb_expiry_ms=None, hb_observed_ms=None)
-        if obs.hb_written and not rec.hb_tainted:
-            rec = evolve(rec, hb_seen=True)  # written and gone between two looks (keyspace events)
-        if not rec.hb_seen or rec.hb_tainted:
+        if (obs.hb_written and not rec.hb_tainted) or obs.hb_promised:
+            # Written and gone between two looks (keyspace events), or written with the lock by a
+            # holder whose record promises heartbeats (a dead writer cannot taint that promise).
+            rec = evolve(rec, hb_seen=True)
+        if not obs.hb_promised and (not rec.hb_seen or rec.hb_tainted):
             return Heartbeat.NONE, None, rec
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
         refreshed = rec.hb_refreshed_ms
@@ -268,8 +270,9 @@ def _heartbeat(
         observed, hb_expiry = now, obs.hb_expiry_ms
         # It appeared or changed since a look during this holding: written during it.
         seen_change = prev is not None
-    # Or keyspace events showed a write of it after the holding began.
-    seen_change = seen_change or obs.hb_written
+    # Or keyspace events showed a write of it after the holding began, or the holder's record says
+    # it wrote one with the lock (which overwrote any earlier holder's).
+    seen_change = seen_change or obs.hb_written or obs.hb_promised
     # Workers set the key with EX 2 * heartbeat.interval, so its expiry dates the last write; that
     # date only ever makes it look fresher (an age to show), it proves nothing about whose it is.
     written = None
@@ -277,7 +280,7 @@ def _heartbeat(
         written = hb_expiry - hb_ttl_ms
     rec = evolve(rec, hb_value=hb, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
     age = max(0, now - (written if written is not None else observed))
-    if not (rec.hb_seen or seen_change) or rec.hb_tainted:
+    if not (rec.hb_seen or seen_change) or (rec.hb_tainted and not obs.hb_promised):
         # Maybe an earlier holder's: it protects, it never condemns.
         return Heartbeat.ALIVE, age, rec
     rec = evolve(rec, hb_seen=True, hb_refreshed_ms=now - age)

@@ -10,9 +10,16 @@ lock value that is not UTF-8 must still be compared and released exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+import os
+import re
+import socket
+from collections.abc import Mapping
 from enum import Enum
+from typing import TypedDict
 
 from monitor.errors import ReleaseError
 
@@ -212,15 +219,16 @@ return out
 )
 
 
-# Per lock: the lock and its heartbeat with their expiries, the holding's record by value.
-READ_WANT = "ee-"
+# Per lock: the lock and its heartbeat with their expiries, the holding's record and the holder
+# record by value.
+READ_WANT = "ee--"
 
 
 TOMBSTONE_TTL_MS = 600_000
 
 
-# KEYS[1] lock, then what ARGV[9] names: "h" its heartbeat, "r" the holding's record and the
-# tombstone key (in Redis Cluster a key in another slot is left out).
+# KEYS[1] lock, then what ARGV[9] names, in this order: "h" its heartbeat, "r" the holding's record
+# and the tombstone key, "o" the holder record (in Redis Cluster a key in another slot is left out).
 # ARGV[1] holder, ARGV[2] its expiry as observed (-1: no TTL), ARGV[3] "check" or "any" for the
 # heartbeat, ARGV[4] heartbeat value as observed ("" absent), ARGV[5] its expiry, ARGV[6]
 # channel, ARGV[7] notice, ARGV[8] tombstone ms, ARGV[10] the attempt (who, which holding).
@@ -228,9 +236,10 @@ RELEASE_SCRIPT = (
     EXPIRY_LUA
     + FINGERPRINT_LUA
     + """
-local hb_key, rec_key, tomb_key, n = false, false, false, 2
+local hb_key, rec_key, tomb_key, own_key, n = false, false, false, false, 2
 if string.find(ARGV[9], 'h', 1, true) then hb_key = KEYS[n] n = n + 1 end
-if string.find(ARGV[9], 'r', 1, true) then rec_key, tomb_key = KEYS[n], KEYS[n + 1] end
+if string.find(ARGV[9], 'r', 1, true) then rec_key, tomb_key = KEYS[n], KEYS[n + 1] n = n + 2 end
+if string.find(ARGV[9], 'o', 1, true) then own_key = KEYS[n] end
 local tomb = ARGV[10] .. ':' .. ARGV[2] .. ':' .. fp(ARGV[1])
 if tomb_key and redis.pcall('GET', tomb_key) == tomb then return {'released', ARGV[1], false} end
 local value = redis.pcall('GET', KEYS[1])
@@ -249,6 +258,9 @@ end
 -- stops here, and no notice announces a lock that is still held.
 redis.call('DEL', KEYS[1])
 if hb then redis.pcall('DEL', hb_key) end
+-- The holder record goes with the lock: whoever wrote it, it describes no holding now. A key of
+-- another type there is nobody's record: left alone.
+if own_key and type(redis.pcall('GET', own_key)) == 'string' then redis.call('DEL', own_key) end
 if rec_key then
   -- "+": released while its heartbeat was there and not judged dead; its writer may live on.
   local mark = (ARGV[3] == 'any' and hb) and '+released' or '-released'
@@ -362,14 +374,6 @@ def outcome_of(code: bytes) -> Outcome:
 # too (the heartbeat's value stays a bare timestamp for the workers that read it). Its format is
 # HolderRecord's. A field may be added without changing `v`; `v` changes only when a reader of
 # version 1 would misread a record.
-
-# The section's own imports, kept with it (E402): the protocol above needs none of them.
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import socket  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from typing import TypedDict  # noqa: E402
 
 HOLDER_RECORD_VERSION = 1
 # A record is a few hundred bytes; anyone who can write the key controls it, and the monitor
@@ -652,3 +656,12 @@ if own(redis.pcall('GET', KEYS[1]), ARGV[1]) then return redis.call('DEL', KEYS[
 return 0
 """
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def promises(raw: bytes, value: bytes) -> bool:
+    """True when `raw` is the holder record of the holding whose lock value is `value` and it
+    promises heartbeats: its holder wrote the first one with the lock (ACQUIRE_WITH_HOLDER_SCRIPT).
+    Cached: a pass asks it of every lock, and records change only at progress marks."""
+    record = parse_holder_record(raw)
+    return record is not None and record["heartbeats"] and holder_record_matches(record, value)

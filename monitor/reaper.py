@@ -76,10 +76,13 @@ class Reaper:
         layout: dict[str, list[bytes]] = {"h": [hb_key]}
         if bookkeeping:
             layout["r"] = [protocol.holding_key(lock_key), protocol.released_key(lock_key)]
+            layout["o"] = [protocol.holder_key(lock_key)]  # a worker drops its own (token-checked)
         if self._cluster:
             slot = key_slot(lock_key)
             if "r" in layout and key_slot(layout["r"][0]) != slot:
                 del layout["r"]  # an odd key that no record key shares a slot with
+            if "o" in layout and key_slot(layout["o"][0]) != slot:
+                del layout["o"]  # untagged keys: the holder record expires with the lock's old expiry
             if key_slot(hb_key) != slot:
                 # Keys not hash-tagged: the heartbeat is in another slot, out of the script's
                 # reach. It is re-checked one round trip before (a refresh in that gap goes

@@ -50,6 +50,12 @@ class Observation:
     # Keyspace events showed a heartbeat key there when this holding began: an earlier holder's
     # writer may still beat on it, so no heartbeat can condemn this holding (holding.taints).
     hb_tainted: bool = False
+    # The holder record (`<lock>:holder`) as read, when the holder wrote one (DESIGN.md section 2).
+    holder: bytes | None = None
+    # That record is this holding's and promises heartbeats, read in the same atomic read as the
+    # lock and its heartbeat: the holder wrote its first heartbeat with the lock, so a missing one
+    # means it stopped (holding._heartbeat).
+    hb_promised: bool = False
 
     @property
     def pttl_ms(self) -> int:
@@ -83,7 +89,10 @@ def read_locks(
 
 
 def _lock_keys(key: bytes) -> list[bytes]:
-    return [key, protocol.heartbeat_key(key), protocol.holding_key(key)]
+    return [key, protocol.heartbeat_key(key), protocol.holding_key(key), protocol.holder_key(key)]
+
+
+_FIELDS = 2 * len(protocol.READ_WANT)
 
 
 def _read_batch(client: Client, batch: list[bytes], mark: tuple[bytes, bytes] | None = None) -> list[Observation]:
@@ -94,7 +103,7 @@ def _read_batch(client: Client, batch: list[bytes], mark: tuple[bytes, bytes] | 
     read = client.register_script(protocol.READ_SCRIPT)
     reply: list[Any] = read(keys=script_keys, args=args)
     now_ms = units.ms_of_time(reply[0], reply[1])
-    return [_observation(key, now_ms, reply[2 + i * 6 : 2 + (i + 1) * 6]) for i, key in enumerate(batch)]
+    return [_observation(key, now_ms, reply[2 + i * _FIELDS : 2 + (i + 1) * _FIELDS]) for i, key in enumerate(batch)]
 
 
 def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]:
@@ -128,17 +137,22 @@ def _read_cluster_batch(client: Client, batch: list[bytes]) -> list[Observation]
             found[k] = (units.ms_of_time(reply[0], reply[1]), reply[2 + 2 * i], reply[3 + 2 * i])
     observations = []
     for key in batch:
-        lock, hb, rec = (found[k] for k in _lock_keys(key))
-        observations.append(_observation(key, lock[0], [lock[1], lock[2], hb[1], hb[2], rec[1], rec[2]]))
+        keys = _lock_keys(key)
+        lock, hb, rec, own = (found[k] for k in keys)
+        # Only a read of one slot is one moment: a promise read apart from the lock proves nothing.
+        atomic = key_slot(keys[1]) == key_slot(keys[3]) == key_slot(key)
+        fields = [lock[1], lock[2], hb[1], hb[2], rec[1], rec[2], own[1], own[2]]
+        observations.append(_observation(key, lock[0], fields, atomic=atomic))
     return observations
 
 
-def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
-    value, expiry, hb_value, hb_expiry, record, _ = fields
+def _observation(key: bytes, now_ms: int, fields: list[Any], *, atomic: bool = True) -> Observation:
+    value, expiry, hb_value, hb_expiry, record, _, holder, _ = fields
     if value == 0:  # a hash or list under the lock pattern is not a lock
         return Observation(key, now_ms, None, -2, None, -2, None, "not a string key")
     if hb_value == 0:  # a non-string heartbeat key proves nothing
         hb_value, hb_expiry = None, -2
+    holder = holder if isinstance(holder, bytes) else None
     return Observation(
         key,
         now_ms,
@@ -147,6 +161,8 @@ def _observation(key: bytes, now_ms: int, fields: list[Any]) -> Observation:
         hb_value,
         int(hb_expiry),
         record if isinstance(record, bytes) else None,
+        holder=holder,
+        hb_promised=atomic and holder is not None and isinstance(value, bytes) and protocol.promises(holder, value),
     )
 
 
