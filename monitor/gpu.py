@@ -16,6 +16,8 @@ import os
 import pwd
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +33,25 @@ log = get_logger("gpulock_monitor.nvml")
 # Xid errors kept per device, and shown in an audit record's `gpu`.
 XID_KEPT = 256
 XID_SHOWN = 16
+# How long the Xid thread waits for an event at a time: how soon it stops when asked.
+XID_WAIT_MS = 500
+
+# nvml.h values, stable across drivers (a binding may lack the names, never the numbers).
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_CLOCK_SM = 1
+NVML_TOTAL_POWER_SAMPLES = 0
+NVML_GPU_UTILIZATION_SAMPLES = 1
+NVML_MEMORY_UTILIZATION_SAMPLES = 2
+NVML_EVENT_TYPE_XID_CRITICAL_ERROR = 0x8
+# Not a MIG instance (nvmlEventData_t's gpuInstanceId/computeInstanceId outside MIG mode).
+NVML_NO_INSTANCE = 0xFFFFFFFF
+# nvmlValueType_t -> the nvmlValue_t member that holds a sample.
+_SAMPLE_FIELDS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+# Answers meaning "this call will never work here": remembered per device, the call not made again.
+_NEVER = (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND)
 
 # NVML return codes (nvml.h) behind the init failures an operator will meet.
 _INIT_REASONS = {
@@ -128,7 +149,14 @@ class GpuInfo:
 class Nvml:
     """Lazy, thread-safe access to NVML; `snapshot()` is {} whenever NVML is unavailable."""
 
-    def __init__(self, mode: str = "auto", load: Callable[[], ModuleType] | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "auto",
+        load: Callable[[], ModuleType] | None = None,
+        *,
+        xid_events: bool = False,
+        xid_wait_ms: int = XID_WAIT_MS,
+    ) -> None:
         self.mode = mode
         self._load = load or (lambda: importlib.import_module("pynvml"))
         self._lock = threading.Lock()
@@ -136,6 +164,11 @@ class Nvml:
         self._tried = False
         self._use_v2_processes = False
         self.reason: str | None = None  # why NVML is unavailable
+        self._xid_events = xid_events
+        self._xid_wait_ms = xid_wait_ms
+        self.xids: XidWatch | None = None
+        self._never: set[tuple[int, str]] = set()  # (device, call) that this driver does not support
+        self._last_sample: dict[tuple[int, int], int] = {}  # (device, sample type) -> last timestamp seen
 
     @property
     def available(self) -> bool:
@@ -166,6 +199,9 @@ class Nvml:
             self._nv = nv
             atexit.register(self.shutdown)
             log.info("nvml_ready", devices=self._count())
+            if self._xid_events:
+                self.xids = XidWatch(nv, self._count(), self._xid_wait_ms)
+                self.xids.start()
 
     def _unavailable(self, reason: str) -> None:
         self.reason = reason
@@ -175,6 +211,10 @@ class Nvml:
     def shutdown(self) -> None:
         with self._lock:
             if self._nv is not None:
+                if self.xids is not None and not self.xids.stop():
+                    # Its thread is still inside NVML: shutting NVML down under it could crash.
+                    self._nv = None
+                    return
                 with contextlib.suppress(self._nv.NVMLError):
                     self._nv.nvmlShutdown()
                 self._nv = None
@@ -202,15 +242,72 @@ class Nvml:
             return GpuInfo(index, None, None, None, None, None, None)
         memory = self._call(nv.nvmlDeviceGetMemoryInfo, handle)
         utilization = self._call(nv.nvmlDeviceGetUtilizationRates, handle)
+        uuid = _text(self._call(nv.nvmlDeviceGetUUID, handle))
+        power_mw = self._optional(index, "nvmlDeviceGetPowerUsage", handle)
+        limit_mw = self._optional(index, "nvmlDeviceGetEnforcedPowerLimit", handle)
         return GpuInfo(
             index=index,
-            uuid=_text(self._call(nv.nvmlDeviceGetUUID, handle)),
+            uuid=uuid,
             name=_text(self._call(nv.nvmlDeviceGetName, handle)),
             memory_used_bytes=None if memory is None else int(memory.used),
             memory_total_bytes=None if memory is None else int(memory.total),
             utilization_pct=None if utilization is None else int(utilization.gpu),
             processes=self._processes(handle),
+            memory_util_pct=None if utilization is None else int(utilization.memory),
+            power_w=None if power_mw is None else int(power_mw) / 1000,
+            power_limit_w=None if limit_mw is None else int(limit_mw) / 1000,
+            sm_clock_mhz=_int(self._optional(index, "nvmlDeviceGetClockInfo", handle, NVML_CLOCK_SM)),
+            sm_clock_max_mhz=_int(self._optional(index, "nvmlDeviceGetMaxClockInfo", handle, NVML_CLOCK_SM)),
+            util_samples=self._samples(index, handle, NVML_GPU_UTILIZATION_SAMPLES),
+            memory_util_samples=self._samples(index, handle, NVML_MEMORY_UTILIZATION_SAMPLES),
+            power_samples=self._samples(index, handle, NVML_TOTAL_POWER_SAMPLES, scale=1 / 1000),
+            xids=None if self.xids is None else self.xids.of(uuid),
+            read_mono=time.monotonic(),
         )
+
+    def _optional(self, index: int, name: str, *args: Any) -> Any:
+        """A call that a GPU, a driver or the binding may not have: None then, and not asked again
+        (an old binding lacks the function; an old driver the symbol: FUNCTION_NOT_FOUND)."""
+        if (index, name) in self._never:
+            return None
+        fn = getattr(self._nv, name, None)
+        try:
+            if fn is None:
+                raise self._nv.NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
+            return fn(*args)
+        except self._nv.NVMLError as exc:
+            if getattr(exc, "value", None) in _NEVER:
+                self._never.add((index, name))
+            return None
+
+    def _samples(self, index: int, handle: Any, kind: int, scale: float = 1.0) -> tuple[Sample, ...] | None:
+        """What the driver sampled since the last call (its buffer: every sample, not one a pass)."""
+        name = f"nvmlDeviceGetSamples:{kind}"
+        if (index, name) in self._never:
+            return None
+        fn = getattr(self._nv, "nvmlDeviceGetSamples", None)
+        last = self._last_sample.get((index, kind), 0)
+        try:
+            if fn is None:
+                raise self._nv.NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
+            value_type, raw = fn(handle, kind, last)
+        except self._nv.NVMLError as exc:
+            code = getattr(exc, "value", None)
+            if code == NVML_ERROR_NOT_FOUND:
+                return ()  # nothing sampled since (an idle GPU's buffer runs dry)
+            if code in _NEVER:
+                self._never.add((index, name))
+            return None
+        member = _SAMPLE_FIELDS.get(int(value_type))
+        if member is None:
+            return None
+        fresh = [(int(s.timeStamp), getattr(s.sampleValue, member)) for s in raw if int(s.timeStamp) > last]
+        if not fresh:
+            return ()
+        newest = max(t for t, _ in fresh)
+        self._last_sample[(index, kind)] = newest
+        to_mono = _sample_clock(newest)
+        return tuple(Sample(to_mono(t), float(v) * scale) for t, v in sorted(fresh))
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -251,6 +348,151 @@ class Nvml:
             return Path(f"/proc/{pid}/comm").read_text().strip() or None
         except OSError:  # another user's process under ProtectProc=invisible, or gone
             return None
+
+
+class XidWatch:
+    """Xid errors from an NVML event set, read by a daemon thread, kept per GPU UUID.
+
+    Where the event set cannot be made or no device accepts the Xid event type (some GPUs, old
+    drivers, containers: NOT_SUPPORTED), `reason` says so and `of()` is None: Xid is "not
+    available", never an error. Only Xids that happen while it watches are seen.
+    """
+
+    retry_s = 1.0  # after a failed wait (not a timeout): no busy loop while the driver keeps failing
+
+    def __init__(self, nv: Any, count: int, wait_ms: int = XID_WAIT_MS) -> None:
+        self._nv = nv
+        self._count = count
+        self.wait_ms = wait_ms
+        self._set: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._kept: dict[str, deque[Xid]] = {}  # the UUIDs registered, each with its Xids
+        self.reason: str | None = None  # why Xids are not available, where they are not
+        self.errors = 0  # waits that failed with something other than a timeout
+
+    def start(self) -> bool:
+        """Register every device that takes Xid events and start the thread; False when none does."""
+        nv = self._nv
+        try:
+            self._set = nv.nvmlEventSetCreate()
+        except (nv.NVMLError, AttributeError) as exc:
+            return self._none(f"xid: not available (no event set: {exc})")
+        for index in range(self._count):
+            uuid = self._register(index)
+            if uuid is not None:
+                self._kept[uuid] = deque(maxlen=XID_KEPT)
+        if not self._kept:
+            self._free()
+            return self._none("xid: not available (no device takes Xid events)")
+        self._thread = threading.Thread(target=self._run, name="nvml-xid", daemon=True)
+        self._thread.start()
+        log.info("nvml_xid_watch", devices=sorted(self._kept))
+        return True
+
+    def _none(self, reason: str) -> bool:
+        self.reason = reason
+        log.info("nvml_xid_unavailable", reason=reason)
+        return False
+
+    def _register(self, index: int) -> str | None:
+        nv = self._nv
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(nv.nvmlDeviceGetUUID(handle))
+            supported = getattr(nv, "nvmlDeviceGetSupportedEventTypes", None)
+            if supported is not None and not int(supported(handle)) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
+                return None
+            nv.nvmlDeviceRegisterEvents(handle, NVML_EVENT_TYPE_XID_CRITICAL_ERROR, self._set)
+        except nv.NVMLError:
+            return None
+        return uuid
+
+    def of(self, uuid: str | None) -> tuple[Xid, ...] | None:
+        """The Xids of one GPU (oldest first), or None when that GPU's Xids are not watched."""
+        with self._lock:
+            kept = self._kept.get(uuid) if uuid is not None else None
+            return None if kept is None else tuple(kept)
+
+    def _wait(self) -> Any:
+        nv = self._nv
+        wait = getattr(nv, "nvmlEventSetWait_v2", None) or nv.nvmlEventSetWait
+        return wait(self._set, self.wait_ms)
+
+    def _run(self) -> None:
+        nv = self._nv
+        while not self._stop.is_set():
+            try:
+                data = self._wait()
+                uuid = _text(nv.nvmlDeviceGetUUID(data.device))
+            except nv.NVMLError as exc:
+                if getattr(exc, "value", None) != NVML_ERROR_TIMEOUT:
+                    self.errors += 1
+                    if self.errors == 1:
+                        log.warning("nvml_xid_wait_failed", error=str(exc))
+                    self._stop.wait(self.retry_s)
+                continue
+            if not int(data.eventType) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
+                continue
+            self._keep(uuid, data)
+
+    def _keep(self, uuid: str | None, data: Any) -> None:
+        xid = Xid(
+            code=int(data.eventData),
+            wall=time.time(),
+            mono=time.monotonic(),
+            gpu_instance=_instance(getattr(data, "gpuInstanceId", None)),
+            compute_instance=_instance(getattr(data, "computeInstanceId", None)),
+        )
+        with self._lock:
+            kept = self._kept.get(uuid) if uuid is not None else None
+            if kept is not None:
+                kept.append(xid)
+        log.warning("nvml_xid", uuid=uuid, code=xid.code)
+
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """Stop the thread and free the event set; False when the thread would not stop (then the
+        set is left alone: freeing it under a wait is undefined)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.wait_ms / 1000 + 5 if timeout_s is None else timeout_s)
+            if self._thread.is_alive():
+                return False
+        self._free()
+        return True
+
+    def _free(self) -> None:
+        if self._set is not None:
+            with contextlib.suppress(self._nv.NVMLError):
+                self._nv.nvmlEventSetFree(self._set)
+            self._set = None
+
+
+def _instance(value: Any) -> int | None:
+    return None if value is None or int(value) == NVML_NO_INSTANCE else int(value)
+
+
+def _now_clocks() -> tuple[float, tuple[float, ...]]:
+    """time.monotonic(), and the clocks a driver may stamp its samples with: the Unix epoch (as
+    NVML documents), boot time and monotonic time (what Linux drivers have been seen to use)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return time.monotonic(), (time.time(), time.clock_gettime(boottime), time.monotonic())
+
+
+def _sample_clock(newest_us: int) -> Callable[[int], float]:
+    """Turns sample timestamps (microseconds, on a clock NVML leaves unspecified) into this host's
+    monotonic time: the clock is the one whose "now" is at or just after the newest sample. When
+    none is, the newest sample is taken as now (its spacing is still right)."""
+    mono, clocks = _now_clocks()
+    newest = newest_us / 1e6
+    behind = [now - newest for now in clocks if now >= newest]
+    offset = min(behind) if behind else 0.0
+    return lambda t_us: mono - offset - (newest - t_us / 1e6)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _process_user(pid: int) -> str | None:

@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from fake_pynvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, LIBRARY_NOT_FOUND, Device, FakeNvml
+from fake_pynvml import (
+    DRIVER_NOT_LOADED,
+    GPU_UTILIZATION_SAMPLES,
+    LIB_RM_VERSION_MISMATCH,
+    LIBRARY_NOT_FOUND,
+    MEMORY_UTILIZATION_SAMPLES,
+    NOT_SUPPORTED,
+    TOTAL_POWER_SAMPLES,
+    UNKNOWN,
+    Device,
+    FakeNvml,
+)
 from helpers import beat, build, config_file, events, hold, make_settings, wait_for
 
 from monitor import gpu, logs, snapshot
@@ -27,6 +38,13 @@ from monitor.gpu import GpuInfo, Nvml, device_for
 from monitor.gpuwatch import GpuWatch
 
 GIB = 1 << 30
+# The optional per-device readings, by the NVML call that gives each.
+READINGS = (
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetEnforcedPowerLimit",
+    "nvmlDeviceGetClockInfo",
+    "nvmlDeviceGetMaxClockInfo",
+)
 
 
 def nvml_of(fake: FakeNvml, mode: str = "auto") -> Nvml:
@@ -50,8 +68,9 @@ def test_snapshot_reads_every_device_once():
     assert proc.name == Path(f"/proc/{os.getpid()}/comm").read_text().strip()  # NVML refused; /proc told
     assert proc.user  # from /proc/<pid> ownership
     assert gpus[1].processes == ()
+    asked = ("uuid", "name", "memory", "util", "processes", *READINGS, "nvmlDeviceGetSamples")
     assert sorted(c for c in fake.calls if c != "init") == sorted(
-        f"{what}:{i}" for i in (0, 1) for what in ("uuid", "name", "memory", "util", "processes")
+        f"{what}:{i}" for i in (0, 1) for what in asked for _ in range(3 if what == "nvmlDeviceGetSamples" else 1)
     )
     assert fake.calls.count("init") == 1
     nvml.snapshot()
@@ -153,6 +172,339 @@ def test_shutdown_happens_once_and_later_snapshots_are_empty():
     nvml.shutdown()
     assert fake.shutdowns == 1
     assert nvml.snapshot() == {}
+
+
+# --- hang evidence: power, clocks, memory activity, driver samples, Xid errors ---------------------
+
+
+def test_snapshot_reads_power_clocks_and_memory_activity():
+    fake = FakeNvml([Device("GPU-a", memory_util=23, power_mw=81_500, power_limit_mw=700_000, sm_clock=345)])
+    (g,) = nvml_of(fake).snapshot().values()
+    assert (g.memory_util_pct, g.power_w, g.power_limit_w, g.sm_clock_mhz, g.sm_clock_max_mhz) == (
+        23, 81.5, 700.0, 345, 1980
+    )  # fmt: skip
+    assert g.read_mono is not None
+    assert abs(g.read_mono - time.monotonic()) < 5
+    doc = g.as_dict()
+    assert (doc["memory_util_pct"], doc["power_w"], doc["power_limit_w"], doc["sm_clock_mhz"]) == (23, 81.5, 700.0, 345)
+    assert doc["xids"] is None  # not watched
+    json.dumps(doc)
+
+
+FIELD_OF = {
+    "nvmlDeviceGetPowerUsage": "power_w",
+    "nvmlDeviceGetEnforcedPowerLimit": "power_limit_w",
+    "nvmlDeviceGetClockInfo": "sm_clock_mhz",
+    "nvmlDeviceGetMaxClockInfo": "sm_clock_max_mhz",
+}
+
+
+@pytest.mark.parametrize("how", ["absent", "no_symbol", "not_supported"])
+@pytest.mark.parametrize("call", READINGS)
+def test_each_reading_missing_on_an_old_driver_is_none_and_not_asked_again(call, how):
+    """absent: a binding older than the call; no_symbol: a driver older than the binding
+    (FUNCTION_NOT_FOUND); not_supported: this GPU cannot say. The rest is read all the same."""
+    device = Device("GPU-a", unsupported={call} if how == "not_supported" else set())
+    fake = FakeNvml(
+        [device],
+        absent=frozenset({call}) if how == "absent" else frozenset(),
+        no_symbol=frozenset({call}) if how == "no_symbol" else frozenset(),
+    )
+    nvml = nvml_of(fake)
+    g = nvml.snapshot()[0]
+    assert getattr(g, FIELD_OF[call]) is None
+    others = {f for c, f in FIELD_OF.items() if c != call}
+    assert all(getattr(g, f) is not None for f in others)
+    assert (g.uuid, g.utilization_pct, g.memory_util_pct) == ("GPU-a", 37, 12)
+    asked = fake.calls.count(f"{call}:0")
+    nvml.snapshot()
+    assert fake.calls.count(f"{call}:0") == asked  # the driver said never: not asked every pass
+    assert fake.calls.count("nvmlDeviceGetPowerUsage:0" if call != "nvmlDeviceGetPowerUsage" else "uuid:0") == 2
+
+
+def test_a_transient_reading_error_is_none_this_pass_and_asked_again():
+    fake = FakeNvml([Device("GPU-a")])
+    nvml = nvml_of(fake)
+    fake.module.nvmlDeviceGetPowerUsage = lambda h: (_ for _ in ()).throw(fake.module.NVMLError(UNKNOWN))
+    assert nvml.snapshot()[0].power_w is None
+    fake.module.nvmlDeviceGetPowerUsage = lambda h: 90_000
+    assert nvml.snapshot()[0].power_w == 90.0
+
+
+@pytest.fixture
+def clocks(monkeypatch):
+    """This host's clocks as the sample conversion reads them: (monotonic, (epoch, boottime, monotonic))."""
+    now = {"mono": 5_000.0, "epoch": 1_800_000_000.0, "boot": 7_000.0}
+
+    def read():
+        return now["mono"], (now["epoch"], now["boot"], now["mono"])
+
+    monkeypatch.setattr(gpu, "_now_clocks", read)
+    return now
+
+
+@pytest.mark.parametrize("domain", ["epoch", "boot", "mono"])
+def test_samples_on_any_driver_clock_come_out_on_this_hosts_monotonic_clock(clocks, domain):
+    """NVML documents a CPU timestamp in microseconds; Linux drivers have been seen stamping boot
+    time. Whatever the clock, a sample 3 s before now is 3 s before time.monotonic()'s now."""
+    base = clocks[domain]
+    us = [int((base - 3.0) * 1e6), int((base - 1.5) * 1e6)]
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(us[0], 100), (us[1], 0)]})])
+    g = nvml_of(fake).snapshot()[0]
+    assert [(round(s.mono, 3), s.value) for s in g.util_samples] == [(4997.0, 100.0), (4998.5, 0.0)]
+
+
+def test_timestamps_after_every_clock_take_the_newest_sample_as_now(clocks):
+    future = int(2_000_000_000 * 1e6)
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(future - 2_000_000, 5), (future, 6)]})])
+    g = nvml_of(fake).snapshot()[0]
+    assert [(s.mono, s.value) for s in g.util_samples] == [(4998.0, 5.0), (5000.0, 6.0)]
+
+
+def test_samples_are_read_since_the_last_one_seen_and_none_new_is_empty_not_unavailable(clocks):
+    t0 = int(clocks["epoch"] * 1e6)
+    device = Device(
+        "GPU-a",
+        samples={
+            GPU_UTILIZATION_SAMPLES: [(t0 - 2_000_000, 97), (t0 - 1_000_000, 98)],
+            MEMORY_UTILIZATION_SAMPLES: [(t0 - 1_000_000, 0)],
+            TOTAL_POWER_SAMPLES: [(t0 - 1_000_000, 81_000)],
+        },
+    )
+    fake = FakeNvml([device])
+    nvml = nvml_of(fake)
+    g = nvml.snapshot()[0]
+    assert [s.value for s in g.util_samples] == [97, 98]
+    assert [s.value for s in g.memory_util_samples] == [0]
+    assert [s.value for s in g.power_samples] == [81.0]  # milliwatts become watts
+    assert fake.sample_asks == [(0, GPU_UTILIZATION_SAMPLES, 0), (0, MEMORY_UTILIZATION_SAMPLES, 0), (0, 0, 0)]
+    # Nothing new: the driver answers NOT_FOUND (an idle GPU's buffer runs dry): () and not None.
+    g = nvml.snapshot()[0]
+    assert (g.util_samples, g.memory_util_samples, g.power_samples) == ((), (), ())
+    assert fake.sample_asks[3] == (0, GPU_UTILIZATION_SAMPLES, t0 - 1_000_000)
+    # New samples, and a driver that hands back one it gave before: only the new one comes out.
+    clocks["epoch"] += 10
+    clocks["mono"] += 10
+    device.samples[GPU_UTILIZATION_SAMPLES] += [(t0 + 9_000_000, 3)]
+    fake.module.nvmlDeviceGetSamples = lambda h, kind, last: (
+        1,
+        [_sample(t0 - 1_000_000, 98), _sample(t0 + 9_000_000, 3)],
+    )
+    g = nvml.snapshot()[0]
+    assert [(s.mono, s.value) for s in g.util_samples] == [(5009.0, 3.0)]
+
+
+def test_samples_on_this_hosts_real_clocks():
+    now_us = int(time.time() * 1e6)
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(now_us - 2_000_000, 1), (now_us, 2)]})])
+    g = nvml_of(fake).snapshot()[0]
+    old, new = (time.monotonic() - s.mono for s in g.util_samples)
+    assert 0 <= new < 1
+    assert abs(old - new - 2) < 0.001
+
+
+def test_a_driver_handing_back_only_samples_seen_before_gives_none_new(clocks):
+    t = int(clocks["epoch"] * 1e6)
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(t, 7)]})])
+    nvml = nvml_of(fake)
+    assert [s.value for s in nvml.snapshot()[0].util_samples] == [7]
+    fake.module.nvmlDeviceGetSamples = lambda h, kind, last: (1, [_sample(t, 7)])
+    assert nvml.snapshot()[0].util_samples == ()
+
+
+def _sample(ts: int, value: float):
+    import types
+
+    return types.SimpleNamespace(timeStamp=ts, sampleValue=types.SimpleNamespace(uiVal=value, dVal=-1.0))
+
+
+@pytest.mark.parametrize(("value_type", "expect"), [(0, [42.5]), (1, [42.5]), (5, [42.5]), (99, None)])
+def test_sample_values_are_read_from_the_member_the_value_type_names(clocks, value_type, expect):
+    t = int(clocks["epoch"] * 1e6)
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(t, 42.5)]}, sample_value_type=value_type)])
+    g = nvml_of(fake).snapshot()[0]
+    assert (None if g.util_samples is None else [s.value for s in g.util_samples]) == expect
+
+
+@pytest.mark.parametrize("how", ["absent", "no_symbol", "not_supported", "kind_not_supported"])
+def test_samples_missing_on_an_old_driver_are_none_and_not_asked_again(how):
+    device = Device("GPU-a", samples={} if how == "kind_not_supported" else {GPU_UTILIZATION_SAMPLES: [(1, 1)]})
+    if how == "not_supported":
+        device.unsupported.add("nvmlDeviceGetSamples")
+    fake = FakeNvml(
+        [device],
+        absent=frozenset({"nvmlDeviceGetSamples"}) if how == "absent" else frozenset(),
+        no_symbol=frozenset({"nvmlDeviceGetSamples"}) if how == "no_symbol" else frozenset(),
+    )
+    nvml = nvml_of(fake)
+    for _ in range(2):
+        g = nvml.snapshot()[0]
+        assert (g.util_samples, g.memory_util_samples, g.power_samples) == (None, None, None)
+        assert (g.utilization_pct, g.power_w) == (37, 250.0)  # the per-pass readings still come
+    assert fake.calls.count("nvmlDeviceGetSamples:0") == (0 if how == "absent" else 3)
+
+
+def test_a_transient_sample_error_is_none_this_pass_and_asked_again(clocks):
+    t = int(clocks["epoch"] * 1e6)
+    fake = FakeNvml([Device("GPU-a", samples={GPU_UTILIZATION_SAMPLES: [(t, 50)]})])
+    nvml = nvml_of(fake)
+    real = fake.module.nvmlDeviceGetSamples
+    fake.module.nvmlDeviceGetSamples = lambda h, kind, last: (_ for _ in ()).throw(fake.module.NVMLError(UNKNOWN))
+    assert nvml.snapshot()[0].util_samples is None
+    fake.module.nvmlDeviceGetSamples = real
+    assert [s.value for s in nvml.snapshot()[0].util_samples] == [50]
+
+
+@pytest.fixture
+def xid_nvml() -> Iterator[tuple[FakeNvml, Nvml]]:
+    fake = FakeNvml([Device("GPU-a"), Device("GPU-b"), Device("GPU-c", unsupported={"events"})])
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=50)
+    yield fake, nvml
+    nvml.shutdown()
+
+
+def test_xid_errors_are_kept_per_gpu_with_their_time_and_mig_instance(xid_nvml):
+    fake, nvml = xid_nvml
+    assert nvml.available
+    assert fake.registered == [0, 1]  # GPU-c: NOT_SUPPORTED, as some GPUs and containers answer
+    gpus = nvml.snapshot()
+    assert (gpus[0].xids, gpus[1].xids, gpus[2].xids) == ((), (), None)
+    before = (time.time(), time.monotonic())
+    fake.xid(1, 79)
+    fake.xid(1, 13, gi=2, ci=0)
+    gpus = wait_for(lambda: (g := nvml.snapshot()) and len(g[1].xids) == 2 and g)
+    first, second = gpus[1].xids
+    assert (first.code, first.gpu_instance, first.compute_instance) == (79, None, None)
+    assert (second.code, second.gpu_instance, second.compute_instance) == (13, 2, 0)
+    assert before[0] <= first.wall <= time.time()
+    assert before[1] <= first.mono <= second.mono <= time.monotonic()
+    assert gpus[0].xids == ()
+    doc = gpus[1].as_dict()["xids"]
+    assert [x["code"] for x in doc] == [79, 13]
+    assert doc[0]["ts"].endswith("+00:00")
+    assert nvml.xids is not None
+    assert nvml.xids.reason is None
+
+
+def test_xid_wait_errors_are_logged_once_and_the_watch_goes_on(xid_nvml, capsys, monkeypatch):
+    logs.configure("info", "json", stream=sys.stdout)
+    monkeypatch.setattr(gpu.XidWatch, "retry_s", 0.01)
+    fake, nvml = xid_nvml
+    assert nvml.available
+    fake.event(UNKNOWN)
+    fake.event(UNKNOWN)
+    import types
+
+    fake.event(types.SimpleNamespace(device=0, eventType=0x4, eventData=0))  # not an Xid: ignored
+    fake.xid(0, 48)
+    wait_for(lambda: nvml.snapshot()[0].xids, timeout_s=10)
+    assert [x.code for x in nvml.snapshot()[0].xids] == [48]
+    assert nvml.xids is not None
+    assert nvml.xids.errors == 2
+    failed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if "nvml_xid_wait_failed" in x]
+    assert len(failed) == 1
+
+
+def test_xid_for_a_device_not_watched_is_dropped(xid_nvml):
+    fake, nvml = xid_nvml
+    assert nvml.available
+    fake.xid(2, 31)  # GPU-c did not register: its events should not come, and are kept nowhere
+    fake.xid(0, 31)
+    wait_for(lambda: nvml.snapshot()[0].xids)
+    assert nvml.snapshot()[2].xids is None
+
+
+def test_shutdown_stops_the_xid_thread_frees_the_event_set_then_nvml(xid_nvml):
+    fake, nvml = xid_nvml
+    assert nvml.available
+    watch = nvml.xids
+    assert watch is not None
+    wait_for(lambda: fake.waits > 0)
+    nvml.shutdown()
+    assert watch._thread is not None
+    assert not watch._thread.is_alive()
+    assert (fake.event_sets_freed, fake.shutdowns) == (1, 1)
+    assert nvml.snapshot() == {}
+
+
+def test_a_thread_that_will_not_stop_keeps_its_event_set_and_nvml_is_not_shut_under_it():
+    fake = FakeNvml([Device("GPU-a")])
+    release = __import__("threading").Event()
+
+    def stuck(event_set, timeout_ms):
+        fake.waiting.set()
+        release.wait()
+        raise fake.module.NVMLError(10)
+
+    fake.module.nvmlEventSetWait_v2 = stuck
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=50)
+    assert nvml.available
+    watch = nvml.xids
+    assert watch is not None
+    wait_for(fake.waiting.is_set)
+    assert watch.stop(timeout_s=0.05) is False
+    assert fake.event_sets_freed == 0
+    watch.stop = lambda timeout_s=None: False  # as the real one answers while the wait goes on
+    nvml.shutdown()
+    assert fake.shutdowns == 0
+    assert nvml.snapshot() == {}
+    release.set()
+    watch._thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("fake_kwargs", "devices", "reason"),
+    [
+        ({"event_set_error": NOT_SUPPORTED}, None, "xid: not available (no event set: NVML error 3)"),
+        ({"absent": frozenset({"nvmlEventSetCreate"})}, None, "xid: not available (no event set: "),
+        ({"no_symbol": frozenset({"nvmlEventSetCreate"})}, None, "xid: not available (no event set: NVML error 13)"),
+        ({"no_symbol": frozenset({"nvmlDeviceRegisterEvents"})}, None, "xid: not available (no device takes"),
+        ({}, {"events"}, "xid: not available (no device takes Xid events)"),
+        ({}, {"supported_events"}, "xid: not available (no device takes Xid events)"),
+        ({}, {"uuid"}, "xid: not available (no device takes Xid events)"),
+    ],
+)
+def test_xid_not_available_is_said_once_and_never_an_error(fake_kwargs, devices, reason, capsys):
+    logs.configure("info", "json", stream=sys.stdout)
+    fake = FakeNvml([Device("GPU-a", unsupported=set(devices or ()))], **fake_kwargs)
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=50)
+    g = nvml.snapshot()[0]
+    assert g.xids is None
+    assert nvml.xids is not None
+    assert nvml.xids.reason is not None
+    assert nvml.xids.reason.startswith(reason)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["event"] for x in lines if "xid" in x["event"]] == ["nvml_xid_unavailable"]
+    nvml.shutdown()
+    assert fake.shutdowns == 1
+
+
+def test_a_device_without_xid_in_its_supported_events_is_not_registered():
+    fake = FakeNvml([Device("GPU-a", events=0x4), Device("GPU-b")], absent=frozenset())
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=50)
+    gpus = nvml.snapshot()
+    assert (gpus[0].xids, gpus[1].xids) == (None, ())
+    nvml.shutdown()
+
+
+def test_a_binding_without_supported_event_types_or_wait_v2_still_watches():
+    fake = FakeNvml([Device("GPU-a")], absent=frozenset({"nvmlDeviceGetSupportedEventTypes", "nvmlEventSetWait_v2"}))
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=50)
+    assert nvml.snapshot()[0].xids == ()
+    fake.xid(0, 94)
+    assert [x.code for x in wait_for(lambda: nvml.snapshot()[0].xids)] == [94]
+    nvml.shutdown()
+
+
+def test_xid_events_are_not_watched_unless_asked_or_when_nvml_is_off():
+    fake = FakeNvml([Device("GPU-a")])
+    nvml = nvml_of(fake)
+    assert nvml.snapshot()[0].xids is None
+    assert nvml.xids is None
+    assert fake.registered == []
+    off = Nvml("false", load=lambda: fake.module, xid_events=True)
+    assert off.snapshot() == {}
+    assert off.xids is None
 
 
 # --- which lock guards which GPU ----------------------------------------------------------------
