@@ -89,6 +89,7 @@ def alert_for(event: Event, fields: dict[str, Any], *, host: str, now: float) ->
         Event.GPU_BUSY_UNLOCKED: f"GPU {_gpu(fields)} busy with no lock held for {_ago(fields.get('busy_s'))}",
         Event.RELEASED_GPU_BUSY: f"{lock} released, but GPU {_gpu(fields)} still has processes",
         Event.REDIS_UNAVAILABLE_LONG: f"Redis unreachable for {_ago(fields.get('down_s'))}: {fields.get('error')}",
+        **_finding_summaries(where, fields.get("finding") or {}),
     }
     details = {k: v for k, v in fields.items() if k not in ("lock_key", "holder", "held_s", "heartbeat")}
     if event is Event.GPU_BUSY_UNLOCKED:
@@ -108,10 +109,30 @@ def alert_for(event: Event, fields: dict[str, Any], *, host: str, now: float) ->
     )
 
 
+def _finding_summaries(where: str, found: dict[str, Any]) -> dict[Event, str]:
+    """What each hung-holder finding's page says (its facts are under `finding` in the event)."""
+    return {
+        Event.HOLDER_STALLED: f"{where}: no progress mark for {_ago(found.get('silent_s'))}"
+        f" (progress timeout {_ago(found.get('progress_timeout_s'))})",
+        Event.HOLDER_NOT_ON_GPU: f"{where}: holder pid {found.get('pid')} not on its GPU"
+        f" for {_ago(found.get('absent_s'))}",
+        Event.GPU_IDLE_HELD: f"{where}: GPU {found.get('kind', 'idle')} for {_ago(found.get('quiet_s'))}",
+        Event.GPU_FOREIGN_PROCESS: f"{where}: another process on its GPU (pids "
+        f"{', '.join(str(p.get('pid')) for p in found.get('foreign') or [])}): two holders?",
+        Event.GPU_XID: f"{where}: Xid {', '.join(str(c) for c in found.get('codes') or [])} on its GPU",
+    }
+
+
+# Releases of a holder that was alive: the hard cap, and a hung-holder finding's `release` rule.
+_LIVE_RELEASES = frozenset(
+    {"hard_timeout", "holder_stalled", "holder_not_on_gpu", "gpu_idle_held", "gpu_foreign_process", "gpu_xid"}
+)
+
+
 def severity(event: Event, fields: dict[str, Any]) -> str | None:
     """The page `event` raises: the event's own, refined by its fields for releases."""
     if event is Event.LOCK_RELEASED:
-        return "critical" if fields.get("reason") == "hard_timeout" and not fields.get("dry_run") else "warning"
+        return "critical" if fields.get("reason") in _LIVE_RELEASES and not fields.get("dry_run") else "warning"
     if event is Event.RELEASE_SKIPPED and fields.get("outcome") == "heartbeat_revived":
         return "warning"  # a heartbeat that died and came back: a worker in trouble
     if event is Event.RELEASE_FAILED and fields.get("retries_spent"):

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
@@ -26,6 +26,9 @@ import yaml
 from monitor import channels, protocol, units
 from monitor.errors import ConfigError
 from monitor.redact import label, redact, redact_service_url, redact_url, short
+
+if TYPE_CHECKING:
+    from monitor.hang import HangSettings
 
 CONFIG_ENV = "GPULOCK_MONITOR_CONFIG"
 REDIS_URL_ENV = "GPULOCK_MONITOR_REDIS_URL"
@@ -134,6 +137,16 @@ class Settings:
     notifications: str = "auto"  # auto: keyspace notifications where Redis has them on; off: SCAN each pass
     configure_notifications: bool = False  # merge the classes needed into notify-keyspace-events
     reconcile_keys_per_s: int = 2000
+    # `hang:` (README "Hung holders"): thresholds of the findings and what each one does.
+    hang_progress_timeout_s: float | None = None
+    hang_not_on_gpu_grace_s: float = 120.0
+    hang_idle_window_s: float = 300.0
+    hang_idle_util_pct: float = 5.0
+    hang_foreign_process_grace_s: float = 30.0
+    hang_xid_ignore: tuple[int, ...] = ()
+    hang_rules: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # finding -> (action, grace_s)
+    # dcgm-exporter's --hpc-job-mapping-dir: the monitor writes each local GPU's holder there.
+    job_mapping_dir: str | None = None
     alert_channels: tuple[Mapping[str, Any], ...] = ()
     redis_down_alert_s: float = 60.0
     log_level: str = "info"
@@ -228,6 +241,21 @@ class Settings:
     def name(self) -> str:
         """This monitor's name: `monitor.name`, else the host name."""
         return self.monitor_name or socket.gethostname()
+
+    @property
+    def hang(self) -> HangSettings:
+        """The `hang:` section as the findings engine takes it."""
+        from monitor.hang import Finding, HangSettings, Rule  # noqa: PLC0415 - the daemon's, not every command's
+
+        return HangSettings(
+            progress_timeout_s=self.hang_progress_timeout_s,
+            not_on_gpu_grace_s=self.hang_not_on_gpu_grace_s,
+            idle_window_s=self.hang_idle_window_s,
+            idle_util_pct=self.hang_idle_util_pct,
+            rules={Finding(name): Rule(action, grace) for name, (action, grace) in self.hang_rules.items()},
+            foreign_process_grace_s=self.hang_foreign_process_grace_s,
+            xid_ignore=frozenset(self.hang_xid_ignore),
+        )
 
     @property
     def heartbeat_ttl_s(self) -> float:
@@ -795,6 +823,52 @@ def _devices(value: Any, path: str) -> dict[str, int | str]:
     return dict(value)
 
 
+# The findings of `hang.findings`, as monitor.hang.Finding names them (kept here: loading the
+# config must not load the NVML and /proc code).
+HANG_FINDINGS = ("holder_stalled", "holder_not_on_gpu", "gpu_idle_held", "gpu_foreign_process", "gpu_xid")
+_HANG_ACTIONS = ("warn", "release")
+
+
+def _hang_rules(value: Any, path: str) -> dict[str, tuple[str, float]]:
+    """`hang.findings`: per finding, `warn` or `release`, and how long it must last before a release."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of finding to {{action, grace}}, got {short(value)}")
+    rules = {}
+    for name, rule in value.items():
+        where = f"{path}.{_key(name)}"
+        if name not in HANG_FINDINGS:
+            close = difflib.get_close_matches(str(name), HANG_FINDINGS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f" (expected one of: {', '.join(HANG_FINDINGS)})"
+            raise ConfigError(f"{where}: unknown finding{hint}")
+        given = {"action": rule} if isinstance(rule, str) else rule  # `gpu_xid: release`: no grace
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{where}: expected warn, release or {{action, grace}}, got {short(rule)}")
+        for key in given:
+            if key not in ("action", "grace"):
+                raise ConfigError(f"{where}.{_key(key)}: unknown key (expected one of: action, grace)")
+        action = _choice(*_HANG_ACTIONS)(given.get("action", "warn"), f"{where}.action")
+        grace = given.get("grace", 0)
+        grace_s = 0.0 if grace in (0, "0") else _seconds(grace, f"{where}.grace")
+        rules[str(name)] = (str(action), float(grace_s or 0.0))
+    return rules
+
+
+def _percent(value: Any, path: str) -> float:
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ConfigError(f"{path}: expected a percentage from 0 to 100, got {short(value)}")
+    return float(value)
+
+
+def _xid_codes(value: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list of Xid codes, got {short(value)}")
+    codes = []
+    for i, code in enumerate(value):
+        codes.append(_count(1, 65535)(code, f"{path}[{i}]"))
+    return tuple(sorted(set(codes)))
+
+
 def _channels(value: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{path}: expected a list of channels, got {short(value)}")
@@ -985,6 +1059,16 @@ _SECTIONS: dict[str, Spec] = {
         "configure_notifications": ("configure_notifications", _bool),
         "reconcile_keys_per_s": ("reconcile_keys_per_s", _count(10, 1_000_000)),
     },
+    "hang": {
+        "progress_timeout": ("hang_progress_timeout_s", _optional_seconds),
+        "not_on_gpu_grace": ("hang_not_on_gpu_grace_s", _seconds),
+        "idle_window": ("hang_idle_window_s", _seconds),
+        "idle_util_pct": ("hang_idle_util_pct", _percent),
+        "foreign_process_grace": ("hang_foreign_process_grace_s", _seconds),
+        "xid_ignore": ("hang_xid_ignore", _xid_codes),
+        "job_mapping_dir": ("job_mapping_dir", _optional_string),
+        "findings": ("hang_rules", _hang_rules),
+    },
     "alerts": {"channels": ("alert_channels", _channels), "redis_down_after": ("redis_down_alert_s", _seconds)},
     "logging": {
         "level": ("log_level", _choice(*LOG_LEVELS)),
@@ -1002,6 +1086,12 @@ _SHOWN_AS: dict[str, Callable[[Any], Any]] = {
     "sentinel_nodes": list,
     "nvml_devices": dict,
     "alert_channels": lambda channels: [_redact_channel(c) for c in channels],
+    "hang_xid_ignore": list,
+    # Every finding with what it does, the defaults included.
+    "hang_rules": lambda rules: {
+        name: {"action": rules.get(name, ("warn", 0.0))[0], "grace": rules.get(name, ("warn", 0.0))[1]}
+        for name in HANG_FINDINGS
+    },
 }
 _SHOWN_FIELD = {"_log_format": "log_format"}
 

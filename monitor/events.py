@@ -42,5 +42,11 @@ class Event(str, Enum):
     KEYSPACE_NOTIFICATIONS = ("keyspace_notifications", "warning", None)
     GPU_BUSY_UNLOCKED = ("gpu_busy_unlocked", "warning", "warning")
     RELEASED_GPU_BUSY = ("released_gpu_busy", "warning", "warning")
+    # Hung holders (monitor.hang): each once per holding. Two holders on one GPU is an incident.
+    HOLDER_STALLED = ("holder_stalled", "warning", "warning")
+    HOLDER_NOT_ON_GPU = ("holder_not_on_gpu", "warning", "warning")
+    GPU_IDLE_HELD = ("gpu_idle_held", "warning", "warning")
+    GPU_FOREIGN_PROCESS = ("gpu_foreign_process", "error", "critical")
+    GPU_XID = ("gpu_xid", "error", "warning")
     # Raised by the alerter itself while Redis stays down; never written to the audit log.
     REDIS_UNAVAILABLE_LONG = ("redis_unavailable_long", "error", "critical")

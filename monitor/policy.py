@@ -34,6 +34,12 @@ class Reason(str, Enum):
     LONG_TASK_PROTECTED = "long_task_protected"
     WARNING_THRESHOLD = "warning_threshold"
     WITHIN_LIMITS = "within_limits"
+    # A hung-holder finding whose `hang:` rule is release (monitor.hang.Finding names them).
+    HOLDER_STALLED = "holder_stalled"
+    HOLDER_NOT_ON_GPU = "holder_not_on_gpu"
+    GPU_IDLE_HELD = "gpu_idle_held"
+    GPU_FOREIGN_PROCESS = "gpu_foreign_process"
+    GPU_XID = "gpu_xid"
 
 
 @dataclass(frozen=True)

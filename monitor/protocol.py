@@ -389,6 +389,7 @@ class ProcessFacts(TypedDict):
     pid: int
     pid_ns: int | None
     start_time: int | None
+    boot_id: str | None
 
 
 class HolderRecord(TypedDict):
@@ -397,7 +398,8 @@ class HolderRecord(TypedDict):
 
         {"v":1,"host":"gpu-node-3","pid":4242,"pid_ns":4026531836,"start_time":81234567,
          "gpu_uuid":"GPU-5f0c...","task":"tts_synthesize","task_id":"c0ffee...","token":"9b1e2f...",
-         "heartbeat_interval_s":60,"heartbeats":true,"progress_ms":null,"progress_timeout_s":null}
+         "heartbeat_interval_s":60,"heartbeats":true,"progress_ms":null,"progress_timeout_s":null,
+         "boot_id":"6b4f3c0e-..."}
 
     A field the holder does not know is null. A progress mark rewrites the object inside Redis
     (cjson): field order, spacing and the form of numbers (60.0 becomes 60) may change, never a
@@ -417,6 +419,7 @@ class HolderRecord(TypedDict):
     heartbeats: bool  # true: the holder refreshes <lock_key>:heartbeat; a missing one means dead
     progress_ms: int | None  # the last progress mark, Redis-clock ms (TIME inside PROGRESS_SCRIPT)
     progress_timeout_s: float | None  # how long the holder may go without a mark
+    boot_id: str | None  # /proc/sys/kernel/random/boot_id: names this host's kernel (and boot) beyond doubt
 
 
 # The record's field names, in the order the builder writes them.
@@ -434,6 +437,7 @@ HOLDER_FIELDS: tuple[str, ...] = (
     "heartbeats",
     "progress_ms",
     "progress_timeout_s",
+    "boot_id",
 )
 
 _UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -478,12 +482,22 @@ def process_start_time(pid: int | str = "self") -> int | None:
         return None
 
 
+def boot_id() -> str | None:
+    """This kernel's boot id: one per boot of one host, shared by its containers; None without /proc."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def this_process() -> ProcessFacts:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_ns": pid_namespace(),
         "start_time": process_start_time(),
+        "boot_id": boot_id(),
     }
 
 
@@ -513,6 +527,7 @@ def holder_record(
         "heartbeats": True,
         "progress_ms": None,
         "progress_timeout_s": progress_timeout_s,
+        "boot_id": facts["boot_id"],
     }
     data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
     if len(data) > HOLDER_RECORD_MAX_BYTES:
@@ -551,6 +566,7 @@ def parse_holder_record(raw: object) -> HolderRecord | None:
         "heartbeats": doc.get("heartbeats") is True,
         "progress_ms": _int(doc.get("progress_ms"), 0),
         "progress_timeout_s": _seconds(doc.get("progress_timeout_s")),
+        "boot_id": _str(doc.get("boot_id")),
     }
 
 

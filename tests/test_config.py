@@ -1095,7 +1095,8 @@ def test_every_duration_key_is_found():
 @pytest.mark.parametrize(("key", "field_name"), _duration_keys())
 def test_every_duration_accepts_a_span(key, field_name):
     default = getattr(Settings(), field_name)
-    assert default is not None
+    if default is None:  # an optional duration that is off by default (hang.progress_timeout)
+        default = 90.0
     span = f"{default // 60:g}m{default % 60:g}s"  # 600 -> 10m0s, 30 -> 0m30s
     section, _, rest = key.partition(".")
     assert getattr(Settings.from_mapping(_with_path(section, rest, span), env={}), field_name) == default
@@ -1393,3 +1394,68 @@ def test_a_misspelt_section_is_refused_naming_the_one_meant(section, meant):
 def test_a_foreign_section_is_ignored_with_a_warning(section):
     settings = Settings.from_mapping({section: {"anything": 1}}, env={})
     assert settings.warnings[0] == f"{section}: unknown section, ignored"
+
+
+# --- hang: ----------------------------------------------------------------------------------------------
+
+
+def test_hang_defaults_warn_on_every_finding_and_release_nothing():
+    from monitor.hang import Finding
+
+    hang = Settings().hang
+    assert all(hang.rule(f).action == "warn" for f in Finding)
+    assert hang.progress_timeout_s is None
+    shown = Settings().redacted()["hang"]["findings"]
+    assert set(shown) == {f.value for f in Finding}
+    assert {r["action"] for r in shown.values()} == {"warn"}
+
+
+def test_hang_rules_take_a_word_or_an_action_with_a_grace():
+    from monitor.hang import Finding, Rule
+
+    s = Settings.from_mapping(
+        {
+            "hang": {
+                "progress_timeout": "10m",
+                "idle_util_pct": 2.5,
+                "xid_ignore": [43, 13, 43],
+                "findings": {"gpu_xid": "release", "holder_stalled": {"action": "release", "grace": "5m"}},
+            }
+        },
+        env={},
+    )
+    assert s.hang.rules == {Finding.GPU_XID: Rule("release", 0.0), Finding.HOLDER_STALLED: Rule("release", 300.0)}
+    assert s.hang.progress_timeout_s == 600
+    assert s.hang.idle_util_pct == 2.5
+    assert s.hang.xid_ignore == frozenset({13, 43})
+    assert s.redacted()["hang"]["xid_ignore"] == [13, 43]
+
+
+@pytest.mark.parametrize(
+    ("hang", "message"),
+    [
+        ({"findings": {"gpu_xd": "release"}}, "hang.findings.gpu_xd: unknown finding; did you mean gpu_xid?"),
+        (
+            {"findings": {"nonsense": "release"}},
+            "hang.findings.nonsense: unknown finding (expected one of: holder_stalled",
+        ),
+        ({"findings": {"gpu_xid": "kill"}}, "hang.findings.gpu_xid.action: expected one of warn|release, got 'kill'"),
+        (
+            {"findings": {"gpu_xid": {"gace": 1}}},
+            "hang.findings.gpu_xid.gace: unknown key (expected one of: action, grace)",
+        ),
+        ({"findings": {"gpu_xid": {"action": "release", "grace": -1}}}, "hang.findings.gpu_xid.grace:"),
+        ({"findings": {"gpu_xid": 3}}, "hang.findings.gpu_xid: expected warn, release or {action, grace}"),
+        ({"findings": [1]}, "hang.findings: expected a mapping of finding to {action, grace}"),
+        ({"idle_util_pct": 150}, "hang.idle_util_pct: expected a percentage from 0 to 100, got 150"),
+        ({"idle_util_pct": True}, "hang.idle_util_pct: expected a percentage"),
+        ({"xid_ignore": ["a"]}, "hang.xid_ignore[0]: expected an integer >= 1 and <= 65535"),
+        ({"xid_ignore": 13}, "hang.xid_ignore: expected a list of Xid codes"),
+        ({"idle_windw": 3}, "hang.idle_windw: unknown key"),
+    ],
+)
+def test_hang_mistakes_are_one_line_naming_the_key(hang, message):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_mapping({"hang": hang}, env={})
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)

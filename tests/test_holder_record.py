@@ -31,7 +31,14 @@ KEY = b"gpu_lock:0"
 HB = protocol.heartbeat_key(KEY)
 HOLDER = protocol.holder_key(KEY)
 UUID = "GPU-5f0c1a3e-8d2b-4c6f-9a7e-0b1c2d3e4f50"
-PROCESS: protocol.ProcessFacts = {"host": "gpu-node-3", "pid": 4242, "pid_ns": 4026531836, "start_time": 81234567}
+BOOT = "6b4f3c0e-8b7a-4e0c-9d2e-1f0a2b3c4d5e"
+PROCESS: protocol.ProcessFacts = {
+    "host": "gpu-node-3",
+    "pid": 4242,
+    "pid_ns": 4026531836,
+    "start_time": 81234567,
+    "boot_id": BOOT,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +102,7 @@ def test_builder_writes_every_field_in_order_and_parse_reads_it_back():
         "heartbeats": True,
         "progress_ms": None,
         "progress_timeout_s": 120,
+        "boot_id": BOOT,
     }
     assert b" " not in raw  # compact: it is read once per lock per pass
     assert protocol.parse_holder_record(raw) == doc
@@ -108,6 +116,7 @@ def test_builder_describes_this_process_unless_told():
     assert doc["pid"] == os.getpid()
     assert doc["pid_ns"] == os.stat("/proc/self/ns/pid").st_ino
     assert doc["start_time"] == protocol.process_start_time(os.getpid())
+    assert doc["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def test_builder_refuses_what_no_reader_would_take():
