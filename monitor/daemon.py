@@ -27,6 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from monitor import channels, protocol, systemd
 from monitor.alerts import Alerts
 from monitor.audit import AuditLog, JsonlFile
+from monitor.cluster_watch import ClusterWatcher
 from monitor.config import Settings
 from monitor.connection import connect, is_cluster
 from monitor.errors import MonitorError
@@ -93,7 +94,7 @@ class Runner:
             return
         log.debug(
             "pass_done",
-            locks=len(report.verdicts),
+            locks=report.locks,
             released=report.released,
             invalid=report.invalid,
             duration_s=round(report.duration_s, 4),
@@ -156,8 +157,9 @@ GC_THRESHOLDS = (100_000, 50, 100)
 SEED_WAIT_S = 5.0
 
 
-def start_watcher(monitor: Monitor) -> Watcher | None:
-    """The event-driven core where it can run; otherwise passes SCAN, and the audit says why."""
+def start_watcher(monitor: Monitor) -> Watcher | ClusterWatcher | None:
+    """The event-driven core where it can run; otherwise passes SCAN, and the audit says why. In
+    Redis Cluster, one watcher per primary (cluster_watch.py)."""
     settings = monitor.settings
 
     def said(state: NotifyState) -> None:
@@ -169,11 +171,12 @@ def start_watcher(monitor: Monitor) -> Watcher | None:
     if settings.notifications == "off":
         said(NotifyState("off", "", "discovery.notifications is off: a SCAN every pass"))
         return None
+    watcher: Watcher | ClusterWatcher
     if is_cluster(monitor.client):
-        said(NotifyState("off", "", "Redis Cluster: a SCAN every pass (keyspace events per node are not used yet)"))
-        return None
-    db = int(monitor.client.connection_pool.connection_kwargs.get("db", 0))  # type: ignore[union-attr]
-    watcher = Watcher(monitor, settings, db=db, on_state=said)
+        watcher = ClusterWatcher(monitor, settings, on_state=said)  # a cluster has database 0 only
+    else:
+        db = int(monitor.client.connection_pool.connection_kwargs.get("db", 0))  # type: ignore[union-attr]
+        watcher = Watcher(monitor, settings, db=db, on_state=said)
     watcher.test_now()  # said at start, right after monitor_started, where Redis answers
     monitor.discovery = watcher
     watcher.start()
@@ -185,7 +188,7 @@ def start_watcher(monitor: Monitor) -> Watcher | None:
 def summary(report: PassReport) -> str:
     if report.error:
         return f"pass failed: {report.error}"[:200]
-    return f"{len(report.verdicts)} locks, {report.released} released, pass {report.duration_s * 1000:.0f} ms"
+    return f"{report.locks} locks, {report.released} released, pass {report.duration_s * 1000:.0f} ms"
 
 
 def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: threading.Event | None = None) -> int:
