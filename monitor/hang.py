@@ -279,9 +279,7 @@ def classify(point: _Point, limit_w: float | None, idle_util_pct: float) -> str:
 
 def _owner(pid: int, holder: int, proc: ProcReader, cache: dict[int, bool | None]) -> bool | None:
     """True when pid is the holder or descends from it, False when its chain ends elsewhere, None
-    when /proc cannot say."""
-    if pid in cache:
-        return cache[pid]
+    when /proc cannot say (`cache`: the answers for every pid on the chains followed so far)."""
     chain: list[int] = []
     answer: bool | None = False
     current: int | None = pid
@@ -472,7 +470,7 @@ class HangWatch:
         window = self.settings.idle_window_s
         if quiet_s < window:
             return None
-        spin = line.last_spin is not None and line.last_spin > quiet_from
+        spin = line.last_spin is not None and line.last_spin >= quiet_from
         return self._found(
             Finding.GPU_IDLE_HELD,
             quiet_s - window,
