@@ -137,7 +137,7 @@ class PidWatch:
         self._watches: dict[bytes, _Watch] = {}
         self._closing: list[int] = []  # pidfds of dropped watches, closed by the thread (not mid-poll)
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._run_id = 0  # which thread may run: start and stop move it on
         self._wake: tuple[int, int] | None = None
 
     @property
@@ -195,15 +195,16 @@ class PidWatch:
                 return
             read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._wake = (read, write)
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, args=(read,), name="pidwatch", daemon=True)
+            self._run_id += 1
+            self._thread = threading.Thread(target=self._run, args=(read, self._run_id), name="pidwatch", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         with self._lock:
-            thread, self._stopping = self._thread, True
+            thread = self._thread
+            self._run_id += 1
             self._poke()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread():  # on_exit may stop us
             thread.join()
         with self._lock:
             for w in self._watches.values():
@@ -283,11 +284,11 @@ class PidWatch:
             with contextlib.suppress(BlockingIOError):  # the pipe is full: wake-ups enough
                 os.write(self._wake[1], b"\0")
 
-    def _run(self, wake: int) -> None:
+    def _run(self, wake: int, run_id: int) -> None:
         next_poll = time.monotonic()
         while True:
             with self._lock:
-                if self._stopping:
+                if self._run_id != run_id:
                     return
                 for fd in self._closing:
                     os.close(fd)

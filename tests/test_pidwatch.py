@@ -240,7 +240,8 @@ def test_a_raising_callback_does_not_stop_later_notifications(path, spawn, watch
     second.kill()
     exits.wait(b"gpu_lock:1")
     assert [call[0] for call in exits.calls] == [b"gpu_lock:0", b"gpu_lock:1"]
-    logged = capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    captured = capsys.readouterr()
+    logged = captured.out + captured.err + caplog.text
     assert "pidwatch_callback_failed" in logged
     assert "the callback's own bug" in logged
 
@@ -319,11 +320,21 @@ def test_stop_from_inside_on_exit_does_not_deadlock(spawn):
 
     watch = PidWatch(on_exit)
     watch.start()
-    child = spawn()
+    child, later = spawn(), spawn()
     assert watch.watch(b"gpu_lock:0", "t", child.pid, started(child))
     child.kill()
     assert done.wait(WAIT_S)
     assert watch.watching() == {}
+    # Started again: one thread watches, whatever the stopped one was doing.
+    exits = Exits()
+    watch._on_exit = exits
+    watch.start()
+    assert watch.watch(b"gpu_lock:1", "t", later.pid, started(later))
+    later.kill()
+    exits.wait(b"gpu_lock:1")
+    watch.stop()
+    assert [call[0] for call in exits.calls] == [b"gpu_lock:1"]
+    wait_for(lambda: not any(t.name == "pidwatch" for t in threading.enumerate()))  # the stopped one ended too
 
 
 def test_poll_s_must_be_positive():
