@@ -379,25 +379,78 @@ class HangWatch:
             },
         )
 
-    def _pids(self, ev: Evidence) -> _Pids | None:
-        """The GPU's processes by whose they are, or None when pids cannot be compared here."""
+    def _pid_reason(self, ev: Evidence) -> str | None:
+        """Why the GPU's pids cannot be compared with the holder's here, or None when they can."""
         record, gpu = ev.record, ev.gpu
-        if record is None or not ev.pid_visible or gpu is None or gpu.processes is None:
-            return None
+        if record is None:
+            return "no holder record"
         holder = record["pid"]
         if holder is None:
-            return None
+            return "the holder record has no pid"
+        if not ev.pid_visible:
+            return "the holder's pid is not in this monitor's pid namespace on this host"
+        if gpu is None:
+            return "the lock guards no GPU of this host"
+        if gpu.processes is None:
+            return "NVML lists no processes for this GPU"
         named = record["gpu_uuid"]
         if named is not None and named.startswith("GPU-") and gpu.uuid is not None and named != gpu.uuid:
-            return None  # the holder says it uses another GPU than the one this lock guards
+            return f"the holder record names another GPU ({named})"
         started = self.proc.start_time(holder)
         if started is None or (record["start_time"] is not None and started != record["start_time"]):
-            return None  # the holder's process is gone (or its pid is another process now)
+            return "the holder's process is not in /proc (gone, hidden, or its pid reused)"
+        return None
+
+    def _pids(self, ev: Evidence) -> _Pids | None:
+        """The GPU's processes by whose they are, or None when pids cannot be compared here."""
+        if self._pid_reason(ev) is not None:
+            return None
+        record, gpu = ev.record, ev.gpu
+        assert record is not None
+        assert gpu is not None
+        assert gpu.processes is not None
+        holder = record["pid"]
+        assert holder is not None
         cache: dict[int, bool | None] = {}
         whose: dict[bool | None, list[int]] = {True: [], False: [], None: []}
         for p in gpu.processes:
             whose[_owner(p.pid, holder, self.proc, cache)].append(p.pid)
         return _Pids(holder, tuple(whose[True]), tuple(whose[False]), tuple(whose[None]))
+
+    def unjudged(self, ev: Evidence) -> dict[Finding, str]:
+        """Why each finding that cannot be judged for this holding is not (for status: "xid: not
+        available"); a finding judged, true or not, is absent."""
+        why: dict[Finding, str] = {}
+        record, gpu = ev.record, ev.gpu
+        if record is None:
+            why[Finding.HOLDER_STALLED] = "no holder record"
+        elif record["progress_timeout_s"] is None and self.settings.progress_timeout_s is None:
+            why[Finding.HOLDER_STALLED] = "no progress_timeout (holder record or config)"
+        elif record["progress_timeout_s"] is None and record["progress_ms"] is None:
+            why[Finding.HOLDER_STALLED] = "no progress mark yet (the config's timeout applies from the first)"
+        pids = self._pid_reason(ev)
+        if pids is not None:
+            why[Finding.HOLDER_NOT_ON_GPU] = why[Finding.GPU_FOREIGN_PROCESS] = pids
+        elif not ev.heartbeat_alive:
+            why[Finding.HOLDER_NOT_ON_GPU] = "the heartbeat is not alive"
+        if pids is None and record is not None and (record["gpu_uuid"] or "").startswith("MIG-"):
+            why[Finding.GPU_FOREIGN_PROCESS] = "a MIG holder: the GPU lists every instance's processes"
+        if gpu is None:
+            why[Finding.GPU_IDLE_HELD] = why[Finding.GPU_XID] = "the lock guards no GPU of this host"
+            return why
+        if gpu.utilization_pct is None and gpu.util_samples is None:
+            why[Finding.GPU_IDLE_HELD] = "NVML gives no utilisation for this GPU"
+        if gpu.xids is None:
+            why[Finding.GPU_XID] = "xid: not available"
+        return why
+
+    def observe(self, gpus: Iterable[GpuInfo]) -> None:
+        """Take in a snapshot's samples for every GPU, held or not. `judge` takes in its lock's GPU
+        itself; call this after every snapshot as well where a pass may not judge every held lock
+        (samples are read once: a snapshot no one takes in leaves a gap no window can see into)."""
+        now = self._mono()
+        for gpu in gpus:
+            self._timeline(gpu, now)
 
     def _not_on_gpu(self, held: tuple[bytes, int], ev: Evidence, pids: _Pids | None, now: float) -> Found | None:
         absent = ev.heartbeat_alive and pids is not None and not pids.own and not pids.unknown

@@ -681,3 +681,122 @@ def test_the_module_reads_no_redis_and_no_nvml():
     source = Path(sys.modules["monitor.hang"].__file__ or "").read_text()
     assert "import redis" not in source
     assert "pynvml" not in source
+
+
+# --- what cannot be judged, and samples taken in for GPUs no lock was judged on ------------------------------
+
+NO_GPU = "the lock guards no GPU of this host"
+NO_RECORD = "no holder record"
+
+
+@pytest.mark.parametrize(
+    ("case", "ev_kw", "config_timeout", "expect"),
+    [
+        ("everything judged", {"rec": record(progress_timeout_s=60), "gpu": device(xids=())}, None, {}),
+        (
+            "a legacy holder on a host without NVML",
+            {"rec": None, "gpu": None},
+            None,
+            {
+                Finding.HOLDER_STALLED: NO_RECORD,
+                Finding.HOLDER_NOT_ON_GPU: NO_RECORD,
+                Finding.GPU_FOREIGN_PROCESS: NO_RECORD,
+                Finding.GPU_IDLE_HELD: NO_GPU,
+                Finding.GPU_XID: NO_GPU,
+            },
+        ),
+        (
+            "no timeout anywhere; xid not available",
+            {"gpu": device()},
+            None,
+            {
+                Finding.HOLDER_STALLED: "no progress_timeout (holder record or config)",
+                Finding.GPU_XID: "xid: not available",
+            },
+        ),
+        (
+            "the config's timeout before a first mark",
+            {"gpu": device(xids=())},
+            60,
+            {Finding.HOLDER_STALLED: "no progress mark yet (the config's timeout applies from the first)"},
+        ),
+        ("the config's timeout after a mark", {"rec": record(progress_ms=NOW_MS), "gpu": device(xids=())}, 60, {}),
+        (
+            "a container's pid; no utilisation from NVML",
+            {"visible": False, "gpu": device(xids=(), utilization_pct=None)},
+            60,
+            {
+                Finding.HOLDER_STALLED: "no progress mark yet (the config's timeout applies from the first)",
+                Finding.HOLDER_NOT_ON_GPU: "the holder's pid is not in this monitor's pid namespace on this host",
+                Finding.GPU_FOREIGN_PROCESS: "the holder's pid is not in this monitor's pid namespace on this host",
+                Finding.GPU_IDLE_HELD: "NVML gives no utilisation for this GPU",
+            },
+        ),
+        (
+            "a dead heartbeat; a MIG holder",
+            {"alive": False, "rec": record(gpu_uuid=MIG_UUID, progress_timeout_s=1), "gpu": device(xids=())},
+            None,
+            {
+                Finding.HOLDER_NOT_ON_GPU: "the heartbeat is not alive",
+                Finding.GPU_FOREIGN_PROCESS: "a MIG holder: the GPU lists every instance's processes",
+            },
+        ),
+        (
+            "no pid in the record",
+            {"rec": record(pid=None, progress_timeout_s=1), "gpu": device(xids=())},
+            None,
+            dict.fromkeys((Finding.HOLDER_NOT_ON_GPU, Finding.GPU_FOREIGN_PROCESS), "the holder record has no pid"),
+        ),
+        (
+            "no process list",
+            {"rec": record(progress_timeout_s=1), "gpu": device(pids=None, xids=())},
+            None,
+            dict.fromkeys(
+                (Finding.HOLDER_NOT_ON_GPU, Finding.GPU_FOREIGN_PROCESS), "NVML lists no processes for this GPU"
+            ),
+        ),
+        (
+            "another GPU named",
+            {"rec": record(gpu_uuid=OTHER_UUID, progress_timeout_s=1), "gpu": device(xids=())},
+            None,
+            dict.fromkeys(
+                (Finding.HOLDER_NOT_ON_GPU, Finding.GPU_FOREIGN_PROCESS),
+                f"the holder record names another GPU ({OTHER_UUID})",
+            ),
+        ),
+        (
+            "the holder's process gone",
+            {"rec": record(pid=9999, progress_timeout_s=1), "gpu": device(xids=())},
+            None,
+            dict.fromkeys(
+                (Finding.HOLDER_NOT_ON_GPU, Finding.GPU_FOREIGN_PROCESS),
+                "the holder's process is not in /proc (gone, hidden, or its pid reused)",
+            ),
+        ),
+    ],
+)
+def test_unjudged_says_why_each_finding_cannot_be_judged(case, ev_kw, config_timeout, expect):
+    w = watch(progress_timeout_s=config_timeout)
+    ev = evidence(**ev_kw)
+    if "rec" in ev_kw and ev_kw["rec"] is None:
+        ev = replace(ev, record=None)
+    assert w.unjudged(ev) == expect, case
+
+
+def test_observe_takes_in_samples_of_gpus_no_lock_was_judged_on():
+    """A busy burst in a snapshot that no judge took in still resets the window, through observe."""
+    clock = Clock()
+    w = watch(clock, idle_window_s=100)
+    w.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
+    clock.t += 60
+    w.observe([device(**IDLE, read_mono=clock.t, util_samples=(Sample(clock.t - 1, 80),))])
+    clock.t += 60
+    assert w.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t))) == []
+    clock.t += 40
+    (found,) = w.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
+    assert found.detail["quiet_s"] == 101.0
+    # Without it, that snapshot's burst would have gone unseen:
+    blind = watch(clock := Clock(), idle_window_s=100)
+    blind.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
+    clock.t += 120
+    assert blind.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
