@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from helpers import beat, build, hold, make_settings
 
-from monitor import channels
+from monitor import channels, units
 from monitor.alerts import Alert, Alerts, alert_for
 from monitor.channels import Channel, dingtalk_sign
 from monitor.config import Settings
@@ -119,11 +119,50 @@ RELEASED = {
         ("redis_unavailable", {}, None),
         ("gpu_busy_unlocked", {"busy_s": 61, "gpu": {"index": 1, "processes": [{"pid": 7}]}}, "warning"),
         ("released_gpu_busy", {"lock_key": "gpu_lock:1", "gpu": {"index": 1, "processes": []}}, "warning"),
+        ("holder_stalled", {"lock_key": "k", "holder": "h"}, "warning"),
+        ("holder_not_on_gpu", {"lock_key": "k", "holder": "h"}, "warning"),
+        ("gpu_idle_held", {"lock_key": "k", "holder": "h"}, "warning"),
+        ("gpu_foreign_process", {"lock_key": "k", "holder": "h"}, "critical"),
+        ("gpu_xid", {"lock_key": "k", "holder": "h"}, "warning"),
+        ("lock_released", {**RELEASED, "reason": "holder_stalled"}, "critical"),
+        ("lock_released", {**RELEASED, "reason": "gpu_xid", "dry_run": True, "outcome": "dry_run"}, "warning"),
     ],
 )
 def test_each_event_alerts_at_its_severity_or_not_at_all(event, fields, severity):
     alert = alert_for(Event(event), fields, host="h1", now=0.0)
     assert (alert.severity if alert else None) == severity
+
+
+@pytest.mark.parametrize(
+    ("event", "finding", "says"),
+    [
+        (
+            "holder_stalled",
+            {"silent_s": 930, "progress_timeout_s": 900},
+            "no progress mark for 15m30s (progress timeout 15m00s)",
+        ),
+        ("holder_not_on_gpu", {"pid": 4242, "absent_s": 125}, "holder pid 4242 not on its GPU for 2m05s"),
+        ("gpu_idle_held", {"kind": "spin", "quiet_s": 301}, "GPU spin for 5m01s"),
+        (
+            "gpu_foreign_process",
+            {"foreign": [{"pid": 7}, {"pid": 9}]},
+            "another process on its GPU (pids 7, 9): two holders?",
+        ),
+        ("gpu_xid", {"codes": [79, 48]}, "Xid 79, 48 on its GPU"),
+    ],
+)
+def test_a_finding_pages_with_its_own_facts(event, finding, says):
+    fields = {
+        "lock_key": "gpu_lock:0",
+        "holder": "locked_by_tts#t",
+        "held_s": 60,
+        "heartbeat": "alive",
+        "finding": finding,
+    }
+    alert = alert_for(Event(event), fields, host="h1", now=0.0)
+    assert alert is not None
+    assert alert.summary == f"h1: gpu_lock:0 held by locked_by_tts#t for {units.human(60)}, heartbeat alive: {says}"
+    assert alert.details["finding"] == finding
 
 
 def test_alert_carries_everything_an_operator_needs():
