@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from monitor import units
@@ -38,7 +38,10 @@ _T = TypeVar("_T")
 RELEASED_MARK = b"released"
 
 
-@dataclass(frozen=True)
+_NOTHING: frozenset[str] = frozenset()  # one empty set for every record that notified nothing
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """What monitors know about one holding, kept in Redis by the acting monitor.
 
@@ -57,7 +60,9 @@ class Record:
     hb_refreshed_ms: int | None = None  # its last write, as late as the evidence allows
     hb_tainted: bool = False  # began while an earlier holder's heartbeat writer may have lived on
     seen_ms: int | None = None  # last look, for a lock without a TTL (whose identity repeats)
-    notified: frozenset[str] = field(default_factory=frozenset)
+    notified: frozenset[str] = _NOTHING
+    # The JSON, made once when first asked for: a steady pass compares records with what Redis holds.
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def ran_out_beating(self, now_ms: int) -> bool:
         """Its lock expired by its TTL with its heartbeat there at the last look (see `taints`)."""
@@ -67,11 +72,13 @@ class Record:
         return self.holder == fingerprint(value) and self.expiry_ms == expiry_ms
 
     def dumps(self) -> bytes:
-        return self._json
+        data = self._json
+        if data is None:
+            data = self._encode()
+            object.__setattr__(self, "_json", data)
+        return data
 
-    @functools.cached_property
-    def _json(self) -> bytes:
-        # Once per record: a steady pass compares 10,000 of them with what Redis holds.
+    def _encode(self) -> bytes:
         # latin-1 maps bytes to code points one to one, so any value survives JSON.
         return json.dumps(
             {
@@ -115,27 +122,35 @@ class Record:
                 hb_refreshed_ms=_int_or_none(data["hb_refreshed_ms"]),
                 hb_tainted=bool(data["hb_tainted"]),
                 seen_ms=_int_or_none(data["seen_ms"]),
-                notified=frozenset(str(n) for n in data["notified"]),
+                notified=frozenset(str(n) for n in data["notified"]) or _NOTHING,
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
-# A steady pass reads the same 10,000 records again: parsing each (JSON) was a third of its time.
-# Records are immutable, so one parse serves every pass that reads the same bytes.
-@functools.lru_cache(maxsize=4096)
+# A record read again (by `status`, or a lock re-read after its own record changed elsewhere) is
+# parsed once. A monitor's own records need no parse: `verdict.evaluate` recognises their bytes.
+@functools.lru_cache(maxsize=512)
 def _parsed(raw: bytes) -> Record | None:
     return Record._parse(raw)
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_set = object.__setattr__
+
+
 def evolve(obj: _T, **changes: Any) -> _T:
     """`dataclasses.replace` for the frozen Record and Holding, without running `__init__` (its
-    frozen assignments were most of a pass over 10,000 locks). A Record's cached JSON is not carried."""
-    fields = dict(obj.__dict__)
-    fields.pop("_json", None)
-    fields.update(changes)
-    new = object.__new__(type(obj))
-    new.__dict__.update(fields)
+    frozen assignments were most of a pass over 10,000 locks). A Record's JSON is not carried."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls) if f.name != "_json")  # type: ignore[arg-type]
+    new = object.__new__(cls)
+    for name in names:
+        _set(new, name, changes[name] if name in changes else getattr(obj, name))
+    if cls is Record:
+        _set(new, "_json", None)
     return new
 
 
@@ -160,7 +175,7 @@ def _int_or_none(value: object) -> int | None:
     return None if value is None else int(value)  # type: ignore[call-overload]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Holding:
     """One lock as the policy sees it."""
 

@@ -52,7 +52,10 @@ class _Passes(Collector):
         self.monitor = monitor
         self._lock = threading.Lock()
         self._applied: PassReport | None = None
-        self._verdicts: dict[str, Verdict] | None = None  # by lock, as protocol.shown names it
+        # The last complete pass's locks, less those released since (by lock, as protocol.shown
+        # names it): read from the report at a scrape, not at every pass.
+        self._locks: PassReport | None = None
+        self._dropped: set[str] = set()
         self._redis_up: bool | None = None
 
     def apply(self, report: PassReport | None) -> None:
@@ -64,24 +67,24 @@ class _Passes(Collector):
             self._applied = report
             self._redis_up = not report.redis_down
             if report.error is None:
-                self._verdicts = {protocol.shown(v.holding.key): v for v in report.verdicts}
+                self._locks, self._dropped = report, set()
             for key in report.released_keys:  # a failed pass may still have released some
-                self._drop(protocol.shown(key))
+                self._dropped.add(protocol.shown(key))
 
     def forget(self, lock: str) -> None:
         """A lock released: its series leave now, not at the next pass."""
         with self._lock:
-            self._drop(lock)
-
-    def _drop(self, lock: str) -> None:
-        if self._verdicts is not None:
-            self._verdicts.pop(lock, None)
+            self._dropped.add(lock)
 
     def collect(self) -> Iterator[Metric]:
         self.apply(self.monitor.last_report)
         with self._lock:
-            verdicts = None if self._verdicts is None else list(self._verdicts.values())
+            locks, dropped = self._locks, set(self._dropped)
             redis_up = self._redis_up
+        verdicts: list[tuple[str, Verdict]] | None = None
+        if locks is not None:
+            named = ((protocol.shown(v.holding.key), v) for v in locks.verdicts)
+            verdicts = list({lock: v for lock, v in named if lock not in dropped}.items())
         if redis_up is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_redis_up", "1 if the last pass reached Redis (absent before the first pass).", redis_up
@@ -104,9 +107,8 @@ class _Passes(Collector):
         info = GaugeMetricFamily(
             f"{PREFIX}_lock_info", "1 for each lock held, with its task and tier.", labels=["lock", "task", "tier"]
         )
-        for v in verdicts:
+        for lock, v in verdicts:
             h = v.holding
-            lock = protocol.shown(h.key)
             held.add_metric([lock], h.held_s)
             if h.hb_age_s is not None:
                 age.add_metric([lock], h.hb_age_s)
@@ -116,7 +118,7 @@ class _Passes(Collector):
             f"{PREFIX}_locks_held", "Locks held at the last pass, by heartbeat state.", labels=["heartbeat"]
         )
         for state in ("alive", "dead", "none"):
-            count.add_metric([state], sum(1 for v in verdicts if v.holding.heartbeat.value == state))
+            count.add_metric([state], sum(1 for _, v in verdicts if v.holding.heartbeat.value == state))
         yield from (held, age, ttl, info, count)
 
 

@@ -16,7 +16,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -57,15 +57,73 @@ MAX_BACKOFF_S = 5.0
 class PassReport:
     started: float
     duration_s: float = 0.0
-    verdicts: list[Verdict] = field(default_factory=list)
     invalid: int = 0
     released_keys: set[bytes] = field(default_factory=set)
     error: str | None = None
     redis_down: bool = False  # the error is Redis being unreachable (or not yet serving)
+    now_ms: int = 0  # Redis-clock ms when the pass began
+    # Every lock the pass found, as judged: this pass's verdicts, and the last one of each lock that
+    # nothing changed and no boundary reached since (judged earlier: `verdicts` moves their clock on).
+    judged: list[Verdict] = field(default_factory=list)
+    _verdicts: list[Verdict] | None = field(default=None, repr=False)
 
     @property
     def released(self) -> int:
         return len(self.released_keys)
+
+    @property
+    def locks(self) -> int:
+        """Locks the pass found (those it released included)."""
+        return len(self.judged)
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """Every lock the pass found, as of the pass's start: a verdict carried from an earlier
+        look is the same decision, its held time and heartbeat age moved on. Made when first asked
+        for (metrics, health), not by the pass: a steady pass makes no object per lock."""
+        if self._verdicts is None:
+            now = self.now_ms
+            self._verdicts = [
+                v if v.holding.now_ms >= now else Verdict(shifted(v.holding, now), v.decision, v.stored)
+                for v in self.judged
+            ]
+        return self._verdicts
+
+
+class _Kept:
+    """What a monitor keeps of a lock between passes: its last verdict, with the record as kept
+    (and as Redis will hold it, for an acting monitor), what Redis held then, and when that
+    verdict can next change (no sooner than `due`: a pass may carry it without reading or judging
+    the lock again; -1 where it must judge it at every look)."""
+
+    __slots__ = ("due", "signature", "verdict")
+
+    def __init__(self, verdict: Verdict, signature: tuple[Any, ...] | None, due: int) -> None:
+        self.verdict = verdict
+        self.signature = signature
+        self.due = due
+
+
+class _Records(Mapping[bytes, Record]):
+    """The kept records by lock (a view: what `evaluate` remembers)."""
+
+    __slots__ = ("_kept",)
+
+    def __init__(self, kept: dict[bytes, _Kept]) -> None:
+        self._kept = kept
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        found = self._kept.get(key)
+        return default if found is None else found.verdict.holding.record
+
+    def __getitem__(self, key: bytes) -> Record:
+        return self._kept[key].verdict.holding.record
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._kept)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _identity(h: Holding) -> tuple[bytes, bytes, int, int]:
@@ -75,7 +133,9 @@ def _identity(h: Holding) -> tuple[bytes, bytes, int, int]:
 
 
 def _signature(obs: Observation) -> tuple[Any, ...]:
-    return (obs.value, obs.expiry_ms, obs.hb_value, obs.hb_expiry_ms, obs.record)
+    """What Redis held of a lock: where a later read finds the same, nothing changed."""
+    holder = getattr(obs, "holder", None)  # the holder record, where the scanner reads it
+    return (obs.value, obs.expiry_ms, obs.hb_value, obs.hb_expiry_ms, obs.record, holder)
 
 
 class Discovery(Protocol):
@@ -89,7 +149,10 @@ class Discovery(Protocol):
         """Keys the pass found gone (the index drops those no event has named since)."""
 
     def quiet(self) -> frozenset[bytes]:
-        """Locks no event has named since they were last read (as of `candidates()`)."""
+        """Locks no event has named since they were last read (as of `candidates()`). A discovery
+        may instead say `changed() -> frozenset[bytes] | None`: the indexed locks that are NOT
+        quiet (few where most locks are steady), None where none is known quiet; a pass asks that
+        one where there is one."""
 
     def read_by_pass(self, keys: list[bytes]) -> None:
         """The pass read these keys."""
@@ -134,9 +197,9 @@ class Monitor:
         self.mono = mono
         self._persist = client.register_script(protocol.PERSIST_SCRIPT)
         self._failures: dict[tuple[bytes, bytes, int], _Failure] = {}  # by (lock, holder, holding)
-        # What this monitor learned of each present holding, and when its last complete pass
-        # began: the only memory of a monitor that does not act (it writes nothing to Redis).
-        self._known: dict[bytes, Record] = {}
+        # What this monitor learned of each present holding (its record, in its last verdict), and
+        # when its last complete pass began: the only memory of a monitor that does not act.
+        self._held: dict[bytes, _Kept] = {}
         self._complete_ms: int | None = None
         # Releases whose reply was lost: asked again at the next pass, the tombstone answers.
         self._unsettled: dict[bytes, Verdict] = {}
@@ -159,9 +222,6 @@ class Monitor:
         self.lock = threading.RLock()
         self.discovery: Discovery | None = None
         self._persisted_ms: int | None = None
-        # Per lock, what Redis held at the last pass, its verdict then, and when that can change.
-        self._steady: dict[bytes, tuple[Any, Verdict, int]] = {}
-        self._reused: dict[bytes, Verdict] = {}  # the last pass's verdicts taken from _steady
 
     # --- the pass ---------------------------------------------------------------------------
 
@@ -206,88 +266,138 @@ class Monitor:
         self, report: PassReport, began_ms: int, persisted_ms: int | None, keys: list[bytes], *, every_lock: bool
     ) -> None:
         self._persisted_ms = persisted_ms
+        report.now_ms = began_ms
         self._settle_unknown(report)
-        # Where events say a lock is as it was last read and no deadline of it is due, it is not read.
-        quiet = self.discovery.quiet() if self.discovery is not None else frozenset()
-        relocked = self.discovery.relocked() if self.discovery is not None else frozenset()
-        beaten = self.discovery.tainted() if self.discovery is not None else frozenset()
-        skipped = [k for k in keys if k in quiet and (hit := self._steady.get(k)) is not None and hit[2] > began_ms]
-        if skipped:
-            unread = set(skipped)
-            keys = [k for k in keys if k not in unread]
-        observations = self._not_released(read_locks(self.client, keys))
-        if relocked or beaten:
-            observations = [replace(o, relocked=o.key in relocked, hb_tainted=o.key in beaten) for o in observations]
+        carried: list[Verdict] = []  # judged before, and nothing since can have changed them
+        keys = self._to_read(keys, began_ms, carried)
+        observations = self._with_events(self._not_released(read_locks(self.client, keys)))
         self._redis_back()
         if self.discovery is not None:
             self.discovery.read_by_pass(keys)
             self.discovery.forget_absent([o.key for o in observations if o.value is None and o.invalid is None])
         self._report_invalid({o.key: o.invalid for o in observations if o.invalid}, report)
         after = max((t for t in (self._complete_ms, persisted_ms) if t is not None), default=None)
-        verdicts = self._evaluate(observations, after, skipped=skipped, now_ms=began_ms)
-        report.verdicts = verdicts
+        fresh, judged = self._evaluate(observations, after, carried)
+        report.judged = fresh + carried
         if self.gpus is not None:
             self.gpus.refresh()
-        live = {self._fid(v.holding) for v in verdicts if not v.holding.new}
-        self._failures = {k: f for k, f in self._failures.items() if k in live}
+        if self._failures:
+            live = {self._fid(v.holding) for v in fresh if not v.holding.new}
+            live.update(self._fid(v.holding) for v in carried)
+            self._failures = {k: f for k, f in self._failures.items() if k in live}
         kept: dict[bytes, tuple[Verdict, Record]] = {}
         complete = False
         try:
-            for verdict in verdicts:
+            for verdict in fresh:
                 record = self._act(verdict, report)
                 if record is not None:
                     kept[verdict.holding.key] = (verdict, record)
             if self.gpus is not None:
-                self._gpu_findings(verdicts, report)
+                self._gpu_findings(report.judged, report)
             complete = every_lock
         finally:
             # Keep what was learned even if a release lost Redis part-way.
-            self._known = {key: record for key, (_, record) in kept.items()}
-            self._steady = self._steady_from(kept)
+            self._hold(judged, kept, carried)
             if complete:
                 self._complete_ms = began_ms
             self._remember(kept, began_ms if complete else None, self._status(report))
 
+    def _to_read(self, keys: list[bytes], began_ms: int, carried: list[Verdict]) -> list[bytes]:
+        """The keys to read: where events say a lock is as it was last read and no deadline of it
+        is due, its last verdict is carried instead (a steady pass reads what changed)."""
+        changed, quiet = self._quiet_by_events()
+        if changed is None and not quiet:
+            return keys
+        held, moved = self._held, changed if changed is not None else frozenset()
+        unread: list[bytes] = []
+        for key in keys:
+            entry = held.get(key)
+            if entry is not None and entry.due > began_ms and (key in quiet if quiet is not None else key not in moved):
+                carried.append(entry.verdict)
+            else:
+                unread.append(key)
+        return unread
+
+    def _with_events(self, observations: list[Observation]) -> list[Observation]:
+        """The reads, with what keyspace events told of them as of the pass's barrier."""
+        if self.discovery is None:
+            return observations
+        relocked, beaten = self.discovery.relocked(), self.discovery.tainted()
+        if not relocked and not beaten:
+            return observations
+        return [
+            replace(o, relocked=o.key in relocked, hb_tainted=o.key in beaten)
+            if o.key in relocked or o.key in beaten
+            else o
+            for o in observations
+        ]
+
+    def _hold(
+        self, judged: list[Observation], kept: dict[bytes, tuple[Verdict, Record]], carried: list[Verdict]
+    ) -> None:
+        """After a pass: what it kept and carried, and nothing else (a lock gone, released, or
+        out of the index since)."""
+        held = self._held
+        for obs in judged:
+            held.pop(obs.key, None)
+        held.update(self._keep(kept, judged))
+        if len(held) != len(carried) + len(kept):
+            present = {v.holding.key for v in carried}.union(kept)
+            self._held = {key: entry for key, entry in held.items() if key in present}
+
+    def _quiet_by_events(self) -> tuple[frozenset[bytes], None] | tuple[None, frozenset[bytes] | None]:
+        """The locks that are not quiet (a discovery that says `changed()`: few in a steady pass),
+        else those that are (`quiet()`), else (None, None): read every lock."""
+        d = self.discovery
+        if d is None:
+            return None, None
+        changed: Callable[[], frozenset[bytes] | None] | None = getattr(d, "changed", None)
+        if changed is None:
+            return None, d.quiet()
+        found = changed()
+        return (found, None) if found is not None else (None, None)
+
     def _evaluate(
-        self, observations: list[Observation], after: int | None, *, skipped: Sequence[bytes] = (), now_ms: int = 0
-    ) -> list[Verdict]:
-        """`evaluate`, except for locks where nothing in Redis changed since the last pass and no
-        boundary (a tier, the heartbeat's expiry or staleness) fell due: their verdict is the last
-        one, only later (README "Performance": most locks of a steady pass)."""
-        reused: dict[bytes, Verdict] = {}
-        for key in skipped:  # not even read: the last verdict, at the pass's start
-            last = self._steady[key][1]
-            reused[key] = Verdict(shifted(last.holding, max(now_ms, last.holding.now_ms)), last.decision, last.stored)
+        self, observations: list[Observation], after: int | None, carried: list[Verdict]
+    ) -> tuple[list[Verdict], list[Observation]]:
+        """`evaluate`, except for locks where nothing in Redis changed since the last look and no
+        boundary (a tier, the heartbeat's expiry or staleness) fell due: their last verdict holds,
+        and goes to `carried` (README "Performance": most locks of a pass without notifications).
+        The verdicts, and the observations judged (those of absent and invalid keys included)."""
         fresh: list[Observation] = []
+        held = self._held
         for obs in observations:
-            hit = self._steady.get(obs.key)
-            if hit is not None and hit[0] == _signature(obs) and obs.now_ms < hit[2] and not obs.hb_written:
-                last = hit[1]
-                reused[obs.key] = Verdict(shifted(last.holding, obs.now_ms), last.decision, last.stored)
+            kept = held.get(obs.key)
+            if kept is not None and obs.now_ms < kept.due and not obs.hb_written and kept.signature == _signature(obs):
+                carried.append(kept.verdict)
             else:
                 fresh.append(obs)
         verdicts = evaluate(fresh, self.settings, after_ms=after, remembered=self._known)
         if not self.acting:
             verdicts = [self._own_notified(v) for v in verdicts]
-        self._reused = reused
-        by_key = {**reused, **{v.holding.key: v for v in verdicts}}
-        return [by_key[o.key] for o in observations if o.key in by_key] + [reused[k] for k in skipped]
+        return verdicts, fresh
 
-    def _steady_from(self, kept: dict[bytes, tuple[Verdict, Record]]) -> dict[bytes, tuple[Any, Verdict, int]]:
-        """What the next pass may reuse: kept verdicts with the record as it will read it."""
-        steady = {}
+    @property
+    def _known(self) -> Mapping[bytes, Record]:
+        """The record this monitor keeps of each present lock."""
+        return _Records(self._held)
+
+    def _keep(self, kept: dict[bytes, tuple[Verdict, Record]], observations: list[Observation]) -> dict[bytes, _Kept]:
+        """What the next look may use: each kept verdict with its record as kept and as the next read
+        will find it, and when it can next change."""
+        holders = {o.key: getattr(o, "holder", None) for o in observations} if kept else {}
+        entries = {}
         for key, (verdict, record) in kept.items():
-            if self._reused.get(key) is verdict and record is verdict.holding.record and key in self._steady:
-                steady[key] = self._steady[key]  # nothing new: the same entry serves again
-                continue
             h = verdict.holding
-            if verdict.decision.action is Action.RELEASE or h.expiry_ms < 0:
-                continue  # acted on at every look; a lock without a TTL has no identity to hold on to
             stored = record.dumps() if self.acting else verdict.stored
             last = Verdict(h if record is h.record else evolve(h, record=record), verdict.decision, stored)
-            due = next_deadline_ms(last, self.settings)
-            steady[key] = ((h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored), last, due or _NEVER)
-        return steady
+            if verdict.decision.action is Action.RELEASE or h.expiry_ms < 0:
+                # Acted on at every look; a lock without a TTL has no identity to hold on to.
+                entries[key] = _Kept(last, None, -1)
+                continue
+            signature = (h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored, holders.get(key))
+            entries[key] = _Kept(last, signature, next_deadline_ms(last, self.settings) or _NEVER)
+        return entries
 
     def _not_released(self, observations: list[Observation]) -> list[Observation]:
         """Less reads of a holding this monitor released since (a pass and the event watcher may both
@@ -307,8 +417,6 @@ class Monitor:
             if not self.acting:
                 verdicts = [self._own_notified(v) for v in verdicts]
             kept: dict[bytes, tuple[Verdict, Record]] = {}
-            for obs in observations:
-                self._steady.pop(obs.key, None)
             try:
                 for verdict in verdicts:
                     record = self._act(verdict, report)
@@ -316,10 +424,9 @@ class Monitor:
                         kept[verdict.holding.key] = (verdict, record)
             finally:
                 for obs in observations:
-                    self._known.pop(obs.key, None)
-                self._known.update({key: record for key, (_, record) in kept.items()})
+                    self._held.pop(obs.key, None)
                 # The next pass need not judge again what was judged here.
-                self._steady.update(self._steady_from(kept))
+                self._held.update(self._keep(kept, observations))
                 self._remember(kept, None, None)
             return [verdict for verdict, _ in kept.values()]
 
@@ -382,7 +489,7 @@ class Monitor:
         return json.dumps(
             {
                 **self.audit.identity,
-                "locks": len(report.verdicts),
+                "locks": report.locks,
                 "released": report.released,
                 "failing_releases": self.failing_releases,
                 "dry_run": self.dry_run,

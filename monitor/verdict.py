@@ -7,6 +7,7 @@ held time and heartbeat state, and the rules' decision.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from monitor.policy import Decision, Reason, Tiers, decide
 from monitor.scanner import Observation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     holding: Holding
     decision: Decision
@@ -33,7 +34,7 @@ def evaluate(
     settings: Settings,
     *,
     after_ms: int | None = None,
-    remembered: dict[bytes, Record] | None = None,
+    remembered: Mapping[bytes, Record] | None = None,
 ) -> list[Verdict]:
     """Holdings and decisions for every present, valid lock. Pure.
 
@@ -47,7 +48,11 @@ def evaluate(
     for obs in observations:
         if obs.invalid or obs.value is None:
             continue
-        stored, mine = Record.loads(obs.record), remembered.get(obs.key)
+        mine = remembered.get(obs.key)
+        # What this monitor wrote reads back as the record it keeps: no parse (most locks a pass reads).
+        stored = mine if mine is not None and obs.record is not None and obs.record == mine._json else None
+        if stored is None:
+            stored = Record.loads(obs.record)
         if obs.relocked and obs.expiry_ms < 0:
             stored = mine = None  # set again since the last look: what was known is of another holding
         ours = [r for r in (stored, mine) if r is not None and r.is_holding(obs.value, obs.expiry_ms)]
@@ -67,8 +72,13 @@ def evaluate(
             hb_timeout_ms=units.to_ms(settings.heartbeat_timeout_s),
             tainted=tainted,
         )
-        verdicts.append(Verdict(holding, decide(holding.held_s, holding.heartbeat, limits), obs.record))
+        decision = decide(holding.held_s, holding.heartbeat, limits)
+        verdicts.append(Verdict(holding, _DECISIONS.setdefault(decision, decision), obs.record))
     return verdicts
+
+
+# Decisions repeat: one object for each, however many locks share it.
+_DECISIONS: dict[Decision, Decision] = {}
 
 
 def lock_fields(verdict: Verdict, *, dry_run: bool) -> dict[str, Any]:
@@ -101,6 +111,8 @@ def next_deadline_ms(verdict: Verdict, settings: Settings) -> int | None:
     )
     start = now - h.held_ms
     candidates = [start + tier_ms for tier_ms in tiers_ms]
+    if settings.hard_timeout_s is None:  # a protected task past twice soft_timeout is said (long_task_overrun)
+        candidates.append(start + units.to_ms(2 * settings.soft_timeout_s))
     if h.expiry_ms >= 0:
         candidates.append(h.expiry_ms + 1)  # gone then, with or without an `expired` event
     if h.hb_value is not None:

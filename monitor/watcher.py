@@ -108,7 +108,14 @@ class Watcher:
         self._tainted: frozenset[bytes] = frozenset()  # as of the last pass's barrier
         self._read_pos: dict[bytes, int] = {}  # the last read of the lock saw every event up to here
         self._pass_seq = -1  # the position of the last pass's barrier in this subscription
-        self._quiet: frozenset[bytes] = frozenset()  # as of the last pass's barrier
+        # Kept as events and reads come (`_touch`), so that a pass's barrier costs what changed, not
+        # every lock: indexed locks some event named since their last read (or never read) ...
+        self._unread: set[bytes] = set(self._index)
+        # ... and those whose holding began, while this subscription watched, with a heartbeat there.
+        self._beaten: set[bytes] = set()
+        self._changed: frozenset[bytes] | None = None  # _unread as of the last pass's barrier
+        self._added: set[bytes] = set()  # keys the index took since that barrier
+        self._pass_keys: list[bytes] = []  # what the last candidates() answered
         self._dirty: set[bytes] = set()
         self._deadlines: list[tuple[float, bytes]] = []
         self._deadline_of: dict[bytes, float] = {}
@@ -125,7 +132,7 @@ class Watcher:
         Asks whether notifications are still on (one probe), then waits until the watcher has
         read every event raised before this call (a mark through the subscription)."""
         with self._mutex:
-            self._quiet = self._relocked = self._tainted = frozenset()  # only this pass's barrier sets them
+            self._forget_barrier()  # only this pass's barrier says them
         if not self.progress.complete:
             return None
         try:
@@ -148,17 +155,25 @@ class Watcher:
             self._lost("the pass's mark did not come back through the subscription")
             return None
         with self._mutex:
-            if not self.progress.complete:
-                self._quiet = self._relocked = self._tainted = frozenset()
+            if not self.progress.complete or self._changed is None:
+                self._forget_barrier()
                 return None
-            return list(self._index), True
+            # A key the index took after the barrier is not known quiet.
+            self._changed = self._changed | self._added if self._added else self._changed
+            self._pass_keys = list(self._index)
+            return self._pass_keys, True
+
+    def _forget_barrier(self) -> None:
+        self._changed = None
+        self._relocked = self._tainted = frozenset()
+        self._pass_keys = []
 
     def _lost(self, why: str) -> None:
         """The index may be missing events: passes SCAN until the thread has subscribed again."""
         with self._mutex:
             self.progress.complete = False
             self._complete.clear()
-            self._quiet = self._relocked = self._tainted = frozenset()
+            self._forget_barrier()
         self._resubscribe.set()
         log.warning("watcher_resubscribing", reason=why)
 
@@ -170,10 +185,20 @@ class Watcher:
         """Locks whose holding began with a heartbeat key there, as of the last `candidates()`."""
         return self._tainted
 
+    def changed(self) -> frozenset[bytes] | None:
+        """The indexed locks that are not quiet, as of the last `candidates()`: some event named
+        them since they were last read, or they were never read. Every other lock it answered is as
+        its last read saw it (the pass need not read it again before a deadline). None: no barrier
+        came back, none is known quiet."""
+        return self._changed
+
     def quiet(self) -> frozenset[bytes]:
-        """Locks no event named since they were last read, as of the last `candidates()`: Redis
-        holds them as that read saw them (the pass need not read them again before a deadline)."""
-        return self._quiet
+        """Locks no event named since they were last read, as of the last `candidates()` (what
+        `changed()` says the other way round; it costs every lock)."""
+        changed = self._changed
+        if changed is None:
+            return frozenset()
+        return frozenset(key for key in self._pass_keys if key not in changed)
 
     def read_by_pass(self, keys: list[bytes]) -> None:
         """The pass read these after its barrier: they saw every event up to it."""
@@ -182,6 +207,7 @@ class Watcher:
                 return  # resubscribed since the barrier: what the read saw may predate a gap
             for key in keys:
                 self._read_pos[key] = self._pass_seq
+                self._touch(key)
 
     def forget_absent(self, absent: list[bytes]) -> None:
         """Keys a pass found gone: out of the index unless an event came for them since."""
@@ -189,6 +215,30 @@ class Watcher:
             for key in absent:
                 if self._index.get(key, -1) <= self._pass_seq:
                     self._index.pop(key, None)
+                    self._touch(key)
+
+    def _touch(self, key: bytes) -> None:
+        """Whether `key` is unread and whether its holding began beaten, after what just changed
+        of it (under the mutex)."""
+        if key in self._index:
+            if max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0)) > self._read_pos.get(key, -1):
+                self._unread.add(key)
+            else:
+                self._unread.discard(key)
+            if self._began_beaten(key):
+                self._beaten.add(key)
+            else:
+                self._beaten.discard(key)
+        else:
+            self._unread.discard(key)
+            self._beaten.discard(key)
+
+    def _take(self, key: bytes, seq: int) -> None:
+        """The index takes `key` (at this event position; 0: found by a SCAN)."""
+        if key not in self._index:
+            self._added.add(key)
+        self._index[key] = seq
+        self._touch(key)
 
     # --- the thread ---------------------------------------------------------------------------
 
@@ -294,7 +344,8 @@ class Watcher:
         with self._mutex:
             self._hb_present |= beating
             for key in seeded:
-                self._index.setdefault(key, 0)
+                if key not in self._index:
+                    self._take(key, 0)
             self._dirty.update(seeded)
             self.progress.index_size = len(self._index)
             self.progress.complete = True
@@ -348,6 +399,7 @@ class Watcher:
                 elif data in _GONE:
                     self._hb_written_pos.pop(lock, None)
                     self._hb_present.discard(lock)
+                self._touch(lock)
             if lock in self._index:
                 self._dirty.add(lock)
             return
@@ -362,11 +414,12 @@ class Watcher:
                 self._hb_pos.pop(key, None)  # what is kept per lock ends with it
                 self._read_pos.pop(key, None)
                 self._hb_at_set.pop(key, None)
+                self._touch(key)
             else:
-                self._index[key] = self._seq
-                self._dirty.add(key)
                 # A heartbeat there now may be an earlier holder's, and its writer may beat once more.
                 self._hb_at_set[key] = key in self._hb_present or not self._covers_heartbeat(key)
+                self._take(key, self._seq)
+                self._dirty.add(key)
             self.progress.index_size = len(self._index)
 
     def _on_mark(self, n: int) -> None:
@@ -375,13 +428,10 @@ class Watcher:
             if barrier is not None:
                 # Every event raised before the pass's barrier is in: which locks changed since read.
                 self._pass_seq = self._seq
-                self._quiet = frozenset(
-                    key
-                    for key in self._index
-                    if max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0)) <= self._read_pos.get(key, -1)
-                )
-                self._relocked = frozenset(key for key in self._index if self._was_relocked(key))
-                self._tainted = frozenset(key for key in self._index if self._began_beaten(key))
+                self._changed = frozenset(self._unread)
+                self._relocked = frozenset(key for key in self._unread if self._was_relocked(key))
+                self._tainted = frozenset(self._beaten)
+                self._added = set()
         if barrier is not None:
             barrier.set()
             return
@@ -390,17 +440,7 @@ class Watcher:
         _, sent_seq, _, observations = self._pending
         self._pending = None
         with self._mutex:
-            proven = [
-                replace(
-                    o,
-                    hb_written=self._hb_written(o.key),
-                    relocked=self._was_relocked(o.key),
-                    hb_tainted=self._began_beaten(o.key),
-                )
-                if o.value is not None
-                else o
-                for o in observations
-            ]
+            proven = [self._proven(o) if o.value is not None else o for o in observations]
             for obs in proven:
                 self._read_pos[obs.key] = self._seq
                 if obs.hb_value is None:
@@ -409,6 +449,7 @@ class Watcher:
                     self._hb_present.add(obs.key)
                 if obs.value is None and obs.invalid is None and self._index.get(obs.key, -1) <= sent_seq:
                     self._index.pop(obs.key, None)
+                self._touch(obs.key)
             self.progress.index_size = len(self._index)
         valid = [o for o in proven if o.invalid is None and o.value is not None]
         read_mono = time.monotonic()
@@ -421,6 +462,17 @@ class Watcher:
                 at = read_mono + units.to_s(due - verdict.holding.now_ms)
                 self._deadline_of[verdict.holding.key] = at
                 heapq.heappush(self._deadlines, (at, verdict.holding.key))
+        if len(self._deadlines) > 2 * len(self._deadline_of) + 1024:
+            # Entries a later read replaced stay in the heap until their time: drop them now and then.
+            self._deadlines = [(at, key) for key, at in self._deadline_of.items()]
+            heapq.heapify(self._deadlines)
+
+    def _proven(self, obs: Observation) -> Observation:
+        """The read with what the events prove of it (a copy only where they prove something)."""
+        written, relocked, tainted = self._hb_written(obs.key), self._was_relocked(obs.key), self._began_beaten(obs.key)
+        if written or relocked or tainted:
+            return replace(obs, hb_written=written, relocked=relocked, hb_tainted=tainted)
+        return obs
 
     def _hb_written(self, key: bytes) -> bool:
         """Events prove a heartbeat write of this holding: the lock changed while this subscription
@@ -480,7 +532,7 @@ class Watcher:
         with self._mutex:
             for key in keys:
                 if protocol.is_lock_candidate(key) and key not in self._index:
-                    self._index[key] = 0
+                    self._take(key, 0)
                     self._dirty.add(key)
                     self.progress.found_by_reconcile += 1
             self.progress.index_size = len(self._index)

@@ -7,7 +7,7 @@ relative to the last look; expiries are absolute, as the read script reports the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -115,7 +115,7 @@ def test_same_value_reacquired_after_a_release_starts_afresh():
     # lock a millisecond after the old one let go: nothing of the old holding carries over.
     old = run(Look(-1, lock(-501, 600)))
     assert old.held_ms == 500_000
-    warned = Record(**{**old.record.__dict__, "notified": frozenset({"lock_warning"})})
+    warned = replace(old.record, notified=frozenset({"lock_warning"}))
     new = run(Look(0, lock(-0.001, 600)), record=warned)
     assert new.new
     assert new.held_ms == 1
