@@ -299,10 +299,11 @@ class ClusterWatcher:
             for w in added:
                 self._nodes[w.name] = w
             started = self._started
-        for w in gone:
-            w.stop(timeout_s=0)
-        for w in moved:
-            w.resync("the cluster's slots moved")
+            # Under the mutex: a pass that sees the new slots sees those nodes' indexes incomplete.
+            for w in gone:
+                w.stop(timeout_s=0)
+            for w in moved:
+                w.resync("the cluster's slots moved")
         if started:
             for w in added:
                 w.start()

@@ -8,6 +8,7 @@ released it at its deadline.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -298,3 +299,135 @@ def test_a_lost_subscription_of_one_node_is_resubscribed_and_its_locks_followed_
         wait_for(lambda: rc.exists(key) == 0, timeout_s=10)  # released at its heartbeat's expiry
         assert [w.progress.resubscribes for name, w in watcher.nodes().items() if name != node.name] == others
     assert [e["reason"] for e in events(monitor.settings.audit_path, "lock_released")] == ["heartbeat_dead"]
+
+
+# --- topology changes -------------------------------------------------------------------------------
+
+
+def move_slot(cluster: list[RedisServer], slot: int, src: int, dst: int) -> None:
+    """Reshard: `slot` and its keys from node `src` to node `dst`, as redis-cli --cluster does."""
+    clients = [redis.Redis(port=n.port, protocol=2) for n in cluster]
+    ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+    clients[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+    clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+    keys = clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    if keys:
+        clients[src].execute_command("MIGRATE", "127.0.0.1", cluster[dst].port, "", 0, 5000, "KEYS", *keys)
+    for client in clients:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+    for client in clients:
+        client.close()
+
+
+def test_a_resharded_slot_is_followed_to_its_new_primary(cluster, direct, rc, tmp_path):
+    monitor = cluster_monitor(cluster, tmp_path)
+    held = tagged_on(1)
+    slot = key_slot(held)
+    later = held + b":b"  # another lock of the same slot
+    assert key_slot(later) == slot
+    acquire(rc, held, heartbeat=False)
+    try:
+        with watching(monitor) as watcher:
+            src, dst = (watcher.nodes()[f"127.0.0.1:{cluster[i].port}"] for i in (1, 2))
+            move_slot(cluster, slot, 1, 2)
+            wait_for(lambda: watcher.owner_of(held) == dst.name, timeout_s=10)
+            wait_for(lambda: dst.progress.complete and src.progress.complete, timeout_s=10)
+            found = watcher.candidates()
+            assert found is not None
+            assert found[0].count(held) == 1  # indexed by its new node, and only there
+            with subscribed(rc, protocol.release_channel(later)) as notices:
+                acquire(rc, later)  # on the new node, and dies at once
+                notice = next_message(notices, timeout_s=10)
+    finally:
+        move_slot(cluster, slot, 2, 1)
+    assert notice is not None
+    (released,) = events(monitor.settings.audit_path, "lock_released")
+    assert (released["lock_key"].encode(), released["reason"]) == (later, "heartbeat_dead")
+
+
+@pytest.fixture
+def replicated(tmp_path) -> Iterator[list[RedisServer]]:
+    """Three primaries and a replica of the first, its own cluster (a failover changes it)."""
+    taken: set[int] = set()
+    args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--notify-keyspace-events", FLAGS)
+    nodes = [RedisServer(node_port(taken), *args) for _ in range(4)]
+    try:
+        form_cluster(nodes[:3])
+        replica = nodes[3]
+        replica.start()
+        r = redis.Redis(port=replica.port, protocol=2)
+        r.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, nodes[0].port + 10000)
+        first = redis.Redis(port=nodes[0].port, protocol=2)
+        first_id = first.execute_command("CLUSTER", "MYID")
+        wait_for(lambda: first_id in r.execute_command("CLUSTER", "NODES"), timeout_s=30)
+        r.execute_command("CLUSTER", "REPLICATE", first_id)
+        wait_for(lambda: r.info("replication").get("master_link_status") == "up", timeout_s=30)
+        wait_for(lambda: first.info("replication")["connected_slaves"] == 1, timeout_s=30)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.mark.slow
+def test_a_failover_subscribes_the_new_primary_and_its_locks_are_followed(replicated, tmp_path):
+    old, promoted = replicated[0], replicated[3]
+    rc = RedisCluster(host="127.0.0.1", port=replicated[1].port, protocol=2)
+    monitor = cluster_monitor(replicated[1:], tmp_path)  # reached through a node that stays a primary
+    try:
+        with watching(monitor) as watcher:
+            assert sorted(watcher.nodes()) == sorted(names(replicated[:3]))
+            redis.Redis(port=promoted.port, protocol=2).execute_command("CLUSTER", "FAILOVER")
+            wait_for(lambda: sorted(watcher.nodes()) == sorted(names(replicated[1:])), timeout_s=20)
+            wait_for(lambda: watcher.progress.complete, timeout_s=10)
+            key = tagged_on(0)  # its slot is the promoted node's now
+            with subscribed(rc, protocol.release_channel(key)) as notices:
+                started = time.monotonic()
+                acquire(rc, key)  # and dies at once
+                notice = next_message(notices, timeout_s=10)
+                took_s = time.monotonic() - started
+    finally:
+        rc.close()
+    assert notice is not None
+    assert took_s < 2 * HB_INTERVAL_S + 2.0, took_s
+    (released,) = events(monitor.settings.audit_path, "lock_released")
+    assert (released["reason"], released["heartbeat"]) == ("heartbeat_dead", "dead")
+    assert f"127.0.0.1:{old.port}" not in watcher.nodes()
+
+
+def test_the_shipped_monitor_rules_with_database_0_and_cluster_slots_run_the_events_on_every_node(
+    cluster, direct, rc, tmp_path
+):
+    """README "Redis Cluster and Sentinel": a cluster has database 0 only, and the topology is read
+    with CLUSTER SLOTS (redis-py reads it too)."""
+    line = (Path(__file__).resolve().parent.parent / "deploy" / "redis-acl-7.conf").read_text().splitlines()[0]
+    assert line.startswith("user gpulock-monitor ")
+    rules = re.findall(r"\([^)]*\)|\S+", line.replace("@2__", "@0__").replace(">CHANGE-ME", ">monitor-pw"))[2:]
+    for client in direct:
+        client.execute_command("ACL", "SETUSER", "gpulock-monitor", *rules, "+cluster|slots", "+command")
+    try:
+        url = f"redis://gpulock-monitor:monitor-pw@127.0.0.1:{cluster[0].port}/0"
+        settings = make_settings(
+            url,
+            tmp_path,
+            redis={"cluster": True},
+            gpu_lock_monitor={**SLOW, "heartbeat": {"interval": HB_INTERVAL_S, "timeout": 5}},
+        )
+        monitor = build(settings, connect(settings))
+        keys = [tagged_on(node) for node in range(3)]
+        with watching(monitor) as watcher, subscribed(rc, *(protocol.release_channel(k) for k in keys)) as notices:
+            assert watcher.progress.state is not None
+            assert watcher.progress.state.on
+            for key in keys:
+                acquire(rc, key)
+            notified = [next_message(notices, timeout_s=10) for _ in keys]
+            report = monitor.run_pass()
+        refused = [c.acl_log() for c in direct]
+    finally:
+        for client in direct:
+            client.acl_deluser("gpulock-monitor")
+            client.acl_log_reset()
+    assert all(notified)
+    assert report is not None
+    assert report.error is None
+    assert refused == [[], [], []]
