@@ -783,3 +783,150 @@ def test_real_gpu_process_is_seen_reported_and_found(r, settings, tmp_path, gpu_
     gpu_hog.stdin.close()
     assert gpu_hog.wait(timeout=60) == 0
     wait_for(lambda: gpu_running(nvml, pid) is None)
+
+
+@pytest.mark.gpu
+@real_gpu
+def test_real_gpu_hang_readings_match_nvidia_smi():
+    nvml = Nvml("auto", xid_events=True)
+    try:
+        gpus = nvml.snapshot()
+        rows = smi("--query-gpu=index,enforced.power.limit,clocks.max.sm,power.draw")
+        for index, limit_w, max_sm, draw_w in rows:
+            g = gpus[int(index)]
+            if limit_w.replace(".", "").isdigit():
+                assert g.power_limit_w is not None
+                assert abs(g.power_limit_w - float(limit_w)) < 1
+            if max_sm.isdigit():
+                assert g.sm_clock_max_mhz == int(max_sm)
+            if draw_w.replace(".", "").isdigit():
+                assert g.power_w is not None
+                assert 0 < g.power_w < 2 * float(draw_w) + 50
+            assert g.memory_util_pct is not None
+            assert 0 <= g.memory_util_pct <= 100
+            for kind in (g.util_samples, g.memory_util_samples, g.power_samples):
+                assert kind is None or all(s.mono <= time.monotonic() + 1 for s in kind)
+            # Xid events: watched, or said to be not available (containers, some GPUs).
+            assert g.xids == () or (g.xids is None and nvml.xids is not None and nvml.xids.reason)
+    finally:
+        nvml.shutdown()
+
+
+# Kernels for the real-GPU hang test, in PTX (the driver compiles it): `spin` is one thread waiting
+# on the clock, as a kernel spinning on a flag does; `burn` is every SM doing arithmetic.
+_PTX = rb"""
+.version 7.0
+.target sm_70
+.address_size 64
+.visible .entry spin(.param .u64 ns) {
+  .reg .u64 %rd<5>;
+  .reg .pred %p;
+  ld.param.u64 %rd1, [ns];
+  mov.u64 %rd2, %globaltimer;
+  add.u64 %rd3, %rd2, %rd1;
+SPIN:
+  mov.u64 %rd4, %globaltimer;
+  setp.lt.u64 %p, %rd4, %rd3;
+  @%p bra SPIN;
+  ret;
+}
+.visible .entry burn(.param .u64 ns, .param .u64 out) {
+  .reg .u64 %rd<6>;
+  .reg .pred %p;
+  .reg .f32 %f<4>;
+  ld.param.u64 %rd1, [ns];
+  ld.param.u64 %rd5, [out];
+  mov.u64 %rd2, %globaltimer;
+  add.u64 %rd3, %rd2, %rd1;
+  mov.f32 %f1, 0f3F800000;
+  mov.f32 %f2, 0f3F800001;
+  mov.f32 %f3, 0f00000000;
+BURN:
+  fma.rn.f32 %f3, %f3, %f2, %f1;
+  fma.rn.f32 %f3, %f3, %f2, %f1;
+  fma.rn.f32 %f3, %f3, %f2, %f1;
+  fma.rn.f32 %f3, %f3, %f2, %f1;
+  mov.u64 %rd4, %globaltimer;
+  setp.lt.u64 %p, %rd4, %rd3;
+  @%p bra BURN;
+  st.global.f32 [%rd5], %f3;
+  ret;
+}
+"""
+
+_KERNEL_RUNNER = """
+import ctypes, sys
+ptx, kernel, seconds = sys.argv[1].encode(), sys.argv[2], float(sys.argv[3])
+cuda = ctypes.CDLL("libcuda.so.1")
+def check(code, what):
+    if code != 0:
+        raise SystemExit(f"{what} failed with CUresult {code}")
+check(cuda.cuInit(0), "cuInit")
+dev = ctypes.c_int()
+check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+ctx = ctypes.c_void_p()
+check(cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev), "cuCtxCreate")
+mod = ctypes.c_void_p()
+check(cuda.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(ptx)), "cuModuleLoadData")
+fn = ctypes.c_void_p()
+check(cuda.cuModuleGetFunction(ctypes.byref(fn), mod, kernel.encode()), "cuModuleGetFunction")
+out = ctypes.c_uint64()
+check(cuda.cuMemAlloc_v2(ctypes.byref(out), ctypes.c_size_t(1 << 20)), "cuMemAlloc")
+ns = ctypes.c_uint64(int(seconds * 1e9))
+args = [ctypes.cast(ctypes.byref(ns), ctypes.c_void_p), ctypes.cast(ctypes.byref(out), ctypes.c_void_p)]
+params = (ctypes.c_void_p * 2)(*args)
+blocks, threads = (1, 1) if kernel == "spin" else (4096, 256)
+check(cuda.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, None, params, None), "cuLaunchKernel")
+print("ready", flush=True)
+check(cuda.cuCtxSynchronize(), "cuCtxSynchronize")
+"""
+
+
+def _watch_real_gpu(pid: int, seconds: float) -> list:
+    """Judge a holding of the GPU `pid` runs on for `seconds`, sample by sample, with a 6 s window."""
+    from monitor.hang import Evidence, HangSettings, HangWatch
+
+    nvml = Nvml("auto")
+    gpu_info = wait_for(lambda: gpu_running(nvml, pid))
+    watch = HangWatch(HangSettings(idle_window_s=6.0))
+    started_ms = int(time.time() * 1000)
+    found: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = nvml.snapshot()[gpu_info.index]
+        ev = Evidence(int(time.time() * 1000), started_ms, True, None, False, info, time.monotonic())
+        found = watch.judge(b"gpu_lock:real", 1, ev) or found
+    nvml.shutdown()
+    return found
+
+
+@pytest.mark.gpu
+@real_gpu
+@pytest.mark.parametrize(
+    ("kernel", "kind"),
+    [
+        ("spin", "spin"),  # a spinning kernel: ~100 % "utilisation", power near idle, no memory traffic
+        ("burn", None),  # honest work for longer than the window: never a finding
+        (None, "idle"),  # blocked on the host while holding GPU memory
+    ],
+)
+def test_real_gpu_spin_hang_and_host_block_are_found_honest_work_is_not(kernel, kind, gpu_hog):
+    if kernel is None:
+        found = _watch_real_gpu(gpu_hog.pid, 10)
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KERNEL_RUNNER, _PTX.decode(), kernel, "14"], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            found = _watch_real_gpu(proc.pid, 10)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+    idle = [f for f in found if f.finding.value == "gpu_idle_held"]
+    if kind is None:
+        assert idle == [], idle
+    else:
+        assert [f.detail["kind"] for f in idle] == [kind], found
