@@ -800,3 +800,75 @@ def test_observe_takes_in_samples_of_gpus_no_lock_was_judged_on():
     blind.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
     clock.t += 120
     assert blind.judge(KEY, 1, evidence(held_s=10_000, gpu=device(**IDLE, read_mono=clock.t)))
+
+
+# --- from a fake driver to findings: every call an old driver lacks leaves only its finding out ------------
+
+
+@pytest.mark.parametrize(
+    ("case", "device_kw", "fake_kw", "found", "unjudged"),
+    [
+        ("a driver with everything", {}, {}, {"idle"}, set()),
+        ("no process list", {"unsupported": {"processes"}}, {}, {"idle"}, {"absent", "foreign"}),
+        ("the old process call only", {}, {"old_driver": True}, {"idle"}, set()),
+        (
+            "no utilisation reading nor samples",
+            {"unsupported": {"util"}},
+            {"absent": frozenset({"nvmlDeviceGetSamples"})},
+            set(),
+            {"idle"},
+        ),
+        ("no utilisation reading but samples", {"unsupported": {"util"}, "samples": "idle"}, {}, {"idle"}, set()),
+        ("no samples: the readings alone", {}, {"no_symbol": frozenset({"nvmlDeviceGetSamples"})}, {"idle"}, set()),
+        ("a spin, with power", {"util": 100, "memory_util": 0}, {}, {"idle"}, set()),
+        (
+            "a spin cannot be told without power",
+            {"util": 100, "memory_util": 0},
+            {"absent": frozenset({"nvmlDeviceGetPowerUsage"})},
+            set(),
+            set(),
+        ),
+        (
+            "nor without the power limit",
+            {"util": 100, "memory_util": 0, "unsupported": {"nvmlDeviceGetEnforcedPowerLimit"}},
+            {},
+            set(),
+            set(),
+        ),
+        ("no Xid events on this GPU", {"unsupported": {"events"}}, {}, {"idle"}, {"xid"}),
+        ("no event sets at all", {}, {"no_symbol": frozenset({"nvmlEventSetCreate"})}, {"idle"}, {"xid"}),
+    ],
+)
+def test_each_nvml_call_missing_leaves_out_only_its_own_finding(case, device_kw, fake_kw, found, unjudged):
+    from fake_pynvml import GPU_UTILIZATION_SAMPLES, Device, FakeNvml
+
+    from monitor.gpu import Nvml
+
+    names = {
+        "idle": Finding.GPU_IDLE_HELD,
+        "absent": Finding.HOLDER_NOT_ON_GPU,
+        "foreign": Finding.GPU_FOREIGN_PROCESS,
+        "xid": Finding.GPU_XID,
+    }
+    holder_absent = "processes" not in device_kw.get("unsupported", set())
+    kw = {"util": 0, "memory_util": 0, "power_mw": 90_000, "power_limit_mw": 700_000, **device_kw}
+    if kw.get("samples") == "idle":
+        now_us = int(__import__("time").time() * 1e6)
+        kw["samples"] = {GPU_UTILIZATION_SAMPLES: [(now_us - 1_000_000, 0), (now_us, 1)]}
+    fake = FakeNvml([Device(UUID, processes=[(6000, 1 << 30)] if holder_absent else [], **kw)], **fake_kw)
+    nvml = Nvml("auto", load=lambda: fake.module, xid_events=True, xid_wait_ms=20)
+    try:
+        gpu = nvml.snapshot()[0]
+        proc = FakeProc(parents={6000: 1}, starts={6000: 1})
+        w = HangWatch(
+            HangSettings(idle_window_s=0, not_on_gpu_grace_s=0, foreign_process_grace_s=0, progress_timeout_s=60),
+            proc=proc,
+        )
+        ev = evidence(gpu=gpu, rec=record(progress_ms=NOW_MS))
+        got = {f.finding for f in w.judge(KEY, 1, ev)}
+        # The holder is not on its GPU, a stranger is: seen wherever NVML lists processes.
+        pid_findings = {"absent", "foreign"} if holder_absent else set()
+        assert got == {names[n] for n in found | pid_findings}, case
+        assert set(w.unjudged(ev)) == {names[n] for n in unjudged}, case
+    finally:
+        nvml.shutdown()
