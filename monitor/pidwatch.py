@@ -41,10 +41,10 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 from monitor import protocol
 from monitor.logs import get_logger
@@ -90,8 +90,8 @@ def watchable(
     ours_ns = protocol.pid_namespace() if pid_ns is None else pid_ns
     if ours_ns is None or record["pid_ns"] != ours_ns:
         return False
-    # A field later versions of the record may carry: a record without it is judged by hostname.
-    recorded_boot = cast(Mapping[str, object], record).get("boot_id")
+    # A record written before the field existed has none: it is judged by hostname.
+    recorded_boot = record.get("boot_id")
     if isinstance(recorded_boot, str) and recorded_boot:
         ours_boot = _boot_id() if boot_id is None else boot_id
         return ours_boot is not None and recorded_boot == ours_boot
