@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import importlib
 import os
 import pwd
@@ -369,6 +370,7 @@ class XidWatch:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._kept: dict[str, deque[Xid]] = {}  # the UUIDs registered, each with its Xids
+        self._uuids: dict[int | None, str | None] = {}  # a registered device's handle (its address) -> UUID
         self.reason: str | None = None  # why Xids are not available, where they are not
         self.errors = 0  # waits that failed with something other than a timeout
 
@@ -407,6 +409,7 @@ class XidWatch:
             nv.nvmlDeviceRegisterEvents(handle, NVML_EVENT_TYPE_XID_CRITICAL_ERROR, self._set)
         except nv.NVMLError:
             return None
+        self._uuids[_address(handle)] = uuid
         return uuid
 
     def of(self, uuid: str | None) -> tuple[Xid, ...] | None:
@@ -425,7 +428,6 @@ class XidWatch:
         while not self._stop.is_set():
             try:
                 data = self._wait()
-                uuid = _text(nv.nvmlDeviceGetUUID(data.device))
             except nv.NVMLError as exc:
                 if getattr(exc, "value", None) != NVML_ERROR_TIMEOUT:
                     self.errors += 1
@@ -435,7 +437,8 @@ class XidWatch:
                 continue
             if not int(data.eventType) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
                 continue
-            self._keep(uuid, data)
+            # By the handle registered: a GPU that fell off the bus (Xid 79) may not say its UUID now.
+            self._keep(self._uuids.get(_address(data.device)), data)
 
     def _keep(self, uuid: str | None, data: Any) -> None:
         xid = Xid(
@@ -467,6 +470,12 @@ class XidWatch:
             with contextlib.suppress(self._nv.NVMLError):
                 self._nv.nvmlEventSetFree(self._set)
             self._set = None
+
+
+def _address(handle: Any) -> int | None:
+    """What identifies a device handle: the address an nvmlDevice_t pointer holds (the binding hands
+    out a new pointer object for the same device)."""
+    return ctypes.cast(handle, ctypes.c_void_p).value
 
 
 def _instance(value: Any) -> int | None:

@@ -405,6 +405,16 @@ def test_xid_wait_errors_are_logged_once_and_the_watch_goes_on(xid_nvml, capsys,
     assert len(failed) == 1
 
 
+def test_an_xid_from_a_gpu_that_no_longer_tells_its_uuid_is_kept_by_its_handle(xid_nvml):
+    fake, nvml = xid_nvml
+    assert nvml.available
+    assert nvml.xids is not None
+    fake.devices[1].unsupported.add("uuid")  # fallen off the bus: Xid 79, and no more answers
+    fake.xid(1, 79)
+    assert [x.code for x in wait_for(lambda: nvml.xids.of("GPU-b"))] == [79]
+    assert nvml.snapshot()[1].xids is None  # the snapshot cannot name the GPU: nothing to match
+
+
 def test_xid_for_a_device_not_watched_is_dropped(xid_nvml):
     fake, nvml = xid_nvml
     assert nvml.available
