@@ -221,8 +221,10 @@ class NodeWatcher(Watcher):
             if lock not in self._index:
                 return
             self._dirty.add(lock)
-        # A mark no read waits for wakes the thread: it reads what is due at once.
-        self.client.publish(self.sync_channel, b"0")
+        try:  # a mark no read waits for wakes the thread: it reads what is due at once
+            self.client.publish(self.sync_channel, b"0")
+        except redis.RedisError as exc:  # this node's trouble, not the caller's: read at its next turn
+            log.debug("cluster_wake_failed", node=self.name, error=str(exc))
 
     def resync(self, why: str) -> None:
         """Subscribe again and reseed (the node's slots changed)."""
@@ -242,9 +244,9 @@ class ClusterWatcher:
         self._say_lock = threading.Lock()
         self._nodes: dict[str, NodeWatcher] = {}
         self._topology: Topology | None = None
-        self._owner: list[str | None] = [None] * SLOTS
+        # Per slot its primary, and which locks span primaries by that map: replaced together.
+        self._slots: tuple[list[str | None], dict[bytes, bool]] = ([None] * SLOTS, {})
         self._tags: dict[str, str | None] = {}
-        self._split: dict[bytes, bool] = {}
         self._retired = Progress()  # counters of the watchers of nodes gone
         self._said: NotifyState | None = None
         self._barrier = False  # the last candidates() had every node's barrier
@@ -282,9 +284,8 @@ class ClusterWatcher:
             if topology == before:
                 return False
             self._topology = topology
-            self._owner = topology.owners()
+            self._slots = (topology.owners(), {})
             self._tags = {}
-            self._split = {}
             names = {name for name, _, _ in topology.addresses}
             gone = [w for name, w in self._nodes.items() if name not in names]
             moved = [
@@ -338,21 +339,22 @@ class ClusterWatcher:
             return self._tags[name]
 
     def owner_of(self, key: bytes) -> str | None:
-        return self._owner[key_slot(key)]
+        return self._slots[0][key_slot(key)]
 
     def is_split(self, key: bytes) -> bool:
         """Some key a read of this lock takes is on another primary than the lock."""
-        split = self._split.get(key)
+        owner, known = self._slots
+        split = known.get(key)
         if split is None:
-            owner = self._owner
             here = owner[key_slot(key)]
             split = any(owner[key_slot(k)] != here for k in _lock_keys(key)[1:])
-            if len(self._split) > 100_000:
-                self._split = {}
-            self._split[key] = split
+            if len(known) > 100_000:
+                known.clear()
+            known[key] = split
         return split
 
     def poke(self, owner: str, lock: bytes) -> None:
+        """`owner`'s watcher reads `lock` soon (its heartbeat was written on another node)."""
         w = self.nodes().get(owner)
         if w is not None:
             w.wake(lock)
