@@ -65,7 +65,6 @@ class PassReport:
     # Every lock the pass found, as judged: this pass's verdicts, and the last one of each lock that
     # nothing changed and no boundary reached since (judged earlier: `verdicts` moves their clock on).
     judged: list[Verdict] = field(default_factory=list)
-    _verdicts: list[Verdict] | None = field(default=None, repr=False)
 
     @property
     def released(self) -> int:
@@ -79,15 +78,18 @@ class PassReport:
     @property
     def verdicts(self) -> list[Verdict]:
         """Every lock the pass found, as of the pass's start: a verdict carried from an earlier
-        look is the same decision, its held time and heartbeat age moved on. Made when first asked
-        for (metrics, health), not by the pass: a steady pass makes no object per lock."""
-        if self._verdicts is None:
-            now = self.now_ms
-            self._verdicts = [
-                v if v.holding.now_ms >= now else Verdict(shifted(v.holding, now), v.decision, v.stored)
-                for v in self.judged
-            ]
-        return self._verdicts
+        look is the same decision, its held time and heartbeat age moved on. Made when asked for
+        (health), not by the pass: a steady pass makes no object per lock."""
+        return [
+            v if moved == 0 else Verdict(shifted(v.holding, self.now_ms), v.decision, v.stored)
+            for v, moved in self.moved()
+        ]
+
+    def moved(self) -> Iterator[tuple[Verdict, int]]:
+        """Each verdict as judged, and how many ms its clock must move on to the pass's start."""
+        now = self.now_ms
+        for v in self.judged:
+            yield v, max(0, now - v.holding.now_ms)
 
 
 class _Kept:
