@@ -20,6 +20,7 @@ from helpers import build, events, make_settings, next_message, subscribed, wait
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from test_cluster import SLOTS, form_cluster, node_port
+from test_tls import ca, pems, tls_cluster  # noqa: F401 - its fixtures, used below
 
 from monitor import daemon, protocol
 from monitor.cluster_watch import ClusterWatcher, Topology, combine
@@ -431,3 +432,28 @@ def test_the_shipped_monitor_rules_with_database_0_and_cluster_slots_run_the_eve
     assert report is not None
     assert report.error is None
     assert refused == [[], [], []]
+
+
+def test_every_primarys_own_connection_is_tls_where_the_cluster_is(tls_cluster, pems, tmp_path):  # noqa: F811
+    """The per-node connections take the cluster client's settings: TLS, CA, every node."""
+    for tls in tls_cluster:
+        plain = redis.Redis(port=tls.target_port, protocol=2)
+        plain.config_set("notify-keyspace-events", FLAGS)
+        plain.close()
+    settings = make_settings(
+        f"redis://127.0.0.1:{tls_cluster[0].port}/0",
+        tmp_path,
+        redis={"cluster": True, "tls": {"ca_file": str(pems["ca"])}},
+        gpu_lock_monitor={**SLOW, "heartbeat": {"interval": HB_INTERVAL_S, "timeout": 5}},
+    )
+    monitor = build(settings, connect(settings, env={}))
+    with watching(monitor) as watcher:
+        assert sorted(watcher.nodes()) == sorted(f"127.0.0.1:{tls.port}" for tls in tls_cluster)
+        assert watcher.progress.state is not None
+        assert watcher.progress.state.on
+        key = tagged_on(2)
+        with subscribed(monitor.client, protocol.release_channel(key)) as notices:
+            acquire(monitor.client, key)
+            assert next_message(notices, timeout_s=10) is not None
+    for w in watcher.nodes().values():
+        assert type(w.node_client.connection_pool.get_connection()) is redis.SSLConnection
