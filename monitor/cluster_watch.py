@@ -161,6 +161,7 @@ class NodeClient(redis.Redis):
         self.cluster_watch = watch
         self.name = name
         self.node_script = Script(self, NODE_READ_SCRIPT)
+        self.read_apart: frozenset[bytes] = frozenset()  # locks of the last read with keys read elsewhere
 
     def register_script(self, script: Any) -> Script:
         if script == protocol.READ_SCRIPT:
@@ -178,7 +179,8 @@ class _NodeMonitor:
         self.client = client
 
     def run_keys(self, observations: list[Observation]) -> Any:
-        return self._monitor.run_keys(self._watch.unproven(observations))
+        # The watcher judges the observations of its last read (one at a time).
+        return self._monitor.run_keys(self._watch.unproven(observations, self.client.read_apart))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._monitor, name)
@@ -359,11 +361,14 @@ class ClusterWatcher:
         if w is not None:
             w.wake(lock)
 
-    def unproven(self, observations: list[Observation]) -> list[Observation]:
-        """Split locks' observations without what events would prove (module docstring)."""
+    def unproven(
+        self, observations: list[Observation], read_apart: frozenset[bytes] = frozenset()
+    ) -> list[Observation]:
+        """Split locks' observations, and those of locks `read_apart` (some key of theirs read on
+        another node, whatever the slot map says now), without what events would prove."""
         names = {f.name for f in fields(Observation)}
         off: dict[str, Any] = {name: False for name in _PROOFS if name in names}
-        return [replace(o, **off) if self.is_split(o.key) else o for o in observations]
+        return [replace(o, **off) if o.key in read_apart or self.is_split(o.key) else o for o in observations]
 
     # --- the node watchers' reads -------------------------------------------------------------------
 
@@ -392,6 +397,7 @@ class ClusterWatcher:
                 values[2 * i : 2 * i + 2] = reply[2 + 2 * j : 4 + 2 * j]
             return reply
 
+        client.read_apart = frozenset(keys[i - i % per_lock] for idx in remote.values() for i in idx)
         for owner, idx in remote.items():
             fill(nodes[owner].node_client, idx, ["", ""])
         reply = fill(client, local, mark)
