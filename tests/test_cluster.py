@@ -4,6 +4,9 @@ Lock keys that are not hash-tagged put a lock (`gpu_lock:0`) and its heartbeat
 (`gpu_lock:0:heartbeat`) in different slots: the release then checks the lock atomically in a
 single-key script and the heartbeat just before (see README "Redis Cluster"). Hash-tagged keys
 (`gpu_lock:{0}`) keep both in one slot and get the full script.
+
+Keyspace events on every primary (cluster_watch.py), with notifications on, a failover and a
+resharding: tests/test_cluster_events.py, which forms its clusters with `form_cluster`.
 """
 
 from __future__ import annotations
