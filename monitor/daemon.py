@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from types import FrameType
 
 import redis
@@ -32,11 +33,15 @@ from monitor.config import Settings
 from monitor.connection import connect, is_cluster
 from monitor.errors import MonitorError
 from monitor.events import Event
+from monitor.evidence import Holders
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
+from monitor.hang import HangWatch
 from monitor.health import Health, assess, mark_stopped, pass_grace_s
+from monitor.jobmap import JobMap
 from monitor.logs import get_logger
 from monitor.notify import NotifyState
+from monitor.pidwatch import PidWatch
 from monitor.service import Monitor, PassReport
 from monitor.watcher import Watcher
 
@@ -58,8 +63,22 @@ def open_logs(settings: Settings, *, dry_run: bool) -> tuple[AuditLog, JsonlFile
 
 def build_monitor(settings: Settings, *, dry_run: bool) -> Monitor:
     audit, critical = open_logs(settings, dry_run=dry_run)
-    gpus = GpuWatch(Nvml(settings.nvml_enabled), settings.nvml_devices, settings.nvml_busy_grace_s)
-    return Monitor(settings, connect(settings), audit, critical, gpus=gpus)
+    # Xid events need a thread of their own: only the daemon watches them.
+    nvml = Nvml(settings.nvml_enabled, xid_events=True)
+    gpus = GpuWatch(nvml, settings.nvml_devices, settings.nvml_busy_grace_s)
+    jobs = JobMap(Path(settings.job_mapping_dir)) if settings.job_mapping_dir else None
+    holders = Holders(HangWatch(settings.hang), gpus=gpus, jobs=jobs)
+    return Monitor(settings, connect(settings), audit, critical, gpus=gpus, holders=holders)
+
+
+def start_pid_watch(monitor: Monitor) -> PidWatch | None:
+    """Watch the processes of local holders: an exit is a dead heartbeat at once (README "Hung holders")."""
+    if monitor.holders is None:
+        return None
+    pids = PidWatch(monitor.holder_exited)
+    monitor.holders.pids = pids
+    pids.start()
+    return pids
 
 
 class Runner:
@@ -226,7 +245,8 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         )
         runner.observe = exporter.observe
     _lifecycle(monitor, Event.MONITOR_STARTED)
-    watcher = start_watcher(monitor)
+    # The event watcher (its first index read before the first pass) and the holders' pid watch.
+    threads = [t for t in (start_watcher(monitor), start_pid_watch(monitor)) if t is not None]
     scheduler = _scheduler(runner, settings)
     scheduler.start()
     period = systemd.watchdog_period_s()
@@ -242,8 +262,8 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
                 systemd.notify("WATCHDOG=1")
     finally:
         systemd.notify("STOPPING=1")
-        if watcher is not None:
-            watcher.stop()  # after its release in progress, if any
+        for thread in threads:
+            thread.stop()  # after its release in progress, if any
         # wait=True lets a pass in progress finish: a release is never cut in half.
         scheduler.shutdown(wait=True)
         _lifecycle(monitor, Event.MONITOR_STOPPED)
@@ -315,6 +335,8 @@ def _say_stopped(monitor: Monitor) -> None:
         mark_stopped(monitor.client, monitor.settings, monitor.audit.identity, monitor.wall())
     except redis.RedisError as exc:
         log.warning("stopped_state_not_written", error=str(exc))
+    if monitor.holders is not None:
+        monitor.holders.close()  # dcgm-exporter: no holder is known once the daemon is gone
 
 
 def _unwritten(monitor: Monitor) -> int:

@@ -29,10 +29,11 @@ from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
+from monitor.evidence import Holders, own_record
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, evolve, shifted
 from monitor.logs import get_logger
-from monitor.policy import Action, Reason
+from monitor.policy import Action, Decision, Heartbeat, Reason
 from monitor.protocol import HeartbeatCheck, Outcome
 from monitor.reaper import Reaper, ReleaseResult
 from monitor.redact import redact
@@ -51,6 +52,17 @@ TOMBSTONE_S = units.to_s(protocol.TOMBSTONE_TTL_MS)
 _NEVER = 2**62
 # While Redis is down, passes are skipped with exponential backoff up to this long.
 MAX_BACKOFF_S = 5.0
+# Releases of a holder that is alive, whatever its heartbeat does: the cap, and hang: rules.
+_ANY_HEARTBEAT = frozenset(
+    {
+        Reason.HARD_TIMEOUT,
+        Reason.HOLDER_STALLED,
+        Reason.HOLDER_NOT_ON_GPU,
+        Reason.GPU_IDLE_HELD,
+        Reason.GPU_FOREIGN_PROCESS,
+        Reason.GPU_XID,
+    }
+)
 
 
 @dataclass
@@ -185,6 +197,7 @@ class Monitor:
         *,
         reaper: Reaper | None = None,
         gpus: GpuWatch | None = None,
+        holders: Holders | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -194,6 +207,7 @@ class Monitor:
         self.critical = critical
         self.reaper = reaper or Reaper(client)
         self.gpus = gpus
+        self.holders = holders  # holder records, their processes and GPUs: the hang findings
         self.dry_run = audit.dry_run or not settings.auto_recovery
         self.wall = wall
         self.mono = mono
@@ -273,6 +287,9 @@ class Monitor:
         carried: list[Verdict] = []  # judged before, and nothing since can have changed them
         keys = self._to_read(keys, began_ms, carried)
         observations = self._with_events(self._not_released(read_locks(self.client, keys)))
+        began_mono = self.mono()  # beside began_ms (one round trip ago): this host's clock for findings
+        if self.holders is not None:
+            self.holders.seen(observations)
         self._redis_back()
         if self.discovery is not None:
             self.discovery.read_by_pass(keys)
@@ -296,6 +313,8 @@ class Monitor:
                     kept[verdict.holding.key] = (verdict, record)
             if self.gpus is not None:
                 self._gpu_findings(report.judged, report)
+            if self.holders is not None:
+                self._hang_findings(report, began_ms, began_mono, kept)
             complete = every_lock
         finally:
             # Keep what was learned even if a release lost Redis part-way.
@@ -413,6 +432,8 @@ class Monitor:
         event reads); the verdicts of those still held. Redis errors propagate."""
         with self.lock:
             observations = self._not_released(observations)
+            if self.holders is not None:
+                self.holders.seen(observations)
             report = PassReport(started=self.wall())
             after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
             verdicts = evaluate(observations, self.settings, after_ms=after, remembered=self._known)
@@ -466,6 +487,75 @@ class Monitor:
     @staticmethod
     def _fid(h: Holding) -> tuple[bytes, bytes, int]:
         return (h.key, h.holder, h.id)
+
+    def _hang_findings(
+        self, report: PassReport, now_ms: int, now_mono: float, kept: dict[bytes, tuple[Verdict, Record]]
+    ) -> None:
+        """The hung-holder findings of every lock held (README "Hung holders"), each audited once per
+        holding; where its `hang:` rule says release and its grace is over, the holding is released
+        as the hard cap releases it (value and expiry re-checked by the script, heartbeat or not)."""
+        assert self.holders is not None
+        released = report.released_keys
+        judged = [v for v in report.judged if v.holding.key not in released]
+        for judged_verdict, found, new in self.holders.pass_findings(judged, now_ms, now_mono):
+            h = judged_verdict.holding
+            if h.key in released:
+                continue
+            verdict = judged_verdict
+            if h.now_ms < now_ms:  # carried from an earlier look: its clock moved on, nothing else
+                verdict = Verdict(shifted(h, now_ms), verdict.decision, verdict.stored)
+            rule = self.settings.hang.rule(found.finding)
+            facts = {"since_s": found.since_s, "action": rule.action, **found.detail}
+            if new:
+                self.record(Event[found.finding.name], **self._fields(verdict, dry_run=self.dry_run), finding=facts)
+            if not found.release or verdict.decision.action is Action.RELEASE:
+                continue
+            decision = Decision(Action.RELEASE, verdict.decision.tier, Reason(found.finding.value))
+            forced = Verdict(verdict.holding, decision, verdict.stored)
+            if self.dry_run:
+                if self.holders.first(h.key, h.id, "release"):
+                    fields = self._fields(forced, dry_run=True)
+                    self.record(Event.LOCK_RELEASED, **fields, outcome="dry_run", finding=facts)
+                continue
+            if self._release(forced, report, verdict.holding.record, finding=facts) is None:
+                kept.pop(h.key, None)
+        self.holders.after_pass(v for v in judged if v.holding.key not in released)
+        for key, token in self.holders.take_gone():
+            self.holder_exited(key, token)
+
+    def holder_exited(self, key: bytes, token: str) -> None:
+        """The pid watch saw the process of the holder record with `token` exit (or found it gone):
+        its heartbeat is dead now, whatever the key still says (README "Hung holders"). The lock is
+        read again first: released only while it is still that holding, and its heartbeat still the
+        write that was read (the release script's check, as for any dead heartbeat)."""
+        with self.lock:
+            try:
+                observations = self._not_released(read_locks(self.client, [key]))
+                if not observations or observations[0].value is None:
+                    return
+                obs = observations[0]
+                assert obs.value is not None
+                if self.holders is not None:
+                    self.holders.seen([obs])
+                record = own_record(obs.holder, obs.value)
+                if record is None or record["token"] != token:
+                    return  # another holding now: its own process is watched in its turn
+                after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
+                (verdict,) = evaluate([obs], self.settings, after_ms=after, remembered=self._known)
+                h = replace(verdict.holding, heartbeat=Heartbeat.DEAD)
+                decision = Decision(Action.RELEASE, verdict.decision.tier, Reason.HEARTBEAT_DEAD)
+                dead = Verdict(h, decision, verdict.stored)
+                exited = {"pid": record["pid"], "host": record["host"]}
+                report = PassReport(started=self.wall())
+                if self.dry_run:
+                    fields = self._fields(dead, dry_run=True)
+                    self.record(Event.LOCK_RELEASED, **fields, outcome="dry_run", holder_exited=exited)
+                    return
+                self._release(dead, report, h.record, holder_exited=exited)
+            except redis.RedisError as exc:  # the heartbeat's expiry still ends it, a pass later at worst
+                log.warning("holder_exit_not_acted", lock_key=protocol.text(key), error=redact(str(exc)))
+            except Exception:  # this runs on the pid watch's thread: never let it die of a bug of ours
+                log.exception("holder_exit_failed", lock_key=protocol.text(key))
 
     def _gpu_findings(self, verdicts: list[Verdict], report: PassReport) -> None:
         assert self.gpus is not None
@@ -604,13 +694,13 @@ class Monitor:
             self.client.set(protocol.MISMATCH_KEY, json.dumps(found), px=MISMATCH_TTL_MS)
         return self._once(record, verdict, Event.LOCK_TIMEOUT_MISMATCH, **details)
 
-    def _release(self, verdict: Verdict, report: PassReport, record: Record) -> Record | None:
+    def _release(self, verdict: Verdict, report: PassReport, record: Record, **extra: Any) -> Record | None:
         h = verdict.holding
         fid = self._fid(h)
         failure = self._failures.get(fid)
         if failure is not None and self.mono() < failure.next_try:
             return record
-        fields = self._fields(verdict, dry_run=False)
+        fields = {**self._fields(verdict, dry_run=False), **extra}
         before = Record.loads(verdict.stored) if self.acting else self._known.get(h.key)
         due = due_ms(verdict, before, self.settings)
         if due is not None:
@@ -640,7 +730,7 @@ class Monitor:
     def _call_reaper(self, verdict: Verdict) -> ReleaseResult:
         h = verdict.holding
         # The cap applies whatever the heartbeat does; the other rules only while it stays dead.
-        check = HeartbeatCheck.ANY if verdict.decision.reason is Reason.HARD_TIMEOUT else HeartbeatCheck.CHECK
+        check = HeartbeatCheck.ANY if verdict.decision.reason in _ANY_HEARTBEAT else HeartbeatCheck.CHECK
         return self.reaper.release(
             h.key,
             h.holder,

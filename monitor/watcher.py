@@ -101,6 +101,8 @@ class Watcher:
         self._seq = 0
         self._lock_pos: dict[bytes, int] = {}
         self._hb_pos: dict[bytes, int] = {}  # any event of the heartbeat key
+        # Any event of the holder record (a progress mark): the lock is read again, never judged by it.
+        self._holder_pos: dict[bytes, int] = {}
         self._hb_written_pos: dict[bytes, int] = {}  # a write of it (what proves it the holding's)
         self._hb_present: set[bytes] = set()  # locks whose heartbeat key exists, as far as events and reads tell
         self._hb_at_set: dict[bytes, bool] = {}  # whether it existed when the lock last changed
@@ -221,7 +223,8 @@ class Watcher:
         """Whether `key` is unread and whether its holding began beaten, after what just changed
         of it (under the mutex)."""
         if key in self._index:
-            if max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0)) > self._read_pos.get(key, -1):
+            changed = max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0), self._holder_pos.get(key, 0))
+            if changed > self._read_pos.get(key, -1):
                 self._unread.add(key)
             else:
                 self._unread.discard(key)
@@ -403,6 +406,16 @@ class Watcher:
             if lock in self._index:
                 self._dirty.add(lock)
             return
+        if key.endswith(protocol.HOLDER_SUFFIX):
+            # The holder record changed (a progress mark, a new holding's record): what the hang
+            # findings read of it must be read again, as the heartbeat would be.
+            lock = key[: -len(protocol.HOLDER_SUFFIX)]
+            with self._mutex:
+                self._holder_pos[lock] = self._seq
+                self._touch(lock)
+            if lock in self._index:
+                self._dirty.add(lock)
+            return
         if not protocol.is_lock_candidate(key):
             return
         with self._mutex:
@@ -412,6 +425,7 @@ class Watcher:
                 self._dirty.discard(key)
                 self._deadline_of.pop(key, None)
                 self._hb_pos.pop(key, None)  # what is kept per lock ends with it
+                self._holder_pos.pop(key, None)
                 self._read_pos.pop(key, None)
                 self._hb_at_set.pop(key, None)
                 self._touch(key)

@@ -1,0 +1,226 @@
+"""What is known of each holding beyond its lock and heartbeat: its holder record, its process on
+this host and its GPU. Feeds the hung-holder findings (monitor.hang), the pid watch that sees a
+local holder die at once (monitor.pidwatch) and dcgm-exporter's job mapping (monitor.jobmap).
+
+A holder record counts only while it is the holding's own (`protocol.holder_record_matches`): one
+left behind by an earlier holding (a legacy worker's delete, a crash) describes nobody now. Records
+are data anyone with write access controls: parsed defensively, cached by their bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+from monitor import pidwatch, protocol
+from monitor.gpu import GpuInfo
+from monitor.gpuwatch import GpuWatch
+from monitor.hang import Evidence, Found, HangWatch
+from monitor.logs import get_logger
+from monitor.policy import Heartbeat
+from monitor.scanner import Observation
+from monitor.verdict import Verdict
+
+log = get_logger("gpulock_monitor.evidence")
+
+
+class Pids(Protocol):
+    """The part of pidwatch.PidWatch used here."""
+
+    def watch(self, key: bytes, token: str, pid: int, start_time: int) -> bool: ...
+
+    def unwatch(self, key: bytes) -> None: ...
+
+    def watching(self) -> dict[bytes, tuple[str, int]]: ...
+
+
+class Jobs(Protocol):
+    """The part of jobmap.JobMap used here."""
+
+    def write(self, holders: Mapping[str, str | None]) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(raw: bytes) -> protocol.HolderRecord | None:
+    return protocol.parse_holder_record(raw)
+
+
+def own_record(raw: bytes | None, value: bytes) -> protocol.HolderRecord | None:
+    """The holder record in `raw` when it is the one of the holding whose lock value is `value`."""
+    if raw is None:
+        return None
+    record = _parsed(raw)
+    return record if record is not None and protocol.holder_record_matches(record, value) else None
+
+
+def job_name(record: protocol.HolderRecord | None, holder: bytes) -> str:
+    """What dcgm-exporter shows as the GPU's job: the task id where the holder gave one, else its task."""
+    if record is not None and record["task_id"]:
+        return record["task_id"]
+    return protocol.text(protocol.task_name(holder))
+
+
+class Holders:
+    """Per lock, the last holder record read; per pass, findings, pid watches and the job map."""
+
+    def __init__(
+        self,
+        hang: HangWatch,
+        *,
+        gpus: GpuWatch | None = None,
+        pids: Pids | None = None,
+        jobs: Jobs | None = None,
+        watchable: Callable[[protocol.HolderRecord], bool] = pidwatch.watchable,
+    ) -> None:
+        self.hang = hang
+        self.gpus = gpus
+        self.pids = pids
+        self.jobs = jobs
+        self._watchable = watchable  # the record names a process of this host's and our pid namespace
+        self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
+        self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
+        self._gone: list[tuple[bytes, str]] = []
+        self.job_errors = 0
+
+    def seen(self, observations: Iterable[Observation]) -> None:
+        """Take in what a read found at the holder record of each lock."""
+        for obs in observations:
+            if obs.holder is not None and obs.value is not None:
+                self._raw[obs.key] = obs.holder
+            else:
+                self._raw.pop(obs.key, None)
+
+    def record(self, key: bytes, value: bytes) -> protocol.HolderRecord | None:
+        return own_record(self._raw.get(key), value)
+
+    def gpu(self, key: bytes, record: protocol.HolderRecord | None) -> GpuInfo | None:
+        """The local device of this lock: the one the holder names by UUID, else the lock's own."""
+        if self.gpus is None:
+            return None
+        named = record["gpu_uuid"] if record is not None else None
+        if named is not None:
+            found = next((g for g in self.gpus.last.values() if g.uuid == named), None)
+            if found is not None:
+                return found
+        return self.gpus.for_lock(key)
+
+    def judge(self, verdict: Verdict, now_ms: int | None = None, now_mono: float | None = None) -> list[Found]:
+        """Every finding true now of this holding; watches its process where it runs here. `now_ms`
+        (Redis clock) and `now_mono` (this host's, read beside it): the pass's, else the verdict's."""
+        h = verdict.holding
+        record = self.record(h.key, h.holder)
+        gpu = self.gpu(h.key, record)
+        if record is None and gpu is None:
+            return []
+        visible = record is not None and self._watchable(record)
+        if visible and self.pids is not None:
+            assert record is not None
+            self._watch(h.key, record)
+        evidence = Evidence(
+            now_ms=max(h.now_ms, now_ms or 0),
+            started_ms=h.now_ms - h.held_ms,
+            heartbeat_alive=h.heartbeat is Heartbeat.ALIVE,
+            record=record,
+            pid_visible=visible,
+            gpu=gpu,
+            now_mono=now_mono,
+        )
+        return self.hang.judge(h.key, h.id, evidence)
+
+    def pass_findings(
+        self, verdicts: Iterable[Verdict], now_ms: int, now_mono: float | None = None
+    ) -> list[tuple[Verdict, Found, bool]]:
+        """The findings of a pass: (verdict, finding, new), `new` the first time this daemon saw that
+        finding of that holding (audit and alert it then, once). Only locks with a holder record or
+        a local GPU are judged: a pass over thousands of other hosts' legacy locks costs nothing here."""
+        local = bool(self.gpus is not None and self.gpus.last)
+        if local:
+            assert self.gpus is not None
+            self.hang.observe(self.gpus.last.values())  # every GPU's samples, held or not
+        found: list[tuple[Verdict, Found, bool]] = []
+        for verdict in verdicts:
+            h = verdict.holding
+            if h.key not in self._raw and not local:
+                continue
+            for f in self.judge(verdict, now_ms, now_mono):
+                said = (h.key, h.id, f.finding.value)
+                found.append((verdict, f, said not in self._said))
+                self._said.add(said)  # once per holding, however often it clears and comes back
+        return found
+
+    def first(self, key: bytes, holding: int, what: str) -> bool:
+        """True the first time `what` is asked of this holding (once per holding, like findings)."""
+        said = (key, holding, what)
+        if said in self._said:
+            return False
+        self._said.add(said)
+        return True
+
+    def _watch(self, key: bytes, record: protocol.HolderRecord) -> None:
+        assert self.pids is not None
+        current = self.pids.watching().get(key)
+        if current is not None and current[0] == record["token"]:
+            return
+        pid, start = record["pid"], record["start_time"]
+        assert pid is not None
+        assert start is not None
+        try:
+            running = self.pids.watch(key, record["token"], pid, start)
+        except OSError as exc:  # hidden by ProtectProc, or /proc unreadable: the heartbeat still judges
+            log.info("holder_not_watched", lock_key=protocol.text(key), pid=pid, error=str(exc))
+            return
+        if not running:  # already gone (or its pid is another process's now): it exited
+            self._gone.append((key, record["token"]))
+
+    def take_gone(self) -> list[tuple[bytes, str]]:
+        """Holders found already exited when their watch began (lock, token), once each."""
+        gone, self._gone = self._gone, []
+        return gone
+
+    def after_pass(self, verdicts: Iterable[Verdict]) -> None:
+        """Forget holdings that are gone, stop watching their processes, write the job map."""
+        # Only locks with a record or a local GPU can have findings, watches or jobs: the rest cost a lookup.
+        local = bool(self.gpus is not None and self.gpus.last)
+        records = self._raw
+        held = [v for v in verdicts if local or v.holding.key in records]
+        self.hang.forget((v.holding.key, v.holding.id) for v in held)
+        present = {v.holding.key: v for v in held}
+        self._raw = {k: raw for k, raw in records.items() if k in present}
+        holdings = {(v.holding.key, v.holding.id) for v in held}
+        self._said = {s for s in self._said if s[:2] in holdings}
+        if self.pids is not None:
+            for key, (token, _) in list(self.pids.watching().items()):
+                v = present.get(key)
+                record = None if v is None else self.record(key, v.holding.holder)
+                if record is None or record["token"] != token:
+                    self.pids.unwatch(key)
+        if self.jobs is not None and self.gpus is not None:
+            self._write_jobs(present)
+
+    def close(self) -> None:
+        """Empty the job map: with the daemon stopped, no holder is known."""
+        if self.jobs is None:
+            return
+        try:
+            self.jobs.clear()
+        except OSError as exc:
+            log.error("job_mapping_write_failed", error=str(exc))
+
+    def _write_jobs(self, present: Mapping[bytes, Verdict]) -> None:
+        assert self.jobs is not None
+        assert self.gpus is not None
+        jobs: dict[str, str | None] = {str(g.index): None for g in self.gpus.last.values()}
+        for key, v in present.items():
+            record = self.record(key, v.holding.holder)
+            gpu = self.gpu(key, record)
+            if gpu is not None:
+                jobs[str(gpu.index)] = job_name(record, v.holding.holder)
+        try:
+            self.jobs.write(jobs)
+        except OSError as exc:
+            self.job_errors += 1
+            if self.job_errors == 1:  # said once; the metric counts the rest
+                log.error("job_mapping_write_failed", error=str(exc))
