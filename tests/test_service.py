@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import acl_user, beat, build, events, hold, make_settings, next_message, read_jsonl, subscribed
+from helpers import (
+    acl_user,
+    beat,
+    build,
+    events,
+    hold,
+    make_settings,
+    next_message,
+    read_jsonl,
+    subscribed,
+    wait_for,
+)
 
 from monitor import logs, protocol
 from monitor.audit import monitor_identity
@@ -529,3 +540,89 @@ def test_replicas_sharing_a_record_never_claim_each_others_release(r, redis_serv
     assert events(b_settings.audit_path, "lock_released") == []
     outcomes = {e["lock_key"]: e["outcome"] for e in events(b_settings.audit_path, "release_skipped")}
     assert outcomes == {"gpu_lock:0": "holder_changed", "gpu_lock:1": "gone"}
+
+
+# --- passes that carry what events say did not change ------------------------------------------
+
+
+class QuietIndex:
+    """A discovery that says every lock is quiet after the first pass (as the event watcher does
+    when no event named them since they were last read), recording what each pass reads."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+        self.read: list[list[bytes]] = []
+        self.first = True
+
+    def candidates(self) -> tuple[list[bytes], bool]:
+        return list(self.keys), True
+
+    def changed(self) -> frozenset[bytes] | None:
+        changed, self.first = (frozenset(self.keys) if self.first else frozenset()), False
+        return changed
+
+    def quiet(self) -> frozenset[bytes]:
+        raise AssertionError("a discovery that says changed() is not asked quiet()")
+
+    def relocked(self) -> frozenset[bytes]:
+        return frozenset()
+
+    def tainted(self) -> frozenset[bytes]:
+        return frozenset()
+
+    def read_by_pass(self, keys: list[bytes]) -> None:
+        self.read.append(list(keys))
+
+    def forget_absent(self, absent: list[bytes]) -> None:
+        pass
+
+
+def test_a_lock_carried_unread_is_read_and_decided_when_its_boundary_falls_due(r, redis_server, tmp_path):
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 5.0, "soft_timeout": 30, "hard_timeout": 60}},
+    )
+    steady = hold(r, 0, age_s=0)
+    crossing = hold(r, 1, age_s=4.4)  # crosses the warning threshold about 0.6 s from now
+    monitor = build(settings)
+    monitor.discovery = index = QuietIndex([steady, crossing])
+    first = monitor.run_pass()
+    carried = monitor.run_pass()
+    assert index.read == [[steady, crossing], []]  # nothing changed, nothing due: nothing read
+    assert carried.error is None
+    assert carried.locks == 2
+    before = {v.holding.key: v.holding.held_ms for v in first.verdicts}
+    after = {v.holding.key: v.holding.held_ms for v in carried.verdicts}
+    assert after[steady] >= before[steady]  # the same verdicts, later
+    assert after[crossing] >= before[crossing]
+    assert events(settings.audit_path, "lock_warning") == []
+    wait_for(lambda: r.pttl(crossing) < (600 - 5) * 1000, timeout_s=5)
+    due = monitor.run_pass()
+    assert index.read[-1] == [crossing]  # its boundary fell due: read and judged again, alone
+    assert {v.holding.key: v.decision.action.value for v in due.verdicts} == {steady: "keep", crossing: "warn"}
+    assert [e["lock_key"] for e in events(settings.audit_path, "lock_warning")] == ["gpu_lock:1"]
+
+
+def test_without_a_hard_cap_a_carried_protected_task_is_said_to_overrun_at_twice_soft_timeout(
+    r, redis_server, tmp_path
+):
+    settings = make_settings(
+        redis_server.url,
+        tmp_path,
+        gpu_lock_monitor={"timeout_levels": {"warning": 0.5, "soft_timeout": 1.0, "hard_timeout": None}},
+    )
+    key = hold(r, 0, age_s=0)
+    beat(r, key)  # alive (its heartbeat outlives the test): protected past soft_timeout
+    monitor = build(settings)
+    monitor.discovery = index = QuietIndex([key])
+    monitor.run_pass()
+    time.sleep(1.1)
+    assert [v.decision.reason.value for v in monitor.run_pass().verdicts] == ["long_task_protected"]
+    monitor.run_pass()
+    assert index.read == [[key], [key], []]  # protected, then carried: nothing due before 2 x soft
+    assert events(settings.audit_path, "long_task_overrun") == []
+    time.sleep(max(0.0, 2.05 - 1.1))
+    monitor.run_pass()
+    assert index.read[-1] == [key]
+    assert len(events(settings.audit_path, "long_task_overrun")) == 1
