@@ -59,6 +59,8 @@ SLOTS = 16384
 TOPOLOGY_EVERY_S = 1.0
 # What keyspace events prove about a lock's heartbeat: never claimed for a split lock.
 _PROOFS = ("hb_written", "hb_tainted", "hb_promised")
+# A lock's keys whose writes make the watcher read the lock again, where they are on another node.
+_SIDE_KEYS = (protocol.HEARTBEAT_SUFFIX, protocol.HOLDER_SUFFIX)
 
 # READ_SCRIPT's reply for keys named in ARGV instead of KEYS (ARGV[1] what to read of each key,
 # ARGV[2] and ARGV[3] the mark's channel and message, '' for none, then the keys). Every key must
@@ -209,13 +211,18 @@ class NodeWatcher(Watcher):
 
     def _on_message(self, message: dict[str, Any]) -> None:
         super()._on_message(message)
-        channel = message["channel"]
-        if message["type"] == "pmessage" and channel.endswith(protocol.HEARTBEAT_SUFFIX):
-            # A split lock's heartbeat, here: its lock's node reads it (never proving anything).
-            lock = channel[len(self._prefix) : -len(protocol.HEARTBEAT_SUFFIX)]
-            owner = self.watch.owner_of(lock)
-            if owner is not None and owner != self.name:
-                self.watch.poke(owner, lock)
+        if message["type"] != "pmessage":
+            return
+        key = message["channel"][len(self._prefix) :]
+        for suffix in _SIDE_KEYS:
+            if key.endswith(suffix):
+                # A split lock's heartbeat or holder record, here: its lock's node reads it again
+                # (never proving anything by it).
+                lock = key[: -len(suffix)]
+                owner = self.watch.owner_of(lock)
+                if owner is not None and owner != self.name:
+                    self.watch.poke(owner, lock)
+                return
 
     def wake(self, lock: bytes) -> None:
         """Read `lock` soon, if it is indexed here (another node saw its heartbeat written)."""
