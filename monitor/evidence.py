@@ -83,6 +83,9 @@ class Holders:
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
+        # As of the last pass: each lock's findings, and the local GPU each lock guards.
+        self.current: dict[bytes, tuple[Found, ...]] = {}
+        self.lock_gpus: dict[bytes, GpuInfo] = {}
         self.job_errors = 0
 
     def seen(self, observations: Iterable[Observation]) -> None:
@@ -141,14 +144,19 @@ class Holders:
             assert self.gpus is not None
             self.hang.observe(self.gpus.last.values())  # every GPU's samples, held or not
         found: list[tuple[Verdict, Found, bool]] = []
+        current: dict[bytes, tuple[Found, ...]] = {}
         for verdict in verdicts:
             h = verdict.holding
             if h.key not in self._raw and not local:
                 continue
-            for f in self.judge(verdict, now_ms, now_mono):
+            judged = self.judge(verdict, now_ms, now_mono)
+            if judged:
+                current[h.key] = tuple(judged)
+            for f in judged:
                 said = (h.key, h.id, f.finding.value)
                 found.append((verdict, f, said not in self._said))
                 self._said.add(said)  # once per holding, however often it clears and comes back
+        self.current = current
         return found
 
     def first(self, key: bytes, holding: int, what: str) -> bool:
@@ -197,6 +205,12 @@ class Holders:
                 record = None if v is None else self.record(key, v.holding.holder)
                 if record is None or record["token"] != token:
                     self.pids.unwatch(key)
+        self.lock_gpus = {}
+        if local:
+            for key, v in present.items():
+                gpu = self.gpu(key, self.record(key, v.holding.holder))
+                if gpu is not None:
+                    self.lock_gpus[key] = gpu
         if self.jobs is not None and self.gpus is not None:
             self._write_jobs(present)
 
@@ -213,11 +227,9 @@ class Holders:
         assert self.jobs is not None
         assert self.gpus is not None
         jobs: dict[str, str | None] = {str(g.index): None for g in self.gpus.last.values()}
-        for key, v in present.items():
-            record = self.record(key, v.holding.holder)
-            gpu = self.gpu(key, record)
-            if gpu is not None:
-                jobs[str(gpu.index)] = job_name(record, v.holding.holder)
+        for key, gpu in self.lock_gpus.items():
+            v = present[key]
+            jobs[str(gpu.index)] = job_name(self.record(key, v.holding.holder), v.holding.holder)
         try:
             self.jobs.write(jobs)
         except OSError as exc:

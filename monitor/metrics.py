@@ -168,6 +168,36 @@ class _Gpus(Collector):
         yield from (used, total, util, procs)
 
 
+class _Holders(Collector):
+    """Hung-holder findings true at the last pass, and which local GPU each lock guards, labelled
+    as dcgm-exporter labels its series: `gpulock_monitor_lock_gpu_info * on (UUID) group_left(lock)`
+    puts a lock's name on every DCGM series of its GPU."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.hostname = gpu.node_name()
+
+    def collect(self) -> Iterator[Metric]:
+        holders = self.monitor.holders
+        findings = GaugeMetricFamily(
+            f"{PREFIX}_holder_findings",
+            "1 for each hung-holder finding true of a lock at the last pass.",
+            labels=["lock", "finding"],
+        )
+        on_gpu = GaugeMetricFamily(
+            f"{PREFIX}_lock_gpu_info",
+            "1 for each lock held that guards a GPU of this host, with dcgm-exporter's GPU labels.",
+            labels=["lock", *gpu.METRIC_LABELS],
+        )
+        if holders is not None:
+            for key, found in sorted(holders.current.items()):
+                for f in found:
+                    findings.add_metric([protocol.shown(key), f.finding.value], 1)
+            for key, g in sorted(holders.lock_gpus.items()):
+                on_gpu.add_metric([protocol.shown(key), *gpu.metric_labels(g, self.hostname)], 1)
+        yield from (findings, on_gpu)
+
+
 class _AuditFiles(Collector):
     """The audit and critical-failure files: lines held back by a failing disk, failed writes, lines lost."""
 
@@ -305,6 +335,7 @@ class Metrics:
         r.register(_AuditFiles({"audit": monitor.audit.file, "critical": monitor.critical}))
         r.register(_Static([_config_seconds(monitor.settings)]))
         r.register(_Gpus(monitor))
+        r.register(_Holders(monitor))
         r.register(_Discovery(monitor))
         if alerts is not None:
             r.register(_Alerts(alerts))

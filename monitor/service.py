@@ -587,6 +587,10 @@ class Monitor:
                 "dry_run": self.dry_run,
                 "monitor_interval_s": self.settings.monitor_interval_s,
                 "discovery": self.discovery_mode(),
+                # What `status` shows of the hang findings (README "Hung holders"): locks with any.
+                "findings": {}
+                if self.holders is None
+                else {protocol.text(k): [f.finding.value for f in fs] for k, fs in self.holders.current.items()},
             }
         ).encode()
 

@@ -336,3 +336,50 @@ def test_the_job_map_names_each_gpus_holder_and_empties_when_it_goes(r, redis_se
     assert (jobs / "0").read_text() == ""
     assert monitor.holders is not None
     monitor.holders.close()
+
+
+# --- where operators see them: status, metrics -----------------------------------------------------------
+
+
+def test_findings_reach_status_and_metrics(r, redis_server, tmp_path, workers):
+    from prometheus_client import generate_latest
+
+    from monitor import metrics, snapshot
+    from monitor.cli import status as render
+
+    settings = settings_with(redis_server, tmp_path)
+    workers.append(w := Worker(redis_server.url, marks=1, progress_timeout_s=0.2))
+    w.marked()
+    monitor = monitor_with(settings, devices=[Device("GPU-aaa", processes=[(w.proc.pid, 1 << 30)])])
+    exporter = metrics.Metrics(monitor)
+    wait_for(lambda: monitor.run_pass() and events(settings.audit_path, "holder_stalled"), timeout_s=10)
+
+    looked = render.look(r, settings, None, settings.name)
+    assert looked.findings == {"gpu_lock:0": ["holder_stalled"]}
+    doc = render.as_json(snapshot.take(r, settings), looked)
+    (lock,) = doc["locks"]
+    assert lock["findings"] == ["holder_stalled"]
+    table = render.as_table(snapshot.take(r, settings), looked)
+    assert "FINDINGS" in table.splitlines()[0]
+    assert "holder_stalled" in table.splitlines()[1]
+
+    text = generate_latest(exporter.registry).decode()
+    assert 'gpulock_monitor_holder_findings{finding="holder_stalled",lock="gpu_lock:0"} 1.0' in text
+    assert 'gpulock_monitor_lock_gpu_info{Hostname="' in text
+    assert 'UUID="GPU-aaa"' in text
+    assert 'gpulock_monitor_events_total{event="holder_stalled"} 1.0' in text
+
+
+def test_status_without_a_daemon_or_with_a_malformed_document_shows_no_findings(r, redis_server, tmp_path):
+    from monitor.cli import status as render
+    from monitor.snapshot import status_ttl_ms
+
+    settings = settings_with(redis_server, tmp_path)
+    assert render.look(r, settings, None, "nobody").findings == {}
+    key = protocol.monitor_status_key("odd")
+    for doc, shown in (
+        ('{"findings": [1]}', {}),
+        ('{"findings": {"gpu_lock:0": "x", "gpu_lock:1": ["a", 2]}}', {"gpu_lock:1": ["a"]}),
+    ):
+        r.set(key, doc, px=status_ttl_ms(settings))
+        assert render.look(r, settings, None, "odd").findings == shown

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class LookedAt:
     last_pass_age_s: float | None
     stopped_at: str | None = None
     discovery: str | None = None  # how the daemon finds locks, as it said
+    # The hung-holder findings true at the daemon's last pass, by lock (README "Hung holders").
+    findings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def where(self) -> list[str]:
@@ -108,7 +110,20 @@ def look(client: Client, settings: Settings, config: Path | None, name: str) -> 
         last_pass_age_s=age,
         stopped_at=str(said.get("stopped_at", "?")) if daemon == STOPPED else None,
         discovery=said["discovery"] if daemon != "none" and isinstance(said.get("discovery"), str) else None,
+        findings=_findings(said) if daemon in ("running", "late") else {},
     )
+
+
+def _findings(said: dict[str, Any]) -> dict[str, list[str]]:
+    """The daemon's findings by lock, as it wrote them; anything malformed is left out (data)."""
+    raw = said.get("findings")
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(lock): [str(name) for name in names if isinstance(name, str)]
+        for lock, names in raw.items()
+        if isinstance(names, list)
+    }
 
 
 def _db(client: Client) -> int:
@@ -139,6 +154,7 @@ def locks(snapshot: Snapshot) -> list[Verdict]:
 
 def as_json(snapshot: Snapshot, looked_at: LookedAt | None = None) -> dict[str, Any]:
     now = snapshot.redis_time_ms
+    findings = {} if looked_at is None else looked_at.findings
     return {
         "version": JSON_VERSION,
         "redis_time": None if now is None else units.iso(units.to_s(now)),
@@ -157,6 +173,7 @@ def as_json(snapshot: Snapshot, looked_at: LookedAt | None = None) -> dict[str, 
                 "action": v.decision.action.value,
                 "reason": v.decision.reason.value,
                 "gpu": None if (g := snapshot.gpu_of(v)) is None else g.as_dict(),
+                "findings": findings.get(protocol.text(h.key), []),
             }
             for v in locks(snapshot)
             for h in (v.holding,)
@@ -199,7 +216,7 @@ def as_table(
 
     lines: list[str] = []
     if snapshot.verdicts:
-        lines += _lock_rows(snapshot, width, painter(colour))
+        lines += _lock_rows(snapshot, width, painter(colour), {} if looked_at is None else looked_at.findings)
     elif not snapshot.invalid:
         lines.append("no locks held")
     for o in snapshot.invalid:
@@ -217,11 +234,15 @@ def as_table(
     return "\n".join(lines)
 
 
-def _lock_rows(snapshot: Snapshot, width: int | None, paint: Callable[[str, str], str]) -> list[str]:
+def _lock_rows(
+    snapshot: Snapshot, width: int | None, paint: Callable[[str, str], str], findings: dict[str, list[str]]
+) -> list[str]:
     with_gpus = bool(snapshot.gpus)
     header: tuple[str, ...] = ("LOCK", "TASK", "HELD", "HEARTBEAT", "TIER", "WOULD DO", "WHY")
     if with_gpus:
         header += ("GPU", "MEM", "UTIL", "PROCS")
+    if findings:
+        header += ("FINDINGS",)
     rows = []
     for v in locks(snapshot):
         h = v.holding
@@ -237,6 +258,8 @@ def _lock_rows(snapshot: Snapshot, width: int | None, paint: Callable[[str, str]
         )
         if with_gpus:
             row += gpu_cells(snapshot.gpu_of(v))
+        if findings:
+            row += (protocol.printable(",".join(findings.get(protocol.text(h.key), [])) or "-", CELL_LIMIT),)
         rows.append(row)
     widths = _widths(header, [header, *rows], width)
     return [_line(header, row, widths, width, paint) for row in [header, *rows]]
