@@ -21,6 +21,8 @@ import yaml
 from helpers import beat, config_file, hold, start_daemon, stop_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor import protocol
+
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 RULES_TEST = REPO / "deploy" / "prometheus" / "rules_test.yml"
@@ -78,8 +80,11 @@ def exported(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Exp
     tmp = tmp_path_factory.mktemp("exported")
     client = redis.Redis.from_url(redis_server.url, protocol=2)
     client.flushall()
-    key = hold(client, 0, "tts", age_s=10)
+    key = hold(client, 0, "tts#t0", age_s=10)
     beat(client, key, age_s=3)
+    # Its holder record asks for a progress mark every second and has made none: holder_stalled.
+    record = protocol.holder_record(task="tts", token="t0", heartbeat_interval_s=60, progress_timeout_s=1)
+    client.set(protocol.holder_key(key), record, px=client.pttl(key))
     hold(client, 1, "legacy", age_s=450)  # past soft_timeout with no heartbeat: released
     port = _free_port()
     dead_hook = {"type": "webhook", "url": f"http://127.0.0.1:{_free_port()}/", "retries": 0}
@@ -92,7 +97,7 @@ def exported(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Exp
     proc = start_daemon(config)
     try:
         # A release is counted during the pass; the per-lock series appear once the pass is over.
-        done = (f"{PREFIX}releases_total{{", f"{PREFIX}lock_held_seconds{{")
+        done = (f"{PREFIX}releases_total{{", f"{PREFIX}lock_held_seconds{{", f"{PREFIX}holder_findings{{")
         text = wait_for(lambda: (t := _scrape(port)) and all(name in t for name in done) and t)
     finally:
         code, output = stop_daemon(proc)
