@@ -66,11 +66,12 @@ def form_cluster(nodes: list[RedisServer], settled: Callable[[list[redis.Redis]]
     wait_for(up, timeout_s=30)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[RedisServer]]:
+def three_nodes(*args: str) -> Iterator[list[RedisServer]]:
+    """A formed cluster of three primaries, each started with `args` too; closed after."""
     taken: set[int] = set()
     nodes = [
-        RedisServer(node_port(taken), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000") for _ in range(3)
+        RedisServer(node_port(taken), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *args)
+        for _ in range(3)
     ]
     try:
         form_cluster(nodes)
@@ -78,6 +79,11 @@ def cluster() -> Iterator[list[RedisServer]]:
     finally:
         for node in nodes:
             node.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisServer]]:
+    yield from three_nodes()
 
 
 @pytest.fixture

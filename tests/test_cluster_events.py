@@ -19,7 +19,7 @@ import redis
 from helpers import build, events, make_settings, next_message, subscribed, wait_for
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from test_cluster import SLOTS, form_cluster, node_port
+from test_cluster import SLOTS, form_cluster, node_port, three_nodes
 from test_tls import ca, pems, tls_cluster  # noqa: F401 - its fixtures, used below
 
 from monitor import daemon, protocol
@@ -60,25 +60,7 @@ def untagged_on(node: int, *, split: bool) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[RedisServer]]:
-    taken: set[int] = set()
-    nodes = [
-        RedisServer(
-            node_port(taken),
-            "--cluster-enabled",
-            "yes",
-            "--cluster-node-timeout",
-            "2000",
-            "--notify-keyspace-events",
-            FLAGS,
-        )
-        for _ in range(3)
-    ]
-    try:
-        form_cluster(nodes)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.close()
+    yield from three_nodes("--notify-keyspace-events", FLAGS)
 
 
 @pytest.fixture

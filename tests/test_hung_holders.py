@@ -87,6 +87,16 @@ def workers(redis_server) -> Iterator[list[Worker]]:
         w.close()
 
 
+_PID_WATCHES: list[PidWatch] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_pid_watches() -> Iterator[None]:
+    yield
+    while _PID_WATCHES:
+        _PID_WATCHES.pop().stop()
+
+
 def monitor_with(
     settings: Any, *, devices: list[Device] | None = None, pids: bool = False, jobs: Path | None = None, **kw: Any
 ) -> Monitor:
@@ -99,6 +109,7 @@ def monitor_with(
     if pids:
         holders.pids = PidWatch(monitor.holder_exited)
         holders.pids.start()
+        _PID_WATCHES.append(holders.pids)
     return monitor
 
 
@@ -116,66 +127,51 @@ def released(settings: Any) -> list[dict[str, Any]]:
 def test_a_killed_holder_is_released_at_once_without_waiting_for_its_heartbeat(r, redis_server, tmp_path, workers):
     settings = settings_with(redis_server, tmp_path)
     monitor = monitor_with(settings, pids=True)
-    try:
-        workers.append(w := Worker(redis_server.url))
-        report = monitor.run_pass()
-        assert report is not None
-        assert report.error is None
-        assert monitor.holders is not None
-        assert monitor.holders.pids is not None
-        assert KEY in monitor.holders.pids.watching()  # the record names this host and namespace
-        assert r.exists(HB)  # a 60 s heartbeat: nothing else would end it for a minute
-        killed = w.kill()
-        wait_for(lambda: released(settings), timeout_s=10)
-        took_s = time.monotonic() - killed
-        (event,) = released(settings)
-        assert event["reason"] == "heartbeat_dead"
-        assert event["heartbeat"] == "dead"
-        assert event["outcome"] == "released"
-        assert event["holder_exited"] == {"pid": w.proc.pid, "host": protocol.this_process()["host"]}
-        assert not r.exists(KEY)
-        assert not r.exists(HB)
-        assert not r.exists(HOLDER)
-        assert took_s < 5  # measured well under a second; see benchmarks/pid_exit.py
-    finally:
-        assert monitor.holders is not None
-        assert monitor.holders.pids is not None
-        monitor.holders.pids.stop()
+    workers.append(w := Worker(redis_server.url))
+    report = monitor.run_pass()
+    assert report is not None
+    assert report.error is None
+    assert monitor.holders is not None
+    assert monitor.holders.pids is not None
+    assert KEY in monitor.holders.pids.watching()  # the record names this host and namespace
+    assert r.exists(HB)  # a 60 s heartbeat: nothing else would end it for a minute
+    killed = w.kill()
+    wait_for(lambda: released(settings), timeout_s=10)
+    took_s = time.monotonic() - killed
+    (event,) = released(settings)
+    assert event["reason"] == "heartbeat_dead"
+    assert event["heartbeat"] == "dead"
+    assert event["outcome"] == "released"
+    assert event["holder_exited"] == {"pid": w.proc.pid, "host": protocol.this_process()["host"]}
+    assert not r.exists(KEY)
+    assert not r.exists(HB)
+    assert not r.exists(HOLDER)
+    assert took_s < 5  # measured well under a second; see benchmarks/pid_exit.py
 
 
 def test_a_holder_already_gone_at_the_first_look_is_released_by_that_pass(r, redis_server, tmp_path, workers):
     settings = settings_with(redis_server, tmp_path)
     monitor = monitor_with(settings, pids=True)
-    try:
-        workers.append(w := Worker(redis_server.url))
-        w.kill()
-        assert r.exists(HB)
-        report = monitor.run_pass()
-        assert report is not None
-        (event,) = released(settings)
-        assert event["holder_exited"]["pid"] == w.proc.pid
-        assert not r.exists(KEY)
-    finally:
-        assert monitor.holders is not None
-        assert monitor.holders.pids is not None
-        monitor.holders.pids.stop()
+    workers.append(w := Worker(redis_server.url))
+    w.kill()
+    assert r.exists(HB)
+    report = monitor.run_pass()
+    assert report is not None
+    (event,) = released(settings)
+    assert event["holder_exited"]["pid"] == w.proc.pid
+    assert not r.exists(KEY)
 
 
 def test_a_dry_run_says_what_a_holder_exit_would_release(r, redis_server, tmp_path, workers):
     settings = settings_with(redis_server, tmp_path)
     monitor = monitor_with(settings, pids=True, dry_run=True)
-    try:
-        workers.append(w := Worker(redis_server.url))
-        w.kill()
-        monitor.run_pass()
-        (event,) = released(settings)
-        assert event["outcome"] == "dry_run"
-        assert event["holder_exited"]["pid"] == w.proc.pid
-        assert r.exists(KEY)
-    finally:
-        assert monitor.holders is not None
-        assert monitor.holders.pids is not None
-        monitor.holders.pids.stop()
+    workers.append(w := Worker(redis_server.url))
+    w.kill()
+    monitor.run_pass()
+    (event,) = released(settings)
+    assert event["outcome"] == "dry_run"
+    assert event["holder_exited"]["pid"] == w.proc.pid
+    assert r.exists(KEY)
 
 
 def test_an_exit_of_an_earlier_holding_never_releases_the_next_one(r, redis_server, tmp_path, workers):
