@@ -73,28 +73,39 @@ class Holders:
         gpus: GpuWatch | None = None,
         pids: Pids | None = None,
         jobs: Jobs | None = None,
-        watchable: Callable[[protocol.HolderRecord], bool] = pidwatch.watchable,
+        watchable: Callable[[protocol.HolderRecord], bool] | None = None,
     ) -> None:
         self.hang = hang
         self.gpus = gpus
         self.pids = pids
         self.jobs = jobs
-        self._watchable = watchable  # the record names a process of this host's and our pid namespace
+        # The record names a process of this host's and of our pid namespace (ours read once).
+        here = protocol.this_process()
+        self._watchable = watchable or functools.partial(
+            pidwatch.watchable, host=here["host"], pid_ns=here["pid_ns"], boot_id=here["boot_id"]
+        )
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
+        self._exited: set[tuple[bytes, str]] = set()  # (lock, token) found gone: not watched again
         # As of the last pass: each lock's findings, and the local GPU each lock guards.
         self.current: dict[bytes, tuple[Found, ...]] = {}
         self.lock_gpus: dict[bytes, GpuInfo] = {}
         self.job_errors = 0
 
     def seen(self, observations: Iterable[Observation]) -> None:
-        """Take in what a read found at the holder record of each lock."""
+        """Take in what a read found at the holder record of each lock; a new record of a process of
+        this host's is watched at once (an event read sees it milliseconds after the lock is taken:
+        a holder killed right after acquiring is not left to the next pass)."""
         for obs in observations:
-            if obs.holder is not None and obs.value is not None:
-                self._raw[obs.key] = obs.holder
-            else:
+            if obs.holder is None or obs.value is None:
                 self._raw.pop(obs.key, None)
+                continue
+            if self.pids is not None and self._raw.get(obs.key) != obs.holder:
+                record = own_record(obs.holder, obs.value)
+                if record is not None and self._watchable(record):
+                    self._watch(obs.key, record)
+            self._raw[obs.key] = obs.holder
 
     def record(self, key: bytes, value: bytes) -> protocol.HolderRecord | None:
         return own_record(self._raw.get(key), value)
@@ -170,7 +181,7 @@ class Holders:
     def _watch(self, key: bytes, record: protocol.HolderRecord) -> None:
         assert self.pids is not None
         current = self.pids.watching().get(key)
-        if current is not None and current[0] == record["token"]:
+        if (current is not None and current[0] == record["token"]) or (key, record["token"]) in self._exited:
             return
         pid, start = record["pid"], record["start_time"]
         assert pid is not None
@@ -181,6 +192,7 @@ class Holders:
             log.info("holder_not_watched", lock_key=protocol.text(key), pid=pid, error=str(exc))
             return
         if not running:  # already gone (or its pid is another process's now): it exited
+            self._exited.add((key, record["token"]))
             self._gone.append((key, record["token"]))
 
     def take_gone(self) -> list[tuple[bytes, str]]:
@@ -197,6 +209,7 @@ class Holders:
         self.hang.forget((v.holding.key, v.holding.id) for v in held)
         present = {v.holding.key: v for v in held}
         self._raw = {k: raw for k, raw in records.items() if k in present}
+        self._exited = {e for e in self._exited if e[0] in present}
         holdings = {(v.holding.key, v.holding.id) for v in held}
         self._said = {s for s in self._said if s[:2] in holdings}
         if self.pids is not None:

@@ -451,6 +451,8 @@ class Monitor:
                 # The next pass need not judge again what was judged here.
                 self._held.update(self._keep(kept, observations))
                 self._remember(kept, None, None)
+            for key, token in self.holders.take_gone() if self.holders is not None else ():
+                self.holder_exited(key, token)  # found gone as its watch began
             return [verdict for verdict, _ in kept.values()]
 
     @property
@@ -548,8 +550,9 @@ class Monitor:
                 exited = {"pid": record["pid"], "host": record["host"]}
                 report = PassReport(started=self.wall())
                 if self.dry_run:
-                    fields = self._fields(dead, dry_run=True)
-                    self.record(Event.LOCK_RELEASED, **fields, outcome="dry_run", holder_exited=exited)
+                    if self.holders is None or self.holders.first(key, h.id, "exited"):
+                        fields = self._fields(dead, dry_run=True)
+                        self.record(Event.LOCK_RELEASED, **fields, outcome="dry_run", holder_exited=exited)
                     return
                 self._release(dead, report, h.record, holder_exited=exited)
             except redis.RedisError as exc:  # the heartbeat's expiry still ends it, a pass later at worst

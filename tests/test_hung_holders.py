@@ -168,6 +168,7 @@ def test_a_dry_run_says_what_a_holder_exit_would_release(r, redis_server, tmp_pa
     workers.append(w := Worker(redis_server.url))
     w.kill()
     monitor.run_pass()
+    monitor.run_pass()  # said once per holding
     (event,) = released(settings)
     assert event["outcome"] == "dry_run"
     assert event["holder_exited"]["pid"] == w.proc.pid
@@ -379,3 +380,28 @@ def test_status_without_a_daemon_or_with_a_malformed_document_shows_no_findings(
     ):
         r.set(key, doc, px=status_ttl_ms(settings))
         assert render.look(r, settings, None, "odd").findings == shown
+
+
+def test_with_notifications_a_holder_killed_right_after_acquiring_is_released_without_a_pass(
+    r, redis_server, tmp_path, workers
+):
+    r.config_set("notify-keyspace-events", "K$gx")
+    settings = make_settings(redis_server.url, tmp_path, discovery={"notifications": "auto"})
+    monitor = monitor_with(settings, pids=True)
+    watcher = daemon.start_watcher(monitor)
+    try:
+        assert watcher is not None
+        wait_for(lambda: watcher.progress.complete, timeout_s=10)
+        monitor.run_pass()  # the only pass: before the worker exists
+        workers.append(w := Worker(redis_server.url))
+        w.kill()
+        # The lock's event makes the watcher read it; that read starts the watch, which finds the
+        # process gone: released with no pass, long before its 60 s heartbeat runs out.
+        wait_for(lambda: released(settings), timeout_s=10)
+        (event,) = released(settings)
+        assert event["holder_exited"]["pid"] == w.proc.pid
+        assert not r.exists(KEY)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        r.config_set("notify-keyspace-events", "")
