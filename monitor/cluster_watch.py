@@ -58,7 +58,7 @@ log = get_logger("gpulock_monitor.cluster_watch")
 SLOTS = 16384
 TOPOLOGY_EVERY_S = 1.0
 # What keyspace events prove about a lock's heartbeat: never claimed for a split lock.
-_PROOFS = ("hb_written", "hb_tainted", "hb_promised")
+_PROOFS = ("hb_written", "hb_tainted", "record_atomic")
 # A lock's keys whose writes make the watcher read the lock again, where they are on another node.
 _SIDE_KEYS = (protocol.HEARTBEAT_SUFFIX, protocol.HOLDER_SUFFIX)
 

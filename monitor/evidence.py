@@ -56,6 +56,12 @@ def own_record(raw: bytes | None, value: bytes) -> protocol.HolderRecord | None:
     return record if record is not None and protocol.holder_record_matches(record, value) else None
 
 
+def identity(record: protocol.HolderRecord) -> str:
+    """Which process of which holding a pid watch is for: the token names the holding, the pid and
+    its start time the process (two processes forked from one client object share a token)."""
+    return f"{record['token']}:{record['pid']}:{record['start_time']}"
+
+
 def job_name(record: protocol.HolderRecord | None, holder: bytes) -> str:
     """What dcgm-exporter shows as the GPU's job: the task id where the holder gave one, else its task."""
     if record is not None and record["task_id"]:
@@ -82,12 +88,12 @@ class Holders:
         # The record names a process of this host's and of our pid namespace (ours read once).
         here = protocol.this_process()
         self._watchable = watchable or functools.partial(
-            pidwatch.watchable, host=here["host"], pid_ns=here["pid_ns"], boot_id=here["boot_id"]
+            pidwatch.watchable, pid_ns=here["pid_ns"], boot_id=here["boot_id"]
         )
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
-        self._exited: set[tuple[bytes, str]] = set()  # (lock, token) found gone: not watched again
+        self._exited: set[tuple[bytes, str]] = set()  # (lock, identity) found gone: not watched again
         # As of the last pass: each lock's findings, and the local GPU each lock guards.
         self.current: dict[bytes, tuple[Found, ...]] = {}
         self.lock_gpus: dict[bytes, GpuInfo] = {}
@@ -102,9 +108,12 @@ class Holders:
                 self._raw.pop(obs.key, None)
                 continue
             if self.pids is not None and self._raw.get(obs.key) != obs.holder:
-                record = own_record(obs.holder, obs.value)
-                if record is not None and self._watchable(record):
-                    self._watch(obs.key, record)
+                try:
+                    record = own_record(obs.holder, obs.value)
+                    if record is not None and self._watchable(record):
+                        self._watch(obs.key, record)
+                except Exception:  # one lock's record (anyone's data) must never fail a read
+                    log.exception("holder_record_failed", lock_key=protocol.text(obs.key))
             self._raw[obs.key] = obs.holder
 
     def record(self, key: bytes, value: bytes) -> protocol.HolderRecord | None:
@@ -160,7 +169,11 @@ class Holders:
             h = verdict.holding
             if h.key not in self._raw and not local:
                 continue
-            judged = self.judge(verdict, now_ms, now_mono)
+            try:
+                judged = self.judge(verdict, now_ms, now_mono)
+            except Exception:  # one lock's record (anyone's data) must never fail a pass
+                log.exception("holder_findings_failed", lock_key=protocol.text(h.key))
+                continue
             if judged:
                 current[h.key] = tuple(judged)
             for f in judged:
@@ -180,23 +193,25 @@ class Holders:
 
     def _watch(self, key: bytes, record: protocol.HolderRecord) -> None:
         assert self.pids is not None
+        ident = identity(record)
         current = self.pids.watching().get(key)
-        if (current is not None and current[0] == record["token"]) or (key, record["token"]) in self._exited:
+        if (current is not None and current[0] == ident) or (key, ident) in self._exited:
             return
         pid, start = record["pid"], record["start_time"]
         assert pid is not None
         assert start is not None
         try:
-            running = self.pids.watch(key, record["token"], pid, start)
-        except OSError as exc:  # hidden by ProtectProc, or /proc unreadable: the heartbeat still judges
+            running = self.pids.watch(key, ident, pid, start)
+        except (OSError, OverflowError, ValueError) as exc:  # hidden by ProtectProc, /proc unreadable, a pid
+            # no kernel has: the heartbeat still judges
             log.info("holder_not_watched", lock_key=protocol.text(key), pid=pid, error=str(exc))
             return
         if not running:  # already gone (or its pid is another process's now): it exited
-            self._exited.add((key, record["token"]))
-            self._gone.append((key, record["token"]))
+            self._exited.add((key, ident))
+            self._gone.append((key, ident))
 
     def take_gone(self) -> list[tuple[bytes, str]]:
-        """Holders found already exited when their watch began (lock, token), once each."""
+        """Holders found already exited when their watch began (lock, identity), once each."""
         gone, self._gone = self._gone, []
         return gone
 
@@ -213,10 +228,10 @@ class Holders:
         holdings = {(v.holding.key, v.holding.id) for v in held}
         self._said = {s for s in self._said if s[:2] in holdings}
         if self.pids is not None:
-            for key, (token, _) in list(self.pids.watching().items()):
+            for key, (ident, _) in list(self.pids.watching().items()):
                 v = present.get(key)
                 record = None if v is None else self.record(key, v.holding.holder)
-                if record is None or record["token"] != token:
+                if record is None or identity(record) != ident:
                     self.pids.unwatch(key)
         self.lock_gpus = {}
         if local:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from monitor import units
 from monitor.policy import Heartbeat
-from monitor.protocol import fingerprint
+from monitor.protocol import fingerprint, promises
 from monitor.scanner import Observation
 
 _T = TypeVar("_T")
@@ -261,17 +261,24 @@ def track(
     )
 
 
+def promised(obs: Observation) -> bool:
+    """The lock's holder record is this holding's and promises heartbeats, read with the lock in one
+    script: its holder wrote the first heartbeat with the lock (DESIGN.md section 2)."""
+    return obs.record_atomic and obs.holder is not None and obs.value is not None and promises(obs.holder, obs.value)
+
+
 def _heartbeat(
     obs: Observation, rec: Record, prev: Record | None, *, hb_ttl_ms: int, hb_timeout_ms: int
 ) -> tuple[Heartbeat, int | None, Record]:
     now = obs.now_ms
     if obs.hb_value is None:
         rec = evolve(rec, hb_value=None, hb_expiry_ms=None, hb_observed_ms=None)
-        if (obs.hb_written and not rec.hb_tainted) or obs.hb_promised:
+        if not rec.hb_seen and not rec.hb_tainted and (obs.hb_written or promised(obs)):
             # Written and gone between two looks (keyspace events), or written with the lock by a
-            # holder whose record promises heartbeats (a dead writer cannot taint that promise).
+            # holder whose record promises heartbeats. Never where the holding began under an
+            # earlier holder's live writer: that writer's last beat may be what just ran out.
             rec = evolve(rec, hb_seen=True)
-        if not obs.hb_promised and (not rec.hb_seen or rec.hb_tainted):
+        if not rec.hb_seen or rec.hb_tainted:
             return Heartbeat.NONE, None, rec
         # Seen during this holding, now gone: dead, whatever timestamp it last held.
         refreshed = rec.hb_refreshed_ms
@@ -286,8 +293,8 @@ def _heartbeat(
         # It appeared or changed since a look during this holding: written during it.
         seen_change = prev is not None
     # Or keyspace events showed a write of it after the holding began, or the holder's record says
-    # it wrote one with the lock (which overwrote any earlier holder's).
-    seen_change = seen_change or obs.hb_written or obs.hb_promised
+    # it wrote one with the lock (asked only of a holding whose heartbeat no look has proved yet).
+    seen_change = seen_change or obs.hb_written or (not rec.hb_seen and promised(obs))
     # Workers set the key with EX 2 * heartbeat.interval, so its expiry dates the last write; that
     # date only ever makes it look fresher (an age to show), it proves nothing about whose it is.
     written = None
@@ -295,7 +302,7 @@ def _heartbeat(
         written = hb_expiry - hb_ttl_ms
     rec = evolve(rec, hb_value=hb, hb_expiry_ms=hb_expiry, hb_observed_ms=observed)
     age = max(0, now - (written if written is not None else observed))
-    if not (rec.hb_seen or seen_change) or (rec.hb_tainted and not obs.hb_promised):
+    if not (rec.hb_seen or seen_change) or rec.hb_tainted:
         # Maybe an earlier holder's: it protects, it never condemns.
         return Heartbeat.ALIVE, age, rec
     rec = evolve(rec, hb_seen=True, hb_refreshed_ms=now - age)

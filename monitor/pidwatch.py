@@ -38,7 +38,6 @@ import errno
 import math
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -64,42 +63,19 @@ class ProcessHiddenError(OSError):
     this monitor, e.g. systemd's ProtectProc=invisible): neither watched nor reported dead."""
 
 
-def boot_id(proc: Path = Path("/proc")) -> str | None:
-    """This kernel's boot id (/proc/sys/kernel/random/boot_id): one per boot, shared by every
-    container on it; None where /proc has none."""
-    try:
-        value = (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
-    except OSError:
-        return None
-    return value or None
-
-
-def watchable(
-    record: protocol.HolderRecord,
-    *,
-    host: str | None = None,
-    pid_ns: int | None = None,
-    boot_id: str | None = None,
-) -> bool:
-    """True only when `record`'s pid means a process this monitor can watch: the record names this
-    host (by its boot id when the record carries `boot_id`, else by hostname) and a pid in this
-    process's pid namespace, with the start time that guards against pid reuse. A field missing on
-    either side is False: never guess. `host`, `pid_ns` and `boot_id` default to this process's."""
+def watchable(record: protocol.HolderRecord, *, pid_ns: int | None = None, boot_id: str | None = None) -> bool:
+    """True only when `record`'s pid means a process this monitor can watch: the record's boot id is
+    this host's (a host name proves nothing: cloned images share one, and every bare-metal host's
+    first pid namespace has the same inode), its pid is in this process's pid namespace, and it
+    gives the start time that guards against pid reuse. A field missing on either side is False:
+    never guess. `pid_ns` and `boot_id` default to this process's."""
     if record["pid"] is None or record["pid_ns"] is None or record["start_time"] is None:
         return False
     ours_ns = protocol.pid_namespace() if pid_ns is None else pid_ns
     if ours_ns is None or record["pid_ns"] != ours_ns:
         return False
-    # A record written before the field existed has none: it is judged by hostname.
-    recorded_boot = record.get("boot_id")
-    if isinstance(recorded_boot, str) and recorded_boot:
-        ours_boot = _boot_id() if boot_id is None else boot_id
-        return ours_boot is not None and recorded_boot == ours_boot
-    ours_host = socket.gethostname() if host is None else host
-    return record["host"] is not None and record["host"] == ours_host
-
-
-_boot_id = boot_id  # `watchable`'s keyword argument shadows the function
+    ours_boot = protocol.boot_id() if boot_id is None else boot_id
+    return bool(record["boot_id"]) and ours_boot is not None and record["boot_id"] == ours_boot
 
 
 @dataclass(eq=False)

@@ -555,7 +555,7 @@ def parse_holder_record(raw: object) -> HolderRecord | None:
     return {
         "v": HOLDER_RECORD_VERSION,
         "host": _str(doc.get("host")),
-        "pid": _int(doc.get("pid"), 1),
+        "pid": _int(doc.get("pid"), 1, _MAX_PID),
         "pid_ns": _int(doc.get("pid_ns"), 1),
         "start_time": _int(doc.get("start_time"), 0),
         "gpu_uuid": _str(doc.get("gpu_uuid")),
@@ -576,7 +576,10 @@ def holder_record_matches(record: HolderRecord, value: bytes) -> bool:
     holding, a legacy one included, must not be judged by it."""
     if record["task"] is None:
         return False
-    return value == lock_value(f"{record['task']}#{record['token']}")
+    try:
+        return value == lock_value(f"{record['task']}#{record['token']}")
+    except UnicodeEncodeError:  # a record built by hand, not parsed: never an error
+        return False
 
 
 def _no_constant(name: str) -> object:
@@ -584,16 +587,28 @@ def _no_constant(name: str) -> object:
 
 
 def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    # JSON may carry lone surrogates ("\ud800"), which no UTF-8 lock value can hold: not a string.
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
-def _int(value: object, least: int) -> int | None:
+# Linux's pid limit (PID_MAX_LIMIT, 2**22); inodes and clock ticks fit in 64 bits.
+_MAX_PID = 4_194_304
+_MAX_U64 = 2**64 - 1
+
+
+def _int(value: object, least: int, most: int = _MAX_U64) -> int | None:
     # Integral floats too: Redis's cjson writes every number back as a double.
     if isinstance(value, bool):
         return None
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    return value if isinstance(value, int) and value >= least else None
+    return value if isinstance(value, int) and least <= value <= most else None
 
 
 def _seconds(value: object) -> float | None:

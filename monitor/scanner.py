@@ -52,10 +52,9 @@ class Observation:
     hb_tainted: bool = False
     # The holder record (`<lock>:holder`) as read, when the holder wrote one (DESIGN.md section 2).
     holder: bytes | None = None
-    # That record is this holding's and promises heartbeats, read in the same atomic read as the
-    # lock and its heartbeat: the holder wrote its first heartbeat with the lock, so a missing one
-    # means it stopped (holding._heartbeat).
-    hb_promised: bool = False
+    # It was read in the same atomic read as the lock and its heartbeat: only then can its promise
+    # of heartbeats count (holding.promised, judged only where it matters).
+    record_atomic: bool = False
 
     @property
     def pttl_ms(self) -> int:
@@ -162,7 +161,7 @@ def _observation(key: bytes, now_ms: int, fields: list[Any], *, atomic: bool = T
         int(hb_expiry),
         record if isinstance(record, bytes) else None,
         holder=holder,
-        hb_promised=atomic and holder is not None and isinstance(value, bytes) and protocol.promises(holder, value),
+        record_atomic=atomic and holder is not None,
     )
 
 

@@ -29,7 +29,7 @@ from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
-from monitor.evidence import Holders, own_record
+from monitor.evidence import Holders, identity, own_record
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, evolve, shifted
 from monitor.logs import get_logger
@@ -451,8 +451,8 @@ class Monitor:
                 # The next pass need not judge again what was judged here.
                 self._held.update(self._keep(kept, observations))
                 self._remember(kept, None, None)
-            for key, token in self.holders.take_gone() if self.holders is not None else ():
-                self.holder_exited(key, token)  # found gone as its watch began
+            for key, ident in self.holders.take_gone() if self.holders is not None else ():
+                self.holder_exited(key, ident)  # found gone as its watch began
             return [verdict for verdict, _ in kept.values()]
 
     @property
@@ -522,11 +522,11 @@ class Monitor:
             if self._release(forced, report, verdict.holding.record, finding=facts) is None:
                 kept.pop(h.key, None)
         self.holders.after_pass(v for v in judged if v.holding.key not in released)
-        for key, token in self.holders.take_gone():
-            self.holder_exited(key, token)
+        for key, ident in self.holders.take_gone():
+            self.holder_exited(key, ident)
 
-    def holder_exited(self, key: bytes, token: str) -> None:
-        """The pid watch saw the process of the holder record with `token` exit (or found it gone):
+    def holder_exited(self, key: bytes, ident: str) -> None:
+        """The pid watch saw the process of the holder record `ident` names exit (or found it gone):
         its heartbeat is dead now, whatever the key still says (README "Hung holders"). The lock is
         read again first: released only while it is still that holding, and its heartbeat still the
         write that was read (the release script's check, as for any dead heartbeat)."""
@@ -540,8 +540,8 @@ class Monitor:
                 if self.holders is not None:
                     self.holders.seen([obs])
                 record = own_record(obs.holder, obs.value)
-                if record is None or record["token"] != token:
-                    return  # another holding now: its own process is watched in its turn
+                if record is None or identity(record) != ident:
+                    return  # another holding (or process) now: its own is watched in its turn
                 after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)
                 (verdict,) = evaluate([obs], self.settings, after_ms=after, remembered=self._known)
                 h = replace(verdict.holding, heartbeat=Heartbeat.DEAD)

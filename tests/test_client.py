@@ -303,3 +303,56 @@ def test_unwritable_critical_log_is_logged_not_raised(tmp_path):
         own.stop()
         assert not held.finish("normal")  # a directory is no log file: the record goes to the log only
     assert list(tmp_path.iterdir()) == []
+
+
+# --- one acquisition, one holding -------------------------------------------------------------------------
+
+
+def test_a_reused_lock_object_takes_each_holding_with_a_new_token_and_a_beating_heartbeat(r):
+    held = lock(r, heartbeat_interval_s=0.1)
+    with held:
+        first = held.value
+    with held:
+        assert held.value != first  # a new holding, never the last one's value
+        assert r.get("gpu_lock:0") == held.value
+        before = r.get("gpu_lock:0:heartbeat")
+        wait_for(lambda: r.get("gpu_lock:0:heartbeat") != before)  # its heartbeat thread beats again
+        assert not held.lost.is_set()
+
+
+def test_a_lock_object_copied_into_a_forked_child_takes_its_own_token(r):
+    import os
+
+    held = lock(r)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: acquire with the parent's object, report the value it holds
+        try:
+            held.acquire()  # the parent's very object (redis-py reconnects after a fork)
+            os.write(write, held.value)
+            held.release()
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        value = f.read()
+    os.waitpid(pid, 0)
+    assert value.startswith(b"locked_by_tts#")
+    assert value != held.value  # the same object, another process: another holding
+
+
+def test_the_heartbeat_beats_on_through_a_slow_cleanup(r):
+    beats: list[bytes | None] = []
+
+    def cleanup() -> None:  # slower than two heartbeat intervals
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            beats.append(r.get("gpu_lock:0:heartbeat"))
+            time.sleep(0.05)
+
+    held = lock(r, heartbeat_interval_s=0.1, cleanup=cleanup)
+    with held:
+        pass
+    assert None not in beats  # the key never ran out while the holder cleaned up
+    assert len(set(beats)) > 1  # and was refreshed meanwhile
+    assert not r.exists("gpu_lock:0")

@@ -405,3 +405,91 @@ def test_with_notifications_a_holder_killed_right_after_acquiring_is_released_wi
         if watcher is not None:
             watcher.stop()
         r.config_set("notify-keyspace-events", "")
+
+
+# --- anyone's data -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"v":1,"task":"\\ud800","token":"t","heartbeats":true}',  # a lone surrogate: no lock value holds it
+        b'{"v":1,"task":"tts","token":"t","pid":2147483648,"pid_ns":1,"start_time":1,"boot_id":"b"}',
+        b'{"v":1,"task":"tts","token":"t","pid":18446744073709551616,"start_time":1}',
+    ],
+)
+def test_a_malformed_holder_record_never_stops_a_pass(r, redis_server, tmp_path, raw):
+    from helpers import hold
+
+    settings = settings_with(redis_server, tmp_path)
+    monitor = monitor_with(settings, pids=True)
+    r.set(KEY, protocol.lock_value("tts#t"), px=600_000)
+    r.set(HOLDER, raw, px=600_000)
+    capped = hold(r, 9, age_s=590)  # past the hard cap: released whatever else the pass meets
+    report = monitor.run_pass()
+    assert report is not None
+    assert report.error is None
+    assert [e["lock_key"] for e in released(settings)] == [capped.decode()]
+    assert r.exists(KEY)
+
+
+def test_one_locks_failing_evidence_never_stops_a_pass(r, redis_server, tmp_path, workers, monkeypatch):
+    from helpers import hold
+
+    settings = settings_with(redis_server, tmp_path)
+    monitor = monitor_with(settings, pids=True)
+    assert monitor.holders is not None
+    assert monitor.holders.pids is not None
+
+    def broken(*args: Any) -> bool:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(monitor.holders.pids, "watch", broken)
+    monkeypatch.setattr(monitor.holders.hang, "judge", broken)
+    workers.append(Worker(redis_server.url))
+    capped = hold(r, 9, age_s=590)
+    report = monitor.run_pass()
+    assert report is not None
+    assert report.error is None
+    assert [e["lock_key"] for e in released(settings)] == [capped.decode()]
+
+
+def test_an_exit_of_another_process_with_the_same_token_never_releases_the_holder(r, redis_server, tmp_path):
+    """Two processes forked from one client object share a token (an older client, another
+    implementation): a watch is of one process of one holding, and only that one's exit counts."""
+    settings = settings_with(redis_server, tmp_path)
+    monitor = monitor_with(settings, pids=True)
+    assert monitor.holders is not None
+    assert monitor.holders.pids is not None
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        here = protocol.this_process()
+
+        def record_of(proc: subprocess.Popen[bytes]) -> bytes:
+            facts: protocol.ProcessFacts = {
+                **here,
+                "pid": proc.pid,
+                "start_time": protocol.process_start_time(proc.pid),
+            }
+            return protocol.holder_record(task="tts", token="shared", heartbeat_interval_s=30, process=facts)
+
+        r.set(KEY, protocol.lock_value("tts#shared"), px=600_000)
+        r.set(HB, "1", px=60_000)
+        r.set(HOLDER, record_of(first), px=600_000)
+        monitor.run_pass()
+        (was,) = monitor.holders.pids.watching().values()
+        assert was[1] == first.pid
+        r.set(HOLDER, record_of(second), px=600_000)  # the same holding's record, now another process's
+        monitor.run_pass()
+        (now,) = monitor.holders.pids.watching().values()
+        assert now[1] == second.pid
+        first.kill()
+        first.wait()
+        monitor.holder_exited(KEY, was[0])  # a late report of the first process's exit
+        assert released(settings) == []
+        assert r.exists(KEY)
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()

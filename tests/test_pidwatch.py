@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -453,16 +452,8 @@ def test_exists_reads_a_refused_signal_as_a_process(monkeypatch):
 # --- boot id -------------------------------------------------------------------------------------
 
 
-def test_boot_id(tmp_path):
-    ours = pidwatch.boot_id()
-    assert ours == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    assert pidwatch.boot_id(tmp_path) is None
-    random = tmp_path / "sys" / "kernel" / "random"
-    random.mkdir(parents=True)
-    (random / "boot_id").write_text("\n")
-    assert pidwatch.boot_id(tmp_path) is None
-    (random / "boot_id").write_text("abc-123\n")
-    assert pidwatch.boot_id(tmp_path) == "abc-123"
+def test_boot_id():
+    assert protocol.boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 # --- watchable -----------------------------------------------------------------------------------
@@ -486,6 +477,7 @@ def record(**fields: object) -> protocol.HolderRecord:
         "heartbeats": True,
         "progress_ms": None,
         "progress_timeout_s": None,
+        "boot_id": BOOT,
     }
     base.update(fields)
     return base  # type: ignore[return-value]
@@ -495,32 +487,29 @@ def record(**fields: object) -> protocol.HolderRecord:
     ("fields", "ours", "expected"),
     [
         ({}, {}, True),
-        ({"host": "gpu-node-4"}, {}, False),  # another host
-        ({"host": None}, {}, False),
+        ({"host": "another-name"}, {}, True),  # the boot id decides, not the name
+        ({"boot_id": "another-boot"}, {}, False),  # another host, or this one booted since
+        ({"boot_id": None}, {}, False),  # no boot id: a host name proves nothing, never guess
+        ({"boot_id": ""}, {}, False),
+        ({}, {"boot_id": "another-boot"}, False),
         ({"pid_ns": NS + 1}, {}, False),  # a container's pid namespace
         ({"pid_ns": None}, {}, False),  # never guess
         ({"pid": None}, {}, False),
         ({"start_time": None}, {}, False),  # nothing guards against pid reuse
-        ({"boot_id": BOOT}, {}, True),
-        ({"boot_id": BOOT, "host": "another-name"}, {}, True),  # the boot id decides, not the name
-        ({"boot_id": BOOT}, {"boot_id": "another-boot"}, False),  # same name, another host (or boot)
-        ({"boot_id": None}, {}, True),  # a null boot id: judged by hostname
-        ({"boot_id": ""}, {"host": "elsewhere"}, False),
     ],
 )
 def test_watchable(fields, ours, expected):
-    kwargs: dict[str, object] = {"host": "gpu-node-3", "pid_ns": NS, "boot_id": BOOT}
+    kwargs: dict[str, object] = {"pid_ns": NS, "boot_id": BOOT}
     kwargs.update(ours)
     assert pidwatch.watchable(record(**fields), **kwargs) is expected  # type: ignore[arg-type]
 
 
 def test_watchable_defaults_to_this_process(monkeypatch):
     here = protocol.this_process()
-    mine = record(host=here["host"], pid=here["pid"], pid_ns=here["pid_ns"], start_time=here["start_time"])
+    mine = record(pid=here["pid"], pid_ns=here["pid_ns"], start_time=here["start_time"], boot_id=here["boot_id"])
     assert pidwatch.watchable(mine)
-    assert pidwatch.watchable(record(**{**mine, "boot_id": pidwatch.boot_id()}))
-    assert not pidwatch.watchable(record(**{**mine, "host": socket.gethostname() + "-x"}))
-    monkeypatch.setattr(pidwatch, "_boot_id", lambda: None)
-    assert not pidwatch.watchable(record(**{**mine, "boot_id": BOOT}))  # ours unknown: no guess
+    assert not pidwatch.watchable(record(**{**mine, "boot_id": BOOT}))
+    monkeypatch.setattr(protocol, "boot_id", lambda: None)
+    assert not pidwatch.watchable(mine)  # ours unknown: no guess
     monkeypatch.setattr(protocol, "pid_namespace", lambda pid="self": None)
     assert not pidwatch.watchable(mine)

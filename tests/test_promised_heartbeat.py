@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,7 @@ import redis
 from helpers import build, events, hold, make_settings, wait_for
 
 from monitor import protocol
-from monitor.holding import Record, track
+from monitor.holding import Record, promised, track
 from monitor.policy import Heartbeat
 from monitor.scanner import Observation, read_locks
 from monitor.worker.client import GpuLock
@@ -117,7 +118,8 @@ def test_a_record_that_does_not_promise_heartbeats_proves_nothing(r):
         r.delete(HB)
         (obs,) = read_locks(r, [KEY])
         assert obs.holder == r.get(HOLDER)
-        assert not obs.hb_promised
+        assert obs.record_atomic
+        assert not promised(obs)
     finally:
         held.release()
 
@@ -153,6 +155,8 @@ def test_the_monitor_release_leaves_a_key_of_another_type_at_the_record(r, redis
 # --- the rule, pure ---------------------------------------------------------------------------------------
 
 NOW = 1_000_000
+REC = protocol.holder_record(task="tts", token="t", heartbeat_interval_s=30)
+OTHER = protocol.holder_record(task="tts", token="u", heartbeat_interval_s=30)
 
 
 def obs(**kw) -> Observation:
@@ -164,10 +168,13 @@ def obs(**kw) -> Observation:
     ("observation", "tainted", "expected"),
     [
         (obs(), False, Heartbeat.NONE),  # legacy: never seen
-        (obs(hb_promised=True), False, Heartbeat.DEAD),
-        (obs(hb_promised=True), True, Heartbeat.DEAD),  # an earlier writer cannot taint the promise
+        (obs(holder=REC, record_atomic=True), False, Heartbeat.DEAD),
+        # A holding begun under an earlier holder's live writer: its last beat may be what ran out.
+        (obs(holder=REC, record_atomic=True), True, Heartbeat.NONE),
+        (obs(holder=REC), False, Heartbeat.NONE),  # read apart from the lock (a cluster): no promise
+        (obs(holder=OTHER, record_atomic=True), False, Heartbeat.NONE),  # another holding's record
         (obs(hb_written=True), True, Heartbeat.NONE),
-        (obs(hb_value=b"1", hb_expiry_ms=NOW + 1000, hb_promised=True), True, Heartbeat.ALIVE),
+        (obs(hb_value=b"1", hb_expiry_ms=NOW + 1000, holder=REC, record_atomic=True), True, Heartbeat.ALIVE),
         (obs(hb_value=b"1", hb_expiry_ms=NOW + 1000), False, Heartbeat.ALIVE),
     ],
 )
@@ -186,16 +193,16 @@ def test_promise_table(observation, tainted, expected):
 
 def test_a_promised_heartbeat_is_judged_stale_after_the_timeout():
     first = track(
-        obs(hb_value=b"1", hb_expiry_ms=NOW + 10**9, hb_promised=True),
+        obs(hb_value=b"1", hb_expiry_ms=NOW + 10**9, holder=REC, record_atomic=True),
         None,
         after_ms=None,
         lock_timeout_ms=600_000,
         hb_ttl_ms=60_000,
         hb_timeout_ms=300_000,
-        tainted=True,
+        tainted=False,
     )
     assert first.record.hb_seen
-    later = replace(obs(hb_value=b"1", hb_expiry_ms=NOW + 10**9, hb_promised=True), now_ms=NOW + 300_001)
+    later = replace(obs(hb_value=b"1", hb_expiry_ms=NOW + 10**9, holder=REC, record_atomic=True), now_ms=NOW + 300_001)
     again = track(later, first.record, after_ms=None, lock_timeout_ms=600_000, hb_ttl_ms=60_000, hb_timeout_ms=300_000)
     assert again.heartbeat is Heartbeat.DEAD
     assert isinstance(first.record, Record)
@@ -207,6 +214,38 @@ def test_a_record_read_apart_from_its_lock_promises_nothing():
     raw = protocol.holder_record(task="tts", token="t", heartbeat_interval_s=30)
     value = protocol.lock_value("tts#t")
     fields = [value, NOW + 1000, None, -2, None, -3, raw, -3]
-    assert _observation(KEY, NOW, fields).hb_promised
+    assert promised(_observation(KEY, NOW, fields))
     # Redis Cluster, keys not hash-tagged: the record was read in another slot's script.
-    assert not _observation(KEY, NOW, fields, atomic=False).hb_promised
+    assert not promised(_observation(KEY, NOW, fields, atomic=False))
+
+
+def test_a_promise_never_condemns_a_holding_begun_under_an_earlier_live_writer(r, redis_server, tmp_path):
+    """A legacy worker's lock runs out while its heartbeat thread still beats; the reference client
+    takes the GPU; the legacy writer beats once more (a short EX) and ends. Its write runs out before
+    the client's next beat: the missing heartbeat is not the promise broken, and the holder is kept."""
+    settings = make_settings(redis_server.url, tmp_path, gpu_lock={"lock_timeout": 1})
+    monitor = build(settings)
+    r.set(KEY, b"locked_by_legacy", px=1500)
+    r.set(HB, repr(time.time()), px=500)
+    assert monitor.run_pass() is not None
+    r.set(HB, repr(time.time()), px=500)  # the legacy writer beats on
+    assert monitor.run_pass() is not None  # seen beating: this holding ran out with its writer alive
+    while r.exists(KEY):  # its lock runs out under the running writer
+        r.set(HB, repr(time.time()), px=500)
+        time.sleep(0.05)
+    held = GpuLock(r, KEY.decode(), task_name="tts", heartbeat_interval_s=30).acquire()
+    try:
+        r.set(HB, repr(time.time()), px=50)  # the legacy writer's last beat, after the acquire
+        wait_for(lambda: not r.exists(HB))
+        report = monitor.run_pass()
+        assert report is not None
+        assert released(settings) == []
+        (verdict,) = report.verdicts
+        assert verdict.holding.heartbeat is Heartbeat.NONE
+        assert r.get(KEY) == held.value
+    finally:
+        held.release()
+
+
+def released(settings) -> list:
+    return events(settings.audit_path, "lock_released")

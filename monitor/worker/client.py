@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -94,8 +95,7 @@ class GpuLock:
         self.key = lock_key.encode()
         self.holder_key = protocol.holder_key(self.key)
         self.task_name = task_name
-        self.token = uuid.uuid4().hex[:12]
-        self.value = protocol.lock_value(f"{task_name}#{self.token}")
+        self._new_holding()
         self.timeout_ms = units.to_ms(timeout_s)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_wait_s = max_wait_s
@@ -128,6 +128,10 @@ class GpuLock:
         riding out Redis restarts (resubscribing) until the deadline."""
         deadline = time.monotonic() + self.max_wait_s
         delay = self.poll_min_s
+        if self.acquired_at is not None or self._made_in != os.getpid():
+            # Used before, or copied into a forked child: each acquisition is a holding of its own,
+            # with its own token (two processes with one token could both "own" the lock).
+            self._new_holding()
         self._record = self.holder_record()  # of the process that takes the lock, not of its parent
         while True:
             try:
@@ -167,6 +171,14 @@ class GpuLock:
                 delay = min(delay * 2, self.poll_max_s)
         finally:
             pubsub.close()
+
+    def _new_holding(self) -> None:
+        self.token = uuid.uuid4().hex[:12]
+        self.value = protocol.lock_value(f"{self.task_name}#{self.token}")
+        self._made_in = os.getpid()
+        self._stop = threading.Event()  # a heartbeat stopped for an earlier holding stays stopped
+        self.lost = threading.Event()
+        self.acquired_at = None
 
     def holder_record(self) -> bytes:
         """The holder record this process writes with the lock (protocol.holder_record)."""
@@ -293,8 +305,8 @@ class GpuLock:
         self.finish("normal" if exc_type is None else "task_failure")
 
     def finish(self, reason: str) -> bool:
-        """The three-layer `finally`: cleanup hook, owner-checked release, emergency release."""
-        self._stop_heartbeat()
+        """The three-layer `finally`: cleanup hook, owner-checked release, emergency release. The
+        heartbeat beats on through the cleanup: the holder is alive, and its record promised beats."""
         if self.cleanup is not None:  # 1: e.g. free GPU memory; its failure must not keep the lock
             try:
                 self.cleanup()
