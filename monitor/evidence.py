@@ -43,16 +43,11 @@ class Jobs(Protocol):
     def clear(self) -> None: ...
 
 
-@functools.lru_cache(maxsize=4096)
-def _parsed(raw: bytes) -> protocol.HolderRecord | None:
-    return protocol.parse_holder_record(raw)
-
-
 def own_record(raw: bytes | None, value: bytes) -> protocol.HolderRecord | None:
     """The holder record in `raw` when it is the one of the holding whose lock value is `value`."""
     if raw is None:
         return None
-    record = _parsed(raw)
+    record = protocol.parse_holder_record(raw)
     return record if record is not None and protocol.holder_record_matches(record, value) else None
 
 
@@ -91,6 +86,7 @@ class Holders:
             pidwatch.watchable, pid_ns=here["pid_ns"], boot_id=here["boot_id"]
         )
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
+        self._parsed: dict[bytes, tuple[bytes, bytes, protocol.HolderRecord | None]] = {}  # lock -> raw, value, own
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
         self._exited: set[tuple[bytes, str]] = set()  # (lock, identity) found gone: not watched again
@@ -107,17 +103,27 @@ class Holders:
             if obs.holder is None or obs.value is None:
                 self._raw.pop(obs.key, None)
                 continue
-            if self.pids is not None and self._raw.get(obs.key) != obs.holder:
+            changed = self._raw.get(obs.key) != obs.holder
+            self._raw[obs.key] = obs.holder
+            if self.pids is not None and changed:
                 try:
-                    record = own_record(obs.holder, obs.value)
+                    record = self.record(obs.key, obs.value)
                     if record is not None and self._watchable(record):
                         self._watch(obs.key, record)
                 except Exception:  # one lock's record (anyone's data) must never fail a read
                     log.exception("holder_record_failed", lock_key=protocol.text(obs.key))
-            self._raw[obs.key] = obs.holder
 
     def record(self, key: bytes, value: bytes) -> protocol.HolderRecord | None:
-        return own_record(self._raw.get(key), value)
+        """The lock's own holder record as last read; parsed once per record written (a progress
+        mark writes a new one), not once per pass: thousands of records must not cost a pass."""
+        raw = self._raw.get(key)
+        if raw is None:
+            return None
+        cached = self._parsed.get(key)
+        if cached is None or cached[0] != raw or cached[1] != value:
+            cached = (raw, value, own_record(raw, value))
+            self._parsed[key] = cached
+        return cached[2]
 
     def gpu(self, key: bytes, record: protocol.HolderRecord | None) -> GpuInfo | None:
         """The local device of this lock: the one the holder names by UUID, else the lock's own."""
@@ -224,6 +230,7 @@ class Holders:
         self.hang.forget((v.holding.key, v.holding.id) for v in held)
         present = {v.holding.key: v for v in held}
         self._raw = {k: raw for k, raw in records.items() if k in present}
+        self._parsed = {k: p for k, p in self._parsed.items() if k in self._raw}
         self._exited = {e for e in self._exited if e[0] in present}
         holdings = {(v.holding.key, v.holding.id) for v in held}
         self._said = {s for s in self._said if s[:2] in holdings}

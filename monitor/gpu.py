@@ -435,10 +435,19 @@ class XidWatch:
                         log.warning("nvml_xid_wait_failed", error=str(exc))
                     self._stop.wait(self.retry_s)
                 continue
-            if not int(data.eventType) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
+            except Exception:  # a driver's surprise must not end the thread while Xids read as watched
+                self.errors += 1
+                log.exception("nvml_xid_wait_failed")
+                self._stop.wait(self.retry_s)
                 continue
-            # By the handle registered: a GPU that fell off the bus (Xid 79) may not say its UUID now.
-            self._keep(self._uuids.get(_address(data.device)), data)
+            try:
+                if not int(data.eventType) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
+                    continue
+                # By the handle registered: a GPU that fell off the bus (Xid 79) may not say its UUID now.
+                self._keep(self._uuids.get(_address(data.device)), data)
+            except Exception:  # an event of a shape this binding did not promise
+                self.errors += 1
+                log.exception("nvml_xid_event_unreadable")
 
     def _keep(self, uuid: str | None, data: Any) -> None:
         xid = Xid(

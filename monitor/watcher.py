@@ -407,14 +407,14 @@ class Watcher:
                 self._dirty.add(lock)
             return
         if key.endswith(protocol.HOLDER_SUFFIX):
-            # The holder record changed (a progress mark, a new holding's record): what the hang
-            # findings read of it must be read again, as the heartbeat would be.
+            # The holder record changed (a progress mark): the next pass reads the lock again rather
+            # than carry it, so the hang findings never judge a stale record. Not read at once: a
+            # work loop may mark progress many times a second, and a new holding's record comes with
+            # its lock's own event.
             lock = key[: -len(protocol.HOLDER_SUFFIX)]
             with self._mutex:
                 self._holder_pos[lock] = self._seq
                 self._touch(lock)
-            if lock in self._index:
-                self._dirty.add(lock)
             return
         if not protocol.is_lock_candidate(key):
             return

@@ -940,3 +940,26 @@ def test_real_gpu_spin_hang_and_host_block_are_found_honest_work_is_not(kernel, 
         assert idle == [], idle
     else:
         assert [f.detail["kind"] for f in idle] == [kind], found
+
+
+def test_an_xid_thread_surprised_by_the_driver_goes_on(xid_nvml, monkeypatch):
+    import types
+
+    monkeypatch.setattr(gpu.XidWatch, "retry_s", 0.01)
+    real = gpu.XidWatch._wait
+    surprises = iter([RuntimeError("not an NVMLError"), types.SimpleNamespace(device=0)])  # then no eventType
+
+    def wait(self: gpu.XidWatch) -> object:
+        nxt = next(surprises, None)
+        if isinstance(nxt, Exception):
+            raise nxt
+        return nxt if nxt is not None else real(self)
+
+    monkeypatch.setattr(gpu.XidWatch, "_wait", wait)  # before the thread starts
+    fake, nvml = xid_nvml
+    assert nvml.available
+    assert nvml.xids is not None
+    fake.xid(0, 48)
+    wait_for(lambda: nvml.snapshot()[0].xids, timeout_s=10)
+    assert [x.code for x in nvml.snapshot()[0].xids] == [48]
+    assert nvml.xids.errors == 2

@@ -493,3 +493,26 @@ def test_an_exit_of_another_process_with_the_same_token_never_releases_the_holde
         for p in (first, second):
             p.kill()
             p.wait()
+
+
+def test_progress_marks_make_the_next_pass_read_the_lock_not_a_read_each(r, redis_server, tmp_path, workers):
+    r.config_set("notify-keyspace-events", "K$gx")
+    settings = make_settings(redis_server.url, tmp_path, discovery={"notifications": "auto"})
+    monitor = monitor_with(settings)
+    reads: list[int] = []
+    real = monitor.run_keys
+    monitor.run_keys = lambda observations: reads.append(len(observations)) or real(observations)  # type: ignore[method-assign]
+    watcher = daemon.start_watcher(monitor)
+    try:
+        assert watcher is not None
+        wait_for(lambda: watcher.progress.complete, timeout_s=10)
+        workers.append(w := Worker(redis_server.url, marks=40, every_s=0.01))
+        w.marked()
+        assert watcher.candidates() is not None  # the pass's barrier: every event so far is in
+        assert watcher.progress.events >= 40  # the marks' events came
+        assert sum(reads) <= 2  # the lock's own event read it; 40 progress marks did not
+        assert KEY in watcher.changed()  # but the next pass reads it again
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        r.config_set("notify-keyspace-events", "")
