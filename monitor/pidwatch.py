@@ -58,6 +58,12 @@ _EXITED_STATES = frozenset({"Z", "X", "x"})
 _PIDFD_UNAVAILABLE = frozenset({errno.ENOSYS, errno.EPERM})
 
 
+class StartTimeMismatchError(OSError):
+    """The pid names a process whose start time is not the record's: the recorded process is gone
+    and its pid reused, or the holder reads its own start time otherwise (a time namespace of its
+    own shifts /proc's start times). Which, nothing here can tell: neither watched nor reported dead."""
+
+
 class ProcessHiddenError(OSError):
     """The process exists but cannot be proven to be the recorded one (its /proc entry is hidden from
     this monitor, e.g. systemd's ProtectProc=invisible): neither watched nor reported dead."""
@@ -126,10 +132,10 @@ class PidWatch:
     def watch(self, key: bytes, token: str, pid: int, start_time: int) -> bool:
         """Watch process `pid` that started at `start_time` (clock ticks after boot) for the holding
         `token` of lock `key`, replacing any earlier watch of `key`. False, and no callback, when that
-        process is not running: gone, a zombie, or the pid now names a process with another start
-        time (the recorded one is gone); an earlier watch of `key` is dropped then too (a new holding
-        supersedes it). Raises ProcessHiddenError when the process exists but its /proc
-        entry is hidden from us (its identity cannot be proven)."""
+        process is not running: gone, or a zombie; an earlier watch of `key` is dropped then too (a
+        new holding supersedes it). Raises ProcessHiddenError when the process exists but its /proc
+        entry is hidden from us, and StartTimeMismatchError when the pid names a process with another
+        start time: in both, its identity cannot be proven, and nothing is said of it."""
         try:
             fd = self._open(pid)
         except ProcessLookupError:
@@ -222,7 +228,11 @@ class PidWatch:
                 raise ProcessHiddenError(errno.EACCES, f"process {pid} exists but {self._proc}/{pid}/stat is hidden")
             return False
         state, started = facts
-        return started == start_time and state not in _EXITED_STATES
+        if state in _EXITED_STATES:
+            return False
+        if started != start_time:
+            raise StartTimeMismatchError(errno.ESRCH, f"process {pid} started at {started}, not {start_time}")
+        return True
 
     def _stat(self, pid: int) -> tuple[str, int] | None:
         """(state, start time) from /proc/<pid>/stat; None when there is none we can read."""

@@ -516,3 +516,28 @@ def test_progress_marks_make_the_next_pass_read_the_lock_not_a_read_each(r, redi
         if watcher is not None:
             watcher.stop()
         r.config_set("notify-keyspace-events", "")
+
+
+def test_a_live_process_whose_start_time_reads_otherwise_is_never_taken_for_dead(r, redis_server, tmp_path):
+    """The pid names a running process with another start time than the record's: a reused pid, or
+    a holder in a time namespace of its own. Unproven either way: left to the heartbeat."""
+    settings = settings_with(redis_server, tmp_path)
+    monitor = monitor_with(settings, pids=True)
+    assert monitor.holders is not None
+    assert monitor.holders.pids is not None
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        start = protocol.process_start_time(alive.pid)
+        assert start is not None
+        facts: protocol.ProcessFacts = {**protocol.this_process(), "pid": alive.pid, "start_time": start + 100}
+        r.set(KEY, protocol.lock_value("tts#t"), px=600_000)
+        r.set(HB, "1", px=60_000)
+        r.set(HOLDER, protocol.holder_record(task="tts", token="t", heartbeat_interval_s=30, process=facts))
+        monitor.run_pass()
+        monitor.run_pass()
+        assert released(settings) == []
+        assert monitor.holders.pids.watching() == {}
+        assert r.exists(KEY)
+    finally:
+        alive.kill()
+        alive.wait()

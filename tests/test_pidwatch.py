@@ -166,9 +166,11 @@ def test_a_reused_pid_is_not_the_recorded_process(path, spawn, watches):
     watches.append(watch)
     child = spawn()
     fds = open_fds()
-    # The record's process started at another time: the pid now names somebody else.
-    assert not watch.watch(b"gpu_lock:0", "t", child.pid, started(child) + 1)
-    assert not watch.watch(b"gpu_lock:0", "t", child.pid, started(child) - 1)
+    # The record's process started at another time: the pid names somebody else now, or the holder
+    # reads its start time in a time namespace of its own. Neither watched nor said dead.
+    for start in (started(child) + 1, started(child) - 1):
+        with pytest.raises(pidwatch.StartTimeMismatchError):
+            watch.watch(b"gpu_lock:0", "t", child.pid, start)
     assert watch.watching() == {}
     assert open_fds() == fds  # the pidfd opened for the check is closed again
 
@@ -217,10 +219,15 @@ def test_a_new_watch_of_a_key_replaces_the_old(path, spawn, watches):
     second.kill()
     exits.wait(b"gpu_lock:0")
     assert [call[:2] for call in exits.calls] == [(b"gpu_lock:0", "new")]
-    # A watch that fails drops the key's earlier one too: that holding is over.
-    third = spawn()
+    # A watch of a process already gone drops the key's earlier one too: that holding is over.
+    third, fourth = spawn(), spawn()
     assert watch.watch(b"gpu_lock:1", "a", third.pid, started(third))
-    assert not watch.watch(b"gpu_lock:1", "b", third.pid, started(third) + 1)
+    with pytest.raises(pidwatch.StartTimeMismatchError):  # unproven: the earlier watch stays
+        watch.watch(b"gpu_lock:1", "b", third.pid, started(third) + 1)
+    assert watch.watching() == {b"gpu_lock:1": ("a", third.pid)}
+    gone = started(fourth)
+    zombie(fourth)
+    assert not watch.watch(b"gpu_lock:1", "c", fourth.pid, gone)
     assert watch.watching() == {}
 
 
