@@ -228,7 +228,9 @@ class PidWatch:
                 raise ProcessHiddenError(errno.EACCES, f"process {pid} exists but {self._proc}/{pid}/stat is hidden")
             return False
         state, started = facts
-        if state in _EXITED_STATES:
+        # With a pidfd its readability says it: a thread-group leader that is a zombie while its other
+        # threads run (pthread_exit in main) has not exited. Without one, /proc's state is all there is.
+        if _exited(fd) if fd is not None else state in _EXITED_STATES:
             return False
         if started != start_time:
             raise StartTimeMismatchError(errno.ESRCH, f"process {pid} started at {started}, not {start_time}")

@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -520,3 +521,31 @@ def test_watchable_defaults_to_this_process(monkeypatch):
     assert not pidwatch.watchable(mine)  # ours unknown: no guess
     monkeypatch.setattr(protocol, "pid_namespace", lambda pid="self": None)
     assert not pidwatch.watchable(mine)
+
+
+ZOMBIE_LEADER = """
+import ctypes, threading, time
+threading.Thread(target=lambda: time.sleep(600)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)  # the main thread ends; the process goes on in the other
+"""
+
+
+def test_a_zombie_leader_whose_threads_run_on_is_alive_to_a_pidfd(watches):
+    exits = Exits()
+    watch = make_watch("pidfd", exits)
+    watches.append(watch)
+    watch.start()
+    proc = subprocess.Popen([sys.executable, "-c", ZOMBIE_LEADER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        start = protocol.process_start_time(proc.pid)
+        assert start is not None
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        assert watch.watch(b"gpu_lock:0", "t", proc.pid, start)  # /proc says zombie; the pidfd, alive
+        proc.kill()
+        exits.wait(b"gpu_lock:0")
+    finally:
+        proc.kill()
+        proc.wait()
