@@ -12,10 +12,11 @@ time.perf_counter: from just before the kill to the release notice arriving on `
 
 - `pid watch`: the worker's holder record names this host and pid namespace; the worker is killed
   once the daemon watches its process (it holds a pidfd of it: /proc/<daemon>/fdinfo), 50-300 ms
-  later. The daemon starts watching a holder at its first pass after the holder record appears.
-- `pid watch, killed at once`: the same worker killed right after acquiring (a few ms), before the
-  daemon's next pass has begun to watch it: that pass finds the process gone and releases the lock.
-  Its wait is the pass interval's phase: about uniform in [0, --interval] (the default interval is 30 s).
+  later. The daemon starts watching a holder at the first read that sees its holder record: the read
+  its lock's keyspace event causes, milliseconds after the lock is taken.
+- `pid watch, killed at once`: the same worker killed right after acquiring (a few ms): the read its
+  lock's event causes starts the watch, which finds the process gone, and the lock is released. Without
+  keyspace notifications that read would be the next pass.
 - `heartbeat only (1 s)`: the worker's holder record names another host (host name and boot id
   replaced), so the daemon cannot watch its pid and only the heartbeat ends the holding; the worker
   beats every 1 s (TTL 2 s) instead of the default 60 s, so the table fills in minutes. It is killed
