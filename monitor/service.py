@@ -508,8 +508,14 @@ class Monitor:
                 verdict = Verdict(shifted(h, now_ms), verdict.decision, verdict.stored)
             rule = self.settings.hang.rule(found.finding)
             facts = {"since_s": found.since_s, "action": rule.action, **found.detail}
-            if new:
+            if new and found.finding.value not in verdict.holding.record.notified:
                 self.record(Event[found.finding.name], **self._fields(verdict, dry_run=self.dry_run), finding=facts)
+                # The holding's record remembers it (an acting monitor writes it to Redis): said once
+                # per holding across restarts and replicas, as the tiers' events are.
+                entry = kept.get(h.key)
+                base = verdict.holding.record if entry is None else entry[1]
+                said = evolve(base, notified=base.notified | {found.finding.value})
+                kept[h.key] = (verdict if entry is None else entry[0], said)
             if not found.release or verdict.decision.action is Action.RELEASE:
                 continue
             decision = Decision(Action.RELEASE, verdict.decision.tier, Reason(found.finding.value))

@@ -541,3 +541,18 @@ def test_a_live_process_whose_start_time_reads_otherwise_is_never_taken_for_dead
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_finding_is_said_once_per_holding_across_daemon_runs(r, redis_server, tmp_path, workers):
+    settings = settings_with(redis_server, tmp_path)
+    workers.append(w := Worker(redis_server.url, marks=1, progress_timeout_s=0.2))
+    w.marked()
+    first = monitor_with(settings)
+    wait_for(lambda: first.run_pass() and events(settings.audit_path, "holder_stalled"), timeout_s=10)
+    for _ in range(2):  # the daemon restarted, twice: the holding's record says it was said
+        again = monitor_with(settings)
+        again.run_pass()
+        again.run_pass()
+        assert again.holders is not None
+        assert KEY in again.holders.current  # still true, and shown
+    assert len(events(settings.audit_path, "holder_stalled")) == 1
