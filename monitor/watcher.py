@@ -69,6 +69,46 @@ class Progress:
     complete: bool = False
 
 
+class _Key:
+    """What this subscription's events and reads told of one lock key: positions in the event
+    stream (each default is what nothing told). One object per key, holding the one copy of the key
+    every set and heap of the watcher uses (10,000 locks were seven dicts and as many copies)."""
+
+    __slots__ = (
+        "deadline",
+        "hb_at_set",
+        "hb_pos",
+        "hb_present",
+        "hb_written_pos",
+        "holder_pos",
+        "index_pos",
+        "key",
+        "lock_pos",
+        "read_pos",
+    )
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.index_pos: int | None = None  # in the index since the event at this position (0: a SCAN)
+        self.lock_pos: int | None = None  # the lock's last event
+        self.hb_pos = 0  # any event of the heartbeat key
+        # Any event of the holder record (a progress mark): the lock is read again, never judged by it.
+        self.holder_pos = 0
+        self.hb_written_pos = 0  # a write of the heartbeat (what proves it the holding's)
+        self.read_pos = -1  # the last read of the lock saw every event up to here
+        self.hb_present = False  # its heartbeat key exists, as far as events and reads tell
+        self.hb_at_set = True  # whether it existed when the lock last changed
+        self.deadline: float | None = None  # when to read it again (this thread's monotonic clock)
+
+    def forget(self) -> None:
+        """What only an unbroken subscription proves (its index membership stays)."""
+        self.lock_pos = self.deadline = None
+        self.hb_pos = self.holder_pos = self.hb_written_pos = 0
+        self.read_pos = -1
+        self.hb_present = False
+        self.hb_at_set = True
+
+
 class Watcher:
     """Start with `start()`; the pass asks `candidates()`; `stop()` ends the thread."""
 
@@ -87,7 +127,7 @@ class Watcher:
         self._prefix = protocol.keyspace_channel(db, b"")
         self.progress = Progress()
         self._mutex = threading.Lock()  # the index and the barriers: shared with the pass's thread
-        self._index: dict[bytes, int] = {}  # key -> position of its last event (0: found by a SCAN)
+        self._index: dict[bytes, _Key] = {}  # the indexed keys (`_Key.index_pos`: when each was taken)
         self._barriers: dict[int, threading.Event] = {}
         self._marks = itertools.count(1)
         self._stop = threading.Event()
@@ -99,16 +139,13 @@ class Watcher:
     def _reset(self) -> None:
         """Forget what only an unbroken subscription proves."""
         self._seq = 0
-        self._lock_pos: dict[bytes, int] = {}
-        self._hb_pos: dict[bytes, int] = {}  # any event of the heartbeat key
-        # Any event of the holder record (a progress mark): the lock is read again, never judged by it.
-        self._holder_pos: dict[bytes, int] = {}
-        self._hb_written_pos: dict[bytes, int] = {}  # a write of it (what proves it the holding's)
-        self._hb_present: set[bytes] = set()  # locks whose heartbeat key exists, as far as events and reads tell
-        self._hb_at_set: dict[bytes, bool] = {}  # whether it existed when the lock last changed
+        # Every key this subscription's events or reads told something of (indexed or not).
+        self._keys: dict[bytes, _Key] = {}
+        for key, st in self._index.items():
+            st.forget()
+            self._keys[key] = st
         self._relocked: frozenset[bytes] = frozenset()  # as of the last pass's barrier
         self._tainted: frozenset[bytes] = frozenset()  # as of the last pass's barrier
-        self._read_pos: dict[bytes, int] = {}  # the last read of the lock saw every event up to here
         self._pass_seq = -1  # the position of the last pass's barrier in this subscription
         # Kept as events and reads come (`_touch`), so that a pass's barrier costs what changed, not
         # every lock: indexed locks some event named since their last read (or never read) ...
@@ -119,8 +156,8 @@ class Watcher:
         self._added: set[bytes] = set()  # keys the index took since that barrier
         self._pass_keys: list[bytes] = []  # what the last candidates() answered
         self._dirty: set[bytes] = set()
-        self._deadlines: list[tuple[float, bytes]] = []
-        self._deadline_of: dict[bytes, float] = {}
+        self._deadlines: list[tuple[float, bytes]] = []  # (deadline, key), and some a later read replaced
+        self._deadline_count = 0  # keys with a deadline
         self._pending: tuple[int, int, float, list[Observation]] | None = None  # mark, seq, sent, read
         self._cursor = 0
         self._sweep_started: float | None = None
@@ -208,27 +245,41 @@ class Watcher:
             if self._pass_seq < 0:
                 return  # resubscribed since the barrier: what the read saw may predate a gap
             for key in keys:
-                self._read_pos[key] = self._pass_seq
-                self._touch(key)
+                st = self._state(key)
+                st.read_pos = self._pass_seq
+                self._touch(st)
 
     def forget_absent(self, absent: list[bytes]) -> None:
         """Keys a pass found gone: out of the index unless an event came for them since."""
         with self._mutex:
             for key in absent:
-                if self._index.get(key, -1) <= self._pass_seq:
-                    self._index.pop(key, None)
-                    self._touch(key)
+                st = self._index.get(key)
+                if st is None:
+                    self._unread.discard(key)
+                    self._beaten.discard(key)
+                elif st.index_pos is not None and st.index_pos <= self._pass_seq:
+                    self._unindex(st)
+                    self._touch(st)
 
-    def _touch(self, key: bytes) -> None:
-        """Whether `key` is unread and whether its holding began beaten, after what just changed
+    def _state(self, key: bytes) -> _Key:
+        """What is known of `key`, made empty when nothing is (under the mutex, or on this thread)."""
+        st = self._keys.get(key)
+        if st is None:
+            st = self._keys[key] = _Key(key)
+        return st
+
+    def _touch(self, st: _Key) -> None:
+        """Whether the key is unread and whether its holding began beaten, after what just changed
         of it (under the mutex)."""
-        if key in self._index:
-            changed = max(self._lock_pos.get(key, 0), self._hb_pos.get(key, 0), self._holder_pos.get(key, 0))
-            if changed > self._read_pos.get(key, -1):
+        key = st.key
+        if st.index_pos is not None:
+            lock_pos = st.lock_pos
+            changed = max(0 if lock_pos is None else lock_pos, st.hb_pos, st.holder_pos)
+            if changed > st.read_pos:
                 self._unread.add(key)
             else:
                 self._unread.discard(key)
-            if self._began_beaten(key):
+            if lock_pos is not None and st.hb_at_set:  # its holding began beaten (_began_beaten)
                 self._beaten.add(key)
             else:
                 self._beaten.discard(key)
@@ -236,12 +287,17 @@ class Watcher:
             self._unread.discard(key)
             self._beaten.discard(key)
 
-    def _take(self, key: bytes, seq: int) -> None:
-        """The index takes `key` (at this event position; 0: found by a SCAN)."""
-        if key not in self._index:
-            self._added.add(key)
-        self._index[key] = seq
-        self._touch(key)
+    def _take(self, st: _Key, seq: int) -> None:
+        """The index takes the key (at this event position; 0: found by a SCAN)."""
+        if st.index_pos is None:
+            self._added.add(st.key)
+            self._index[st.key] = st
+        st.index_pos = seq
+        self._touch(st)
+
+    def _unindex(self, st: _Key) -> None:
+        self._index.pop(st.key, None)
+        st.index_pos = None
 
     # --- the thread ---------------------------------------------------------------------------
 
@@ -345,11 +401,12 @@ class Watcher:
                 seeded.append(key)
         seeded = list(dict.fromkeys(seeded))
         with self._mutex:
-            self._hb_present |= beating
+            for lock in beating:
+                self._state(lock).hb_present = True
             for key in seeded:
                 if key not in self._index:
-                    self._take(key, 0)
-            self._dirty.update(seeded)
+                    self._take(self._state(key), 0)
+                self._dirty.add(self._index[key].key)
             self.progress.index_size = len(self._index)
             self.progress.complete = True
             self._complete.set()
@@ -395,16 +452,17 @@ class Watcher:
         if key.endswith(protocol.HEARTBEAT_SUFFIX):
             lock = key[: -len(protocol.HEARTBEAT_SUFFIX)]
             with self._mutex:
-                self._hb_pos[lock] = self._seq
+                st = self._state(lock)
+                st.hb_pos = self._seq
                 if data in _HB_WRITES:
-                    self._hb_written_pos[lock] = self._seq
-                    self._hb_present.add(lock)
+                    st.hb_written_pos = self._seq
+                    st.hb_present = True
                 elif data in _GONE:
-                    self._hb_written_pos.pop(lock, None)
-                    self._hb_present.discard(lock)
-                self._touch(lock)
-            if lock in self._index:
-                self._dirty.add(lock)
+                    st.hb_written_pos = 0
+                    st.hb_present = False
+                self._touch(st)
+            if st.index_pos is not None:
+                self._dirty.add(st.key)
             return
         if key.endswith(protocol.HOLDER_SUFFIX):
             # The holder record changed (a progress mark): the next pass reads the lock again rather
@@ -413,27 +471,28 @@ class Watcher:
             # its lock's own event.
             lock = key[: -len(protocol.HOLDER_SUFFIX)]
             with self._mutex:
-                self._holder_pos[lock] = self._seq
-                self._touch(lock)
+                st = self._state(lock)
+                st.holder_pos = self._seq
+                self._touch(st)
             return
         if not protocol.is_lock_candidate(key):
             return
         with self._mutex:
-            self._lock_pos[key] = self._seq
+            st = self._state(key)
+            st.lock_pos = self._seq
             if data in _GONE:
-                self._index.pop(key, None)
+                self._unindex(st)
                 self._dirty.discard(key)
-                self._deadline_of.pop(key, None)
-                self._hb_pos.pop(key, None)  # what is kept per lock ends with it
-                self._holder_pos.pop(key, None)
-                self._read_pos.pop(key, None)
-                self._hb_at_set.pop(key, None)
-                self._touch(key)
+                self._set_deadline(st, None)
+                st.hb_pos = st.holder_pos = 0  # what is kept per lock ends with it
+                st.read_pos = -1
+                st.hb_at_set = True
+                self._touch(st)
             else:
                 # A heartbeat there now may be an earlier holder's, and its writer may beat once more.
-                self._hb_at_set[key] = key in self._hb_present or not self._covers_heartbeat(key)
-                self._take(key, self._seq)
-                self._dirty.add(key)
+                st.hb_at_set = st.hb_present or not self._covers_heartbeat(key)
+                self._take(st, self._seq)
+                self._dirty.add(st.key)
             self.progress.index_size = len(self._index)
 
     def _on_mark(self, n: int) -> None:
@@ -443,7 +502,9 @@ class Watcher:
                 # Every event raised before the pass's barrier is in: which locks changed since read.
                 self._pass_seq = self._seq
                 self._changed = frozenset(self._unread)
-                self._relocked = frozenset(key for key in self._unread if self._was_relocked(key))
+                self._relocked = frozenset(key for key in self._unread if self._was_relocked(self._keys.get(key)))
+                if not self._unread:
+                    self._unread = set()  # a set keeps its largest table: let an emptied one go
                 self._tainted = frozenset(self._beaten)
                 self._added = set()
         if barrier is not None:
@@ -456,55 +517,61 @@ class Watcher:
         with self._mutex:
             proven = [self._proven(o) if o.value is not None else o for o in observations]
             for obs in proven:
-                self._read_pos[obs.key] = self._seq
-                if obs.hb_value is None:
-                    self._hb_present.discard(obs.key)
-                else:
-                    self._hb_present.add(obs.key)
-                if obs.value is None and obs.invalid is None and self._index.get(obs.key, -1) <= sent_seq:
-                    self._index.pop(obs.key, None)
-                self._touch(obs.key)
+                st = self._state(obs.key)
+                st.read_pos = self._seq
+                st.hb_present = obs.hb_value is not None
+                if obs.value is None and obs.invalid is None and st.index_pos is not None and st.index_pos <= sent_seq:
+                    self._unindex(st)
+                self._touch(st)
             self.progress.index_size = len(self._index)
         valid = [o for o in proven if o.invalid is None and o.value is not None]
         read_mono = time.monotonic()
         verdicts = self.monitor.run_keys(valid)
         for obs in proven:
-            self._deadline_of.pop(obs.key, None)
+            self._set_deadline(self._state(obs.key), None)
         for verdict in verdicts:
             due = next_deadline_ms(verdict, self.settings)
             if due is not None:
                 at = read_mono + units.to_s(due - verdict.holding.now_ms)
-                self._deadline_of[verdict.holding.key] = at
-                heapq.heappush(self._deadlines, (at, verdict.holding.key))
-        if len(self._deadlines) > 2 * len(self._deadline_of) + 1024:
+                st = self._state(verdict.holding.key)
+                self._set_deadline(st, at)
+                heapq.heappush(self._deadlines, (at, st.key))
+        if len(self._deadlines) > 2 * self._deadline_count + 1024:
             # Entries a later read replaced stay in the heap until their time: drop them now and then.
-            self._deadlines = [(at, key) for key, at in self._deadline_of.items()]
+            self._deadlines = [(st.deadline, st.key) for st in self._keys.values() if st.deadline is not None]
             heapq.heapify(self._deadlines)
+
+    def _set_deadline(self, st: _Key, at: float | None) -> None:
+        self._deadline_count += (at is not None) - (st.deadline is not None)
+        st.deadline = at
 
     def _proven(self, obs: Observation) -> Observation:
         """The read with what the events prove of it (a copy only where they prove something)."""
-        written, relocked, tainted = self._hb_written(obs.key), self._was_relocked(obs.key), self._began_beaten(obs.key)
+        st = self._keys.get(obs.key)
+        written, relocked, tainted = self._hb_written(st), self._was_relocked(st), self._began_beaten(st)
         if written or relocked or tainted:
             return replace(obs, hb_written=written, relocked=relocked, hb_tainted=tainted)
         return obs
 
-    def _hb_written(self, key: bytes) -> bool:
+    def _hb_written(self, st: _Key | None) -> bool:
         """Events prove a heartbeat write of this holding: the lock changed while this subscription
         watched, no heartbeat key was there then, and one was written after (before the read's mark).
         A heartbeat there at the lock's change may be an earlier holder's, whose writer may beat
         once more after the new holder's SET: then nothing is proven by events."""
-        if key not in self._lock_pos or self._hb_at_set.get(key, True):
+        if st is None or st.lock_pos is None or st.hb_at_set:
             return False
-        return self._hb_written_pos.get(key, 0) > self._lock_pos[key]
+        return st.hb_written_pos > st.lock_pos
 
-    def _began_beaten(self, key: bytes) -> bool:
+    @staticmethod
+    def _began_beaten(st: _Key | None) -> bool:
         """The lock's holding began, while this subscription watched, with a heartbeat key there."""
-        return key in self._lock_pos and self._hb_at_set.get(key, True)
+        return st is not None and st.lock_pos is not None and st.hb_at_set
 
-    def _was_relocked(self, key: bytes) -> bool:
+    @staticmethod
+    def _was_relocked(st: _Key | None) -> bool:
         """Some event changed the lock since this subscription's last read of it (a lock without a
         TTL set again with the same value is a new holding that polling could not tell apart)."""
-        return key in self._lock_pos and self._lock_pos[key] > self._read_pos.get(key, -1)
+        return st is not None and st.lock_pos is not None and st.lock_pos > st.read_pos
 
     def _covers_heartbeat(self, key: bytes) -> bool:
         """Whether the subscription pattern also names `key`'s heartbeat (else its events never come)."""
@@ -515,8 +582,9 @@ class Watcher:
     def _due(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             at, key = heapq.heappop(self._deadlines)
-            if self._deadline_of.get(key) == at:
-                del self._deadline_of[key]
+            st = self._keys.get(key)
+            if st is not None and st.deadline == at:
+                self._set_deadline(st, None)
                 self._dirty.add(key)
 
     def _read_dirty(self) -> None:
@@ -525,7 +593,9 @@ class Watcher:
         with self._mutex:
             batch = list(itertools.islice(self._dirty, READ_BATCH))
             self._dirty.difference_update(batch)  # exactly those read: the rest stay due
-            keys = [k for k in batch if k in self._index]
+            if not self._dirty:
+                self._dirty = set()  # a set keeps its largest table: let an emptied one go
+            keys = [st.key for k in batch if (st := self._index.get(k)) is not None]
         if not keys:
             return
         n = next(self._marks)
@@ -546,7 +616,7 @@ class Watcher:
         with self._mutex:
             for key in keys:
                 if protocol.is_lock_candidate(key) and key not in self._index:
-                    self._take(key, 0)
+                    self._take(self._state(key), 0)
                     self._dirty.add(key)
                     self.progress.found_by_reconcile += 1
             self.progress.index_size = len(self._index)
