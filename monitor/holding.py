@@ -245,16 +245,19 @@ def track(
         if not mismatch:
             latest_start = min(latest_start, ttl_start)
     state, age, rec = _heartbeat(obs, rec, prev, hb_ttl_ms=hb_ttl_ms, hb_timeout_ms=hb_timeout_ms)
+    # The record's equal objects where it has them: what is kept of 10,000 locks holds one of each.
+    value = rec.holder if rec.holder == obs.value else obs.value
+    hb_expiry_ms = obs.hb_expiry_ms if rec.hb_expiry_ms is None else rec.hb_expiry_ms
     return Holding(
         key=obs.key,
-        holder=obs.value,
+        holder=value,
         now_ms=now,
         held_ms=max(0, now - latest_start),
         heartbeat=state,
         hb_age_ms=age,
         hb_value=obs.hb_value,
-        hb_expiry_ms=obs.hb_expiry_ms,
-        expiry_ms=obs.expiry_ms,
+        hb_expiry_ms=hb_expiry_ms,
+        expiry_ms=rec.expiry_ms,
         record=rec,
         new=prev is None,
         ttl_mismatch=mismatch,

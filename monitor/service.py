@@ -106,16 +106,30 @@ class PassReport:
 
 class _Kept:
     """What a monitor keeps of a lock between passes: its last verdict, with the record as kept
-    (and as Redis will hold it, for an acting monitor), what Redis held then, and when that
-    verdict can next change (no sooner than `due`: a pass may carry it without reading or judging
-    the lock again; -1 where it must judge it at every look)."""
+    (and as Redis will hold it, for an acting monitor), the holder record read with it, and when
+    that verdict can next change (no sooner than `due`: a pass may carry it without reading or
+    judging the lock again; -1 where it must judge it at every look)."""
 
-    __slots__ = ("due", "signature", "verdict")
+    __slots__ = ("due", "holder", "verdict")
 
-    def __init__(self, verdict: Verdict, signature: tuple[Any, ...] | None, due: int) -> None:
+    def __init__(self, verdict: Verdict, holder: bytes | None, due: int) -> None:
         self.verdict = verdict
-        self.signature = signature
+        self.holder = holder
         self.due = due
+
+    def unchanged(self, obs: Observation) -> bool:
+        """Whether `obs` finds in Redis what the kept verdict was judged on: the lock and its
+        heartbeat (value and expiry), the record as kept and the holder record. Asked only where
+        `due` is not -1."""
+        h = self.verdict.holding
+        return (
+            obs.expiry_ms == h.expiry_ms
+            and obs.hb_expiry_ms == h.hb_expiry_ms
+            and obs.value == h.holder
+            and obs.hb_value == h.hb_value
+            and obs.record == self.verdict.stored
+            and getattr(obs, "holder", None) == self.holder  # the holder record, where the scanner reads it
+        )
 
 
 class _Records(Mapping[bytes, Record]):
@@ -146,10 +160,14 @@ def _identity(h: Holding) -> tuple[bytes, bytes, int, int]:
     return (h.key, h.holder, h.expiry_ms, h.id if h.expiry_ms < 0 else 0)
 
 
-def _signature(obs: Observation) -> tuple[Any, ...]:
-    """What Redis held of a lock: where a later read finds the same, nothing changed."""
-    holder = getattr(obs, "holder", None)  # the holder record, where the scanner reads it
-    return (obs.value, obs.expiry_ms, obs.hb_value, obs.hb_expiry_ms, obs.record, holder)
+def _replace(held: dict[bytes, _Kept], judged: list[Observation], entries: dict[bytes, _Kept]) -> None:
+    """What was kept of the locks judged becomes `entries`. Assigned over rather than removed and
+    added again: a dict that loses and gains thousands of keys a pass grows its table to three
+    times their number."""
+    for obs in judged:
+        if obs.key not in entries:
+            held.pop(obs.key, None)
+    held.update(entries)
 
 
 class Discovery(Protocol):
@@ -359,9 +377,7 @@ class Monitor:
         """After a pass: what it kept and carried, and nothing else (a lock gone, released, or
         out of the index since)."""
         held = self._held
-        for obs in judged:
-            held.pop(obs.key, None)
-        held.update(self._keep(kept, judged))
+        _replace(held, judged, self._keep(kept, judged))
         if len(held) != len(carried) + len(kept):
             present = {v.holding.key for v in carried}.union(kept)
             self._held = {key: entry for key, entry in held.items() if key in present}
@@ -389,7 +405,7 @@ class Monitor:
         held = self._held
         for obs in observations:
             kept = held.get(obs.key)
-            if kept is not None and obs.now_ms < kept.due and not obs.hb_written and kept.signature == _signature(obs):
+            if kept is not None and obs.now_ms < kept.due and not obs.hb_written and kept.unchanged(obs):
                 carried.append(kept.verdict)
             else:
                 fresh.append(obs)
@@ -416,8 +432,7 @@ class Monitor:
                 # Acted on at every look; a lock without a TTL has no identity to hold on to.
                 entries[key] = _Kept(last, None, -1)
                 continue
-            signature = (h.holder, h.expiry_ms, h.hb_value, h.hb_expiry_ms, stored, holders.get(key))
-            entries[key] = _Kept(last, signature, next_deadline_ms(last, self.settings) or _NEVER)
+            entries[key] = _Kept(last, holders.get(key), next_deadline_ms(last, self.settings) or _NEVER)
         return entries
 
     def _not_released(self, observations: list[Observation]) -> list[Observation]:
@@ -446,10 +461,8 @@ class Monitor:
                     if record is not None:
                         kept[verdict.holding.key] = (verdict, record)
             finally:
-                for obs in observations:
-                    self._held.pop(obs.key, None)
                 # The next pass need not judge again what was judged here.
-                self._held.update(self._keep(kept, observations))
+                _replace(self._held, observations, self._keep(kept, observations))
                 self._remember(kept, None, None)
             for key, ident in self.holders.take_gone() if self.holders is not None else ():
                 self.holder_exited(key, ident)  # found gone as its watch began
