@@ -7,6 +7,7 @@ failed pass (Redis lost) leaves the last known locks in place rather than readin
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -377,13 +378,30 @@ _NOT_FOUND = b"not found: try /metrics, /healthz, /livez or /readyz\n"
 Probe = Callable[[], tuple[bool, str]]
 
 
+class _One(Collector):
+    """One family as a registry of its own (what `generate_latest` formats)."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
+
+
+def exposition(registry: CollectorRegistry) -> list[bytes]:
+    """`generate_latest(registry)`, one piece per family: its text is made a family at a time, and
+    never joined. 10,000 locks are 40,000 lines (some 3 MB): all made at once, then joined, encoded
+    and copied behind the HTTP head, they took four times that at each scrape."""
+    return [prometheus_client.generate_latest(_One(family)) for family in registry.collect()]
+
+
 class _Connection:
     __slots__ = ("done", "head", "inbox", "last", "outbox", "sock")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.inbox = b""
-        self.outbox = b""
+        self.outbox: collections.deque[memoryview] = collections.deque()  # what is left to send, in order
         self.last = now
         self.head = False  # a HEAD request: no body
         self.done = False  # answered: what still arrives is read and dropped until the client closes
@@ -511,28 +529,33 @@ class _Server:
         self._respond(conn, *self._answer(conn, conn.inbox[:end]))
 
     def _write(self, conn: _Connection) -> None:
-        try:
-            sent = conn.sock.send(conn.outbox)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
-            return
-        conn.last = time.monotonic()
-        conn.outbox = conn.outbox[sent:]
-        if not conn.outbox:
-            # Half-close and wait for the client's own close: closing now, with bytes of its
-            # still unread, would send a reset that can destroy the answer in flight.
-            conn.done = True
+        outbox = conn.outbox
+        while outbox:
+            piece = outbox[0]
             try:
-                conn.sock.shutdown(socket.SHUT_WR)
-                self.selector.modify(conn.sock, selectors.EVENT_READ)
+                sent = conn.sock.send(piece)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
                 self._close(conn)
+                return
+            conn.last = time.monotonic()
+            if sent < len(piece):
+                outbox[0] = piece[sent:]  # a view: the rest is not copied
+                return
+            outbox.popleft()
+        # Half-close and wait for the client's own close: closing now, with bytes of its still
+        # unread, would send a reset that can destroy the answer in flight.
+        conn.done = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            self.selector.modify(conn.sock, selectors.EVENT_READ)
+        except OSError:
+            self._close(conn)
 
     # --- HTTP -------------------------------------------------------------------------------------
 
-    def _answer(self, conn: _Connection, head: bytes) -> tuple[int, str, bytes]:
+    def _answer(self, conn: _Connection, head: bytes) -> tuple[int, str, bytes | list[bytes]]:
         parts = head.split(b"\n", 1)[0].strip().split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             return 400, "text/plain", b"bad request\n"
@@ -542,11 +565,7 @@ class _Server:
         conn.head = method == b"HEAD"
         try:
             if target == b"/metrics":
-                return (
-                    200,
-                    prometheus_client.CONTENT_TYPE_LATEST,
-                    prometheus_client.generate_latest(self.metrics.registry),
-                )
+                return 200, prometheus_client.CONTENT_TYPE_LATEST, exposition(self.metrics.registry)
             if target == b"/healthz":
                 health = self.health()
                 doc = {"state": health.state.name.lower(), "code": int(health.state), "reason": health.reason}
@@ -560,14 +579,15 @@ class _Server:
             return 500, "text/plain", b"internal error\n"
         return 404, "text/plain", _NOT_FOUND
 
-    def _respond(self, conn: _Connection, code: int, content_type: str, body: bytes) -> None:
+    def _respond(self, conn: _Connection, code: int, content_type: str, body: bytes | list[bytes]) -> None:
+        pieces = [body] if isinstance(body, bytes) else body
         head = (
             f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n"
             f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
+            f"Content-Length: {sum(len(p) for p in pieces)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
-        conn.outbox = head + (b"" if conn.head else body)
+        conn.outbox = collections.deque(memoryview(p) for p in [head, *([] if conn.head else pieces)] if p)
         conn.inbox = b""
         self.selector.modify(conn.sock, selectors.EVENT_WRITE)
         self._write(conn)
