@@ -25,7 +25,7 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from monitor import channels, protocol, systemd
+from monitor import allocator, channels, protocol, systemd
 from monitor.alerts import Alerts
 from monitor.audit import AuditLog, JsonlFile
 from monitor.cluster_watch import ClusterWatcher
@@ -89,10 +89,12 @@ class Runner:
         monitor: Monitor,
         observe: Callable[[PassReport | None], None] | None = None,
         alerts: Alerts | None = None,
+        after_first: Callable[[], object] | None = None,
     ) -> None:
         self.monitor = monitor
         self.observe = observe
         self.alerts = alerts
+        self.after_first = after_first  # called once, when the first pass has completed
         self.ready = threading.Event()
         self.last_end = monitor.mono()
         self.started: float | None = None  # when the pass in progress began (monotonic)
@@ -121,6 +123,8 @@ class Runner:
         )
         systemd.notify(f"STATUS={summary(report)}")
         if not self.ready.is_set():
+            if self.after_first is not None:
+                self.after_first()
             self.ready.set()
             systemd.notify("READY=1")
 
@@ -221,6 +225,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
     # (records, verdicts): at the default thresholds the cyclic collector ran often enough to be
     # more than half of the pass's CPU (README "Performance"). Nothing here relies on it promptly.
     gc.set_threshold(*GC_THRESHOLDS)
+    after_first = _own_allocator()
     # Before monitor_started: a SIGTERM that arrives once the start is visible must stop cleanly.
     _on_signals(stop, reopen)
     monitor = build_monitor(settings, dry_run=dry_run)
@@ -235,7 +240,7 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
 
     alerts = start_alerts(monitor)
     stop_http: Callable[[], None] | None = None
-    runner = Runner(monitor, alerts=alerts)
+    runner = Runner(monitor, alerts=alerts, after_first=after_first)
     if settings.metrics_enabled:
         from monitor import metrics  # noqa: PLC0415 - prometheus_client only where metrics are on
 
@@ -273,6 +278,16 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         if stop_http is not None:
             stop_http()
     return 1 if _unwritten(monitor) else 0
+
+
+def _own_allocator() -> Callable[[], object] | None:
+    """glibc's malloc as a daemon of its own wants it (allocator.py: one arena, fixed thresholds),
+    and what hands the first pass's peak back once it is done. Embedded (tests, the demo), the
+    process is the caller's: left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    log.debug("allocator_tuned", settings=allocator.tune())
+    return allocator.trim
 
 
 def _scheduler(runner: Runner, settings: Settings) -> BackgroundScheduler:
