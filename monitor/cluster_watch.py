@@ -180,9 +180,9 @@ class _NodeMonitor:
         self._watch = watch
         self.client = client
 
-    def run_keys(self, observations: list[Observation]) -> Any:
+    def run_keys(self, observations: list[Observation], *, wait_s: float | None = None) -> Any:
         # The watcher judges the observations of its last read (one at a time).
-        return self._monitor.run_keys(self._watch.unproven(observations, self.client.read_apart))
+        return self._monitor.run_keys(self._watch.unproven(observations, self.client.read_apart), wait_s=wait_s)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._monitor, name)
@@ -502,6 +502,25 @@ class ClusterWatcher:
     def tainted(self) -> frozenset[bytes]:
         """As Watcher.tainted, less split locks."""
         return self._union(lambda w: w.tainted()) - self._split_keys
+
+    def moved_since_barrier(self, keys: list[bytes]) -> frozenset[bytes] | None:
+        """As Watcher.moved_since_barrier, asked of each key's primary (its events are in order there)."""
+        if not self._barrier:
+            return frozenset()
+        nodes = self.nodes()
+        by_node: dict[str, list[bytes]] = {}
+        for key in keys:
+            owner = self.owner_of(key)
+            if owner not in nodes:
+                return None  # the topology moved under the pass: nothing is known of this key
+            by_node.setdefault(owner, []).append(key)
+        moved: set[bytes] = set()
+        for name, part in by_node.items():
+            found = nodes[name].moved_since_barrier(part)
+            if found is None:
+                return None
+            moved |= found
+        return frozenset(moved)
 
     def read_by_pass(self, keys: list[bytes]) -> None:
         nodes = self.nodes()

@@ -304,7 +304,7 @@ class Monitor:
         self._settle_unknown(report)
         carried: list[Verdict] = []  # judged before, and nothing since can have changed them
         keys = self._to_read(keys, began_ms, carried)
-        observations = self._with_events(self._not_released(read_locks(self.client, keys)))
+        observations = self._with_events(self._not_released(self._moved(read_locks(self.client, keys))))
         began_mono = self.mono()  # beside began_ms (one round trip ago): this host's clock for findings
         if self.holders is not None:
             self.holders.seen(observations)
@@ -356,6 +356,20 @@ class Monitor:
             else:
                 unread.append(key)
         return unread
+
+    def _moved(self, observations: list[Observation]) -> list[Observation]:
+        """Less the reads of locks that some event changed after the pass's barrier: they may show a
+        holding the barrier's proofs do not describe (a same-value retake of a lock without a TTL; a
+        holding begun under a live heartbeat), and the watcher reads them itself, with their proofs."""
+        moved_since: Callable[[list[bytes]], frozenset[bytes] | None] | None = getattr(
+            self.discovery, "moved_since_barrier", None
+        )
+        if moved_since is None or not observations:
+            return observations
+        moved = moved_since([o.key for o in observations])
+        if moved is None:  # nothing known of what came between: this pass judges none of them
+            return []
+        return [o for o in observations if o.key not in moved] if moved else observations
 
     def _with_events(self, observations: list[Observation]) -> list[Observation]:
         """The reads, with what keyspace events told of them as of the pass's barrier."""
@@ -442,9 +456,17 @@ class Monitor:
             return observations
         return [o for o in observations if (o.key, o.value, o.expiry_ms, 0) not in self._released]
 
-    def run_keys(self, observations: list[Observation]) -> list[Verdict]:
+    def run_keys(self, observations: list[Observation], *, wait_s: float | None = None) -> list[Verdict] | None:
         """Decide and act on these locks now, between passes (the event watcher's deadline and
-        event reads); the verdicts of those still held. Redis errors propagate."""
+        event reads); the verdicts of those still held. Redis errors propagate. With `wait_s`, None
+        when a pass holds the monitor longer than that (the caller reads them again after it)."""
+        if wait_s is not None:
+            if not self.lock.acquire(timeout=wait_s):
+                return None
+            try:
+                return self.run_keys(observations)
+            finally:
+                self.lock.release()
         with self.lock:
             observations = self._not_released(observations)
             if self.holders is not None:

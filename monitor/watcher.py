@@ -47,6 +47,8 @@ _GONE = frozenset({b"del", b"expired", b"evicted", b"rename_from", b"move_from",
 # Heartbeat events that are a write by its holder (DESIGN.md section 3: an EXPIRE alone counts).
 _HB_WRITES = frozenset({b"set", b"expire", b"pexpire", b"setex", b"psetex", b"rename_to", b"restore", b"copy_to"})
 MARK_WAIT_S = 2.0  # a read's mark, or a pass's barrier, that takes longer means the subscription is broken
+# How long an event read waits for a pass in progress before it reads again after it.
+PASS_WAIT_S = 0.005
 RECONCILE_COUNT = 1000
 MAX_BACKOFF_S = 5.0
 
@@ -129,6 +131,7 @@ class Watcher:
         self._mutex = threading.Lock()  # the index and the barriers: shared with the pass's thread
         self._index: dict[bytes, _Key] = {}  # the indexed keys (`_Key.index_pos`: when each was taken)
         self._barriers: dict[int, threading.Event] = {}
+        self._after_reads: dict[int, threading.Event] = {}  # marks that end a pass's reads
         self._marks = itertools.count(1)
         self._stop = threading.Event()
         self._resubscribe = threading.Event()  # set by a pass that found the subscription wanting
@@ -201,6 +204,38 @@ class Watcher:
             self._changed = self._changed | self._added if self._added else self._changed
             self._pass_keys = list(self._index)
             return self._pass_keys, True
+
+    def moved_since_barrier(self, keys: list[bytes]) -> frozenset[bytes] | None:
+        """After the pass read `keys`: those whose lock some event changed after the pass's barrier.
+        Their reads may show a holding that began after it, which the barrier's proofs (relocked,
+        tainted, a heartbeat written) do not describe: the pass must not judge them (the watcher
+        reads them itself, with their proofs). None: it cannot tell (judge none of them)."""
+        with self._mutex:
+            if not keys or self._changed is None:
+                return frozenset()  # no barrier this pass: it judges without the events' proofs
+        n = next(self._marks)
+        arrived = threading.Event()
+        with self._mutex:
+            self._after_reads[n] = arrived
+        try:
+            self.client.publish(self.sync_channel, str(n))
+        except redis.RedisError:
+            with self._mutex:
+                self._after_reads.pop(n, None)
+            raise
+        if not arrived.wait(MARK_WAIT_S):
+            with self._mutex:
+                self._after_reads.pop(n, None)
+            self._lost("the mark after a pass's reads did not come back through the subscription")
+            return None
+        with self._mutex:
+            if not self.progress.complete or self._pass_seq < 0 or self._changed is None:
+                return None  # resubscribed meanwhile: nothing is known of what came between
+            since = self._pass_seq
+            found = self._keys
+            return frozenset(
+                k for k in keys if (st := found.get(k)) is not None and st.lock_pos is not None and st.lock_pos > since
+            )
 
     def _forget_barrier(self) -> None:
         self._changed = None
@@ -327,6 +362,9 @@ class Watcher:
                     for barrier in self._barriers.values():
                         barrier.set()  # the pass goes on, its index not complete
                     self._barriers.clear()
+                    for mark in self._after_reads.values():
+                        mark.set()  # and learns that nothing is known (complete is False)
+                    self._after_reads.clear()
                 log.warning("watcher_interrupted", error=str(exc), retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
@@ -497,7 +535,12 @@ class Watcher:
 
     def _on_mark(self, n: int) -> None:
         with self._mutex:
-            barrier = self._barriers.pop(n, None)
+            after_reads = self._after_reads.pop(n, None)
+            barrier = None if after_reads is not None else self._barriers.pop(n, None)
+        if after_reads is not None:
+            after_reads.set()  # every event raised before the pass's reads ended is in
+            return
+        with self._mutex:
             if barrier is not None:
                 # Every event raised before the pass's barrier is in: which locks changed since read.
                 self._pass_seq = self._seq
@@ -516,6 +559,16 @@ class Watcher:
         self._pending = None
         with self._mutex:
             proven = [self._proven(o) if o.value is not None else o for o in observations]
+        valid = [o for o in proven if o.invalid is None and o.value is not None]
+        read_mono = time.monotonic()
+        # Never wait long on a pass: it may itself be waiting for this thread to take in its mark
+        # (Monitor._moved). What a pass held up is read again once it is done.
+        verdicts = self.monitor.run_keys(valid, wait_s=PASS_WAIT_S)
+        if verdicts is None:
+            with self._mutex:
+                self._dirty.update(o.key for o in observations if o.key in self._index)
+            return
+        with self._mutex:
             for obs in proven:
                 st = self._state(obs.key)
                 st.read_pos = self._seq
@@ -524,9 +577,6 @@ class Watcher:
                     self._unindex(st)
                 self._touch(st)
             self.progress.index_size = len(self._index)
-        valid = [o for o in proven if o.invalid is None and o.value is not None]
-        read_mono = time.monotonic()
-        verdicts = self.monitor.run_keys(valid)
         for obs in proven:
             self._set_deadline(self._state(obs.key), None)
         for verdict in verdicts:

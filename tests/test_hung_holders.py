@@ -501,7 +501,7 @@ def test_progress_marks_make_the_next_pass_read_the_lock_not_a_read_each(r, redi
     monitor = monitor_with(settings)
     reads: list[int] = []
     real = monitor.run_keys
-    monitor.run_keys = lambda observations: reads.append(len(observations)) or real(observations)  # type: ignore[method-assign]
+    monitor.run_keys = lambda observations, **kw: reads.append(len(observations)) or real(observations, **kw)  # type: ignore[method-assign]
     watcher = daemon.start_watcher(monitor)
     try:
         assert watcher is not None
