@@ -49,6 +49,8 @@ _HB_WRITES = frozenset({b"set", b"expire", b"pexpire", b"setex", b"psetex", b"re
 MARK_WAIT_S = 2.0  # a read's mark, or a pass's barrier, that takes longer means the subscription is broken
 # How long an event read waits for a pass in progress before it reads again after it.
 PASS_WAIT_S = 0.005
+# A heartbeat is taken for gone this long after its expiry as read (the read's latency, clocks).
+HB_GONE_MARGIN_S = 0.1
 RECONCILE_COUNT = 1000
 MAX_BACKOFF_S = 5.0
 
@@ -79,6 +81,7 @@ class _Key:
     __slots__ = (
         "deadline",
         "hb_at_set",
+        "hb_gone_at",
         "hb_pos",
         "hb_present",
         "hb_written_pos",
@@ -99,6 +102,9 @@ class _Key:
         self.hb_written_pos = 0  # a write of the heartbeat (what proves it the holding's)
         self.read_pos = -1  # the last read of the lock saw every event up to here
         self.hb_present = False  # its heartbeat key exists, as far as events and reads tell
+        # When it is gone for sure (this thread's monotonic clock): its expiry as last read, where no
+        # write came since. Redis raises `expired` only when it evicts a key, which may lag by minutes.
+        self.hb_gone_at: float | None = None
         self.hb_at_set = True  # whether it existed when the lock last changed
         self.deadline: float | None = None  # when to read it again (this thread's monotonic clock)
 
@@ -108,6 +114,7 @@ class _Key:
         self.hb_pos = self.holder_pos = self.hb_written_pos = 0
         self.read_pos = -1
         self.hb_present = False
+        self.hb_gone_at = None
         self.hb_at_set = True
 
 
@@ -495,6 +502,7 @@ class Watcher:
                 if data in _HB_WRITES:
                     st.hb_written_pos = self._seq
                     st.hb_present = True
+                    st.hb_gone_at = None  # its new expiry is not known until a read
                 elif data in _GONE:
                     st.hb_written_pos = 0
                     st.hb_present = False
@@ -527,8 +535,10 @@ class Watcher:
                 st.hb_at_set = True
                 self._touch(st)
             else:
-                # A heartbeat there now may be an earlier holder's, and its writer may beat once more.
-                st.hb_at_set = st.hb_present or not self._covers_heartbeat(key)
+                # A heartbeat there now may be an earlier holder's, and its writer may beat once more;
+                # one whose last known expiry has passed with no write since is gone, event or not.
+                gone = st.hb_gone_at is not None and time.monotonic() > st.hb_gone_at
+                st.hb_at_set = (st.hb_present and not gone) or not self._covers_heartbeat(key)
                 self._take(st, self._seq)
                 self._dirty.add(st.key)
             self.progress.index_size = len(self._index)
@@ -573,6 +583,11 @@ class Watcher:
                 st = self._state(obs.key)
                 st.read_pos = self._seq
                 st.hb_present = obs.hb_value is not None
+                st.hb_gone_at = (
+                    read_mono + units.to_s(obs.hb_expiry_ms - obs.now_ms) + HB_GONE_MARGIN_S
+                    if obs.hb_value is not None and obs.hb_expiry_ms >= 0 and st.hb_pos <= sent_seq
+                    else None
+                )
                 if obs.value is None and obs.invalid is None and st.index_pos is not None and st.index_pos <= sent_seq:
                     self._unindex(st)
                 self._touch(st)

@@ -169,3 +169,39 @@ def test_a_pass_whose_mark_after_its_reads_cannot_be_sent_fails_as_redis_down(tm
             assert report is not None
             assert report.redis_down
             assert watcher._after_reads == {}
+
+
+# --- what the watcher believes of a heartbeat it no longer reads ---------------------------------------------
+
+
+@pytest.mark.parametrize("flags", ["K$g", "K$gx"])
+def test_a_leftover_heartbeat_that_ran_out_unseen_does_not_taint_the_next_holding(tmp_path, flags):
+    """A legacy release deletes only the lock; its heartbeat runs out later with no read of the lock
+    and (without `x`, or before Redis evicts it) no event. The next holding, set after that, began
+    with no heartbeat there: its own heartbeat, seen and then gone, is `dead` at once."""
+    from helpers import next_message, subscribed
+
+    with notifying(flags) as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor) as watcher:
+            r.set(KEY, b"locked_by_tts", ex=600)  # P, beating
+            r.set(HB, str(time.time()), px=400)
+            wait_for(lambda: (st := watcher._keys.get(KEY)) is not None and st.hb_gone_at is not None)
+            r.delete(KEY)  # P's legacy release: its heartbeat stays, to run out unseen
+            gone_at = watcher._keys[KEY].hb_gone_at
+            assert gone_at is not None
+            while time.monotonic() <= gone_at:
+                time.sleep(0.05)
+            with subscribed(r, protocol.release_channel(KEY)) as notices:
+                r.set(KEY, b"locked_by_asr", nx=True, ex=600)  # X takes the GPU, beats, and is killed
+                for _ in range(3):
+                    r.set(HB, str(time.time()), px=400)
+                    time.sleep(0.1)
+                killed = time.monotonic()
+                notice = next_message(notices, timeout_s=10)
+            assert notice is not None  # at its heartbeat's expiry, not at soft_timeout (30 s)
+            assert time.monotonic() - killed < 5
+            # The notice is published inside the release script; the audit line follows it.
+            (released,) = wait_for(lambda: events(monitor.settings.audit_path, "lock_released"))
+            assert released["holder"] == "locked_by_asr"
+            assert released["reason"] == "heartbeat_dead"
