@@ -359,10 +359,13 @@ class Watcher:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            subscriptions = self.progress.resubscribes
             try:
                 self._session()
                 backoff = 0.1
             except redis.RedisError as exc:
+                if self.progress.resubscribes != subscriptions:
+                    backoff = 0.1  # this session had subscribed: a new outage, not the same one again
                 with self._mutex:
                     self.progress.complete = False
                     self._complete.clear()

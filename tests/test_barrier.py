@@ -205,3 +205,18 @@ def test_a_leftover_heartbeat_that_ran_out_unseen_does_not_taint_the_next_holdin
             (released,) = wait_for(lambda: events(monitor.settings.audit_path, "lock_released"))
             assert released["holder"] == "locked_by_asr"
             assert released["reason"] == "heartbeat_dead"
+
+
+def test_each_lost_subscription_is_taken_again_as_quickly_as_the_first(tmp_path):
+    """The reconnect backoff is for one outage that goes on, not for every interruption since start."""
+    with notifying() as (server, r):
+        monitor = build(settings_for(server.url, tmp_path))
+        with watching(monitor) as watcher:
+            gaps = []
+            for _ in range(6):
+                before = watcher.progress.resubscribes
+                t0 = time.monotonic()
+                r.client_kill_filter(_type="pubsub")
+                wait_for(lambda n=before: watcher.progress.resubscribes > n and watcher.progress.complete)
+                gaps.append(time.monotonic() - t0)
+            assert max(gaps) < 1.0, gaps  # doubling since the first: 0.1, 0.2, ... 3.2 s
