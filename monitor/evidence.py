@@ -86,7 +86,8 @@ class Holders:
             pidwatch.watchable, pid_ns=here["pid_ns"], boot_id=here["boot_id"]
         )
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
-        self._parsed: dict[bytes, tuple[bytes, bytes, protocol.HolderRecord | None]] = {}  # lock -> raw, value, own
+        # lock -> (value, its own record parsed from _raw[lock]): dropped when _raw[lock] changes
+        self._parsed: dict[bytes, tuple[bytes, protocol.HolderRecord | None]] = {}
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
         self._exited: set[tuple[bytes, str]] = set()  # (lock, identity) found gone: not watched again
@@ -102,9 +103,12 @@ class Holders:
         for obs in observations:
             if obs.holder is None or obs.value is None:
                 self._raw.pop(obs.key, None)
+                self._parsed.pop(obs.key, None)
                 continue
             changed = self._raw.get(obs.key) != obs.holder
-            self._raw[obs.key] = obs.holder
+            self._raw[obs.key] = obs.holder  # the latest read's bytes: what the monitor keeps holds them too
+            if changed:
+                self._parsed.pop(obs.key, None)
             if self.pids is not None and changed:
                 try:
                     record = self.record(obs.key, obs.value)
@@ -120,10 +124,10 @@ class Holders:
         if raw is None:
             return None
         cached = self._parsed.get(key)
-        if cached is None or cached[0] != raw or cached[1] != value:
-            cached = (raw, value, own_record(raw, value))
+        if cached is None or cached[0] != value:
+            cached = (value, own_record(raw, value))
             self._parsed[key] = cached
-        return cached[2]
+        return cached[1]
 
     def gpu(self, key: bytes, record: protocol.HolderRecord | None) -> GpuInfo | None:
         """The local device of this lock: the one the holder names by UUID, else the lock's own."""
