@@ -1,15 +1,17 @@
 """The event-driven core measured: pass cost by discovery mode, and heartbeat expiry -> release.
 
-    python benchmarks/events.py passes [--other-keys 0,1000000] [--locks 10,1000,10000] [--repeat 5]
+    python benchmarks/events.py passes [--other-keys 0,1000000] [--locks 10,1000,10000] [--repeat 5] [--holder-records]
     python benchmarks/events.py latency [--volatile-keys 0,1000000] [--trials 40]
 
 Starts its own throwaway redis-server (as the tests do) with notify-keyspace-events K$gx, or none
-for the `scan` rows. `passes`: a pass's wall time (half the locks' heartbeats rewritten since the last one, as at
-the default 60 s heartbeat and 30 s interval), the daemon's CPU (process time) and
+for the `scan` rows. `passes`: a pass's wall time (half the locks' heartbeats rewritten since the
+last one, as at the default 60 s heartbeat and 30 s interval), the daemon's CPU (process time) and
 Redis's busy time per pass (INFO commandstats, all commands), the reconcile SCAN's share of Redis
-over 10 s, and the daemon's peak RSS. `latency`: a legacy worker takes a lock with a 300 ms
-heartbeat, beats for 6 s and dies; from the heartbeat's expiry (Redis clock) to the release notice arriving, and
-to a waiting reference client holding the lock; with notifications off, passes run every 1 s.
+over 10 s, and the daemon's peak RSS; with `--holder-records` each lock is taken as the reference
+client takes it, with its holder record (of a process on another host). `latency`: a legacy
+worker takes a lock with a 300 ms heartbeat, beats for 6 s and dies; from the heartbeat's expiry
+(Redis clock) to the release notice arriving, and to a waiting reference client holding the lock;
+with notifications off, passes run every 1 s.
 """
 
 from __future__ import annotations
@@ -61,6 +63,27 @@ def add_locks(admin: redis.Redis, locks: int) -> None:
     for i in range(locks):
         pipe.set(f"gpu_lock:{i}", f"locked_by_task_{i}", ex=600)
         pipe.set(f"gpu_lock:{i}:heartbeat", str(time.time()), ex=120)
+        if len(pipe) >= 10_000:
+            pipe.execute()
+    pipe.execute()
+
+
+def add_holder_records(admin: redis.Redis, locks: int) -> None:
+    """Each lock as the reference client takes it: its value names its task and token, and its
+    holder record names a process on another host (so no pid watch begins)."""
+    pipe = admin.pipeline(transaction=False)
+    for i in range(locks):
+        task, token = f"task_{i}", f"{i:032x}"
+        process: protocol.ProcessFacts = {
+            "host": "gpu-node-7",
+            "pid": 1000 + i,
+            "pid_ns": 4026531836,
+            "start_time": 81234567 + i,
+            "boot_id": "6b4f3c0e-0000-4000-8000-000000000000",
+        }
+        record = protocol.holder_record(task=task, token=token, heartbeat_interval_s=60, task_id=token, process=process)
+        pipe.set(f"gpu_lock:{i}", protocol.lock_value(f"{task}#{token}"), ex=600)
+        pipe.set(f"gpu_lock:{i}:holder", record, ex=600)
         if len(pipe) >= 10_000:
             pipe.execute()
     pipe.execute()
@@ -134,6 +157,8 @@ def passes(args: argparse.Namespace) -> None:
                 for locks in args.locks:
                     admin.delete(*admin.keys("gpu_lock:*")) if locks and admin.keys("gpu_lock:*") else None
                     add_locks(admin, locks)
+                    if args.holder_records:
+                        add_holder_records(admin, locks)
                     monitor = build(settings_for(server.url, tmp), tmp)
                     watcher = daemon.start_watcher(monitor) if mode == "events" else None
                     if watcher is not None:
@@ -275,6 +300,7 @@ def main() -> None:
     p.add_argument("--locks", type=ints, default=[10, 1_000, 10_000])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--modes", type=lambda t: t.split(","), default=["events", "scan"])
+    p.add_argument("--holder-records", action="store_true", help="each lock with its holder record")
     q = sub.add_parser("latency")
     q.add_argument("--volatile-keys", type=ints, default=[0, 1_000_000])
     q.add_argument("--trials", type=int, default=40)
