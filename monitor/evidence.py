@@ -24,6 +24,10 @@ from monitor.verdict import Verdict
 
 log = get_logger("gpulock_monitor.evidence")
 
+# Holder record fields whose values many records repeat (a task's name, a host's name and boot, a pid
+# namespace, the heartbeat settings): one object for each value, however many locks' records name it.
+_REPEATED = ("task", "host", "boot_id", "pid_ns", "heartbeat_interval_s", "progress_timeout_s")
+
 
 class Pids(Protocol):
     """The part of pidwatch.PidWatch used here."""
@@ -88,6 +92,7 @@ class Holders:
         self._raw: dict[bytes, bytes] = {}  # lock -> its holder record as last read
         # lock -> (value, its own record parsed from _raw[lock]): dropped when _raw[lock] changes
         self._parsed: dict[bytes, tuple[bytes, protocol.HolderRecord | None]] = {}
+        self._values: dict[str, dict[object, object]] = {name: {} for name in _REPEATED}  # field -> value -> it
         self._said: set[tuple[bytes, int, str]] = set()  # (lock, holding, finding) already audited
         self._gone: list[tuple[bytes, str]] = []
         self._exited: set[tuple[bytes, str]] = set()  # (lock, identity) found gone: not watched again
@@ -106,8 +111,8 @@ class Holders:
                 self._parsed.pop(obs.key, None)
                 continue
             changed = self._raw.get(obs.key) != obs.holder
-            self._raw[obs.key] = obs.holder  # the latest read's bytes: what the monitor keeps holds them too
-            if changed:
+            if changed:  # else the bytes first read stay: one copy of a record however often it is read
+                self._raw[obs.key] = obs.holder
                 self._parsed.pop(obs.key, None)
             if self.pids is not None and changed:
                 try:
@@ -125,9 +130,19 @@ class Holders:
             return None
         cached = self._parsed.get(key)
         if cached is None or cached[0] != value:
-            cached = (value, own_record(raw, value))
+            cached = (value, self._shared(own_record(raw, value)))
             self._parsed[key] = cached
         return cached[1]
+
+    def _shared(self, record: protocol.HolderRecord | None) -> protocol.HolderRecord | None:
+        """`record`, its repeated values (_REPEATED) replaced by the equal objects already kept."""
+        if record is not None:
+            values = self._values
+            for name in _REPEATED:
+                value = record[name]  # type: ignore[literal-required]
+                if value is not None:
+                    record[name] = values[name].setdefault(value, value)  # type: ignore[literal-required]
+        return record
 
     def gpu(self, key: bytes, record: protocol.HolderRecord | None) -> GpuInfo | None:
         """The local device of this lock: the one the holder names by UUID, else the lock's own."""
@@ -235,6 +250,11 @@ class Holders:
         present = {v.holding.key: v for v in held}
         self._raw = {k: raw for k, raw in records.items() if k in present}
         self._parsed = {k: p for k, p in self._parsed.items() if k in self._raw}
+        if sum(len(v) for v in self._values.values()) > 8 * len(self._parsed) + 64:
+            # Values of records gone: kept again are only those of the records still here.
+            self._values = {name: {} for name in _REPEATED}
+            for _, record in self._parsed.values():
+                self._shared(record)
         self._exited = {e for e in self._exited if e[0] in present}
         holdings = {(v.holding.key, v.holding.id) for v in held}
         self._said = {s for s in self._said if s[:2] in holdings}

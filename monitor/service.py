@@ -446,7 +446,10 @@ class Monitor:
                 # Acted on at every look; a lock without a TTL has no identity to hold on to.
                 entries[key] = _Kept(last, None, -1)
                 continue
-            entries[key] = _Kept(last, holders.get(key), next_deadline_ms(last, self.settings) or _NEVER)
+            holder, before = holders.get(key), self._held.get(key)
+            if before is not None and holder is not None and before.holder == holder:
+                holder = before.holder  # the bytes first read: one copy of a record however often it is read
+            entries[key] = _Kept(last, holder, next_deadline_ms(last, self.settings) or _NEVER)
         return entries
 
     def _not_released(self, observations: list[Observation]) -> list[Observation]:
