@@ -69,17 +69,18 @@ def add_locks(admin: redis.Redis, locks: int) -> None:
 
 
 def add_holder_records(admin: redis.Redis, locks: int) -> None:
-    """Each lock as the reference client takes it: its value names its task and token, and its
-    holder record names a process on another host (so no pid watch begins)."""
+    """Each lock as the reference client takes it: its value names its task (one of 8) and token, and
+    its holder record names a process on one of the other hosts, 8 GPUs a host (so no pid watch
+    begins here)."""
     pipe = admin.pipeline(transaction=False)
     for i in range(locks):
-        task, token = f"task_{i}", f"{i:032x}"
+        task, token, host = f"task_{i % 8}", f"{i:032x}", i // 8
         process: protocol.ProcessFacts = {
-            "host": "gpu-node-7",
+            "host": f"gpu-node-{host}",
             "pid": 1000 + i,
             "pid_ns": 4026531836,
             "start_time": 81234567 + i,
-            "boot_id": "6b4f3c0e-0000-4000-8000-000000000000",
+            "boot_id": f"6b4f3c0e-0000-4000-8000-{host:012x}",
         }
         record = protocol.holder_record(task=task, token=token, heartbeat_interval_s=60, task_id=token, process=process)
         pipe.set(f"gpu_lock:{i}", protocol.lock_value(f"{task}#{token}"), ex=600)
