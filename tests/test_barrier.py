@@ -38,6 +38,25 @@ def during_the_pass_read(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None
     monkeypatch.setattr(service, "read_locks", real)
 
 
+@contextmanager
+def the_second_mark(monkeypatch: pytest.MonkeyPatch, watcher, instead: Callable[[], int]) -> Iterator[list[bytes]]:  # type: ignore[no-untyped-def]
+    """The pass's barrier goes through; `instead` stands in for publishing the mark after its reads.
+    Yields the marks sent."""
+    real_publish = watcher.client.publish
+    sent: list[bytes] = []
+
+    def publish(channel, message):  # type: ignore[no-untyped-def]
+        if channel == watcher.sync_channel:
+            sent.append(message)
+            if len(sent) == 2:
+                return instead()
+        return real_publish(channel, message)
+
+    monkeypatch.setattr(watcher.client, "publish", publish)
+    yield sent
+    monkeypatch.setattr(watcher.client, "publish", real_publish)
+
+
 def test_a_same_value_retake_of_a_lock_without_ttl_after_the_barrier_is_never_released(tmp_path, monkeypatch):
     with notifying() as (server, r):
         monitor = build(settings_for(server.url, tmp_path))
@@ -125,19 +144,8 @@ def test_a_pass_whose_mark_after_its_reads_is_lost_judges_none_of_them(tmp_path,
         with watching(monitor) as watcher:
             r.set(KEY, VALUE)  # no TTL: read by every pass
             wait_for(lambda: KEY in watcher._index)
-            real_publish = watcher.client.publish
-            sent: list[bytes] = []
-
-            def drop_the_second(channel, message):  # type: ignore[no-untyped-def]
-                if channel == watcher.sync_channel:
-                    sent.append(message)
-                    if len(sent) == 2:  # the barrier goes; the mark after the reads is lost
-                        return 0
-                return real_publish(channel, message)
-
-            monkeypatch.setattr(watcher.client, "publish", drop_the_second)
-            report = monitor.run_pass()
-            monkeypatch.setattr(watcher.client, "publish", real_publish)
+            with the_second_mark(monkeypatch, watcher, lambda: 0) as sent:  # lost on its way
+                report = monitor.run_pass()
             assert report is not None
             assert report.error is None
             assert len(sent) >= 2
@@ -153,19 +161,12 @@ def test_a_pass_whose_mark_after_its_reads_cannot_be_sent_fails_as_redis_down(tm
         with watching(monitor) as watcher:
             r.set(KEY, VALUE)
             wait_for(lambda: KEY in watcher._index)
-            real_publish = watcher.client.publish
-            sent: list[bytes] = []
 
-            def refuse_the_second(channel, message):  # type: ignore[no-untyped-def]
-                if channel == watcher.sync_channel:
-                    sent.append(message)
-                    if len(sent) == 2:
-                        raise redis.ConnectionError("lost")
-                return real_publish(channel, message)
+            def refused() -> int:
+                raise redis.ConnectionError("lost")
 
-            monkeypatch.setattr(watcher.client, "publish", refuse_the_second)
-            report = monitor.run_pass()
-            monkeypatch.setattr(watcher.client, "publish", real_publish)
+            with the_second_mark(monkeypatch, watcher, refused):
+                report = monitor.run_pass()
             assert report is not None
             assert report.redis_down
             assert watcher._after_reads == {}
