@@ -33,6 +33,8 @@ from monitor import daemon, logs, protocol, units
 from monitor.audit import AuditLog, JsonlFile
 from monitor.config import Settings
 from monitor.demo.redis_server import RedisServer, find_binary
+from monitor.evidence import Holders
+from monitor.hang import HangWatch
 from monitor.service import Monitor
 from monitor.worker.client import GpuLock
 
@@ -118,8 +120,10 @@ def settings_for(url: str, tmp: str, **monitor: object) -> Settings:
 
 
 def build(settings: Settings, tmp: str) -> Monitor:
+    """The monitor as the daemon builds it (daemon.build_monitor), its holder evidence included."""
     client = redis.Redis.from_url(settings.redis_url, protocol=2)
-    return Monitor(settings, client, AuditLog(JsonlFile(Path(tmp) / "a.jsonl")), JsonlFile(Path(tmp) / "c.jsonl"))
+    audit, critical = AuditLog(JsonlFile(Path(tmp) / "a.jsonl")), JsonlFile(Path(tmp) / "c.jsonl")
+    return Monitor(settings, client, audit, critical, holders=Holders(HangWatch(settings.hang)))
 
 
 def minimal_scan_read(client: redis.Redis) -> int:

@@ -250,8 +250,9 @@ def run(settings: Settings, *, dry_run: bool = False, once: bool = False, stop: 
         )
         runner.observe = exporter.observe
     _lifecycle(monitor, Event.MONITOR_STARTED)
-    # The event watcher (its first index read before the first pass) and the holders' pid watch.
-    threads = [t for t in (start_watcher(monitor), start_pid_watch(monitor)) if t is not None]
+    # The holders' pid watch, then the event watcher (its first index read before the first pass:
+    # its reads see the holder records, and start the watches).
+    threads = [t for t in (start_pid_watch(monitor), start_watcher(monitor)) if t is not None]
     scheduler = _scheduler(runner, settings)
     scheduler.start()
     period = systemd.watchdog_period_s()

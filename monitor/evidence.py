@@ -156,17 +156,15 @@ class Holders:
         return self.gpus.for_lock(key)
 
     def judge(self, verdict: Verdict, now_ms: int | None = None, now_mono: float | None = None) -> list[Found]:
-        """Every finding true now of this holding; watches its process where it runs here. `now_ms`
+        """Every finding true now of this holding (its process is watched from the read that first
+        sees its record: `seen`). `now_ms`
         (Redis clock) and `now_mono` (this host's, read beside it): the pass's, else the verdict's."""
         h = verdict.holding
         record = self.record(h.key, h.holder)
         gpu = self.gpu(h.key, record)
-        if record is None and gpu is None:
-            return []
+        if gpu is None and not self._may_stall(record):
+            return []  # nothing to judge: no GPU evidence here, and no progress promised
         visible = record is not None and self._watchable(record)
-        if visible and self.pids is not None:
-            assert record is not None
-            self._watch(h.key, record)
         evidence = Evidence(
             now_ms=max(h.now_ms, now_ms or 0),
             started_ms=h.now_ms - h.held_ms,
@@ -177,6 +175,22 @@ class Holders:
             now_mono=now_mono,
         )
         return self.hang.judge(h.key, h.id, evidence)
+
+    def _may_stall(self, record: protocol.HolderRecord | None) -> bool:
+        """Whether holder_stalled can be judged of this record (hang.HangWatch._stalled's rule)."""
+        if record is None:
+            return False
+        if record["progress_timeout_s"] is not None:
+            return True
+        return self.hang.settings.progress_timeout_s is not None and record["progress_ms"] is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to judge, watch or write this pass: no holder record read, no local GPU, nothing
+        left from an earlier pass (a fleet of legacy workers elsewhere costs a pass nothing here)."""
+        local = self.gpus is not None and bool(self.gpus.last)
+        watching = self.pids is not None and bool(self.pids.watching())
+        return not (self._raw or local or self.current or self.lock_gpus or self._said or watching or self._gone)
 
     def pass_findings(
         self, verdicts: Iterable[Verdict], now_ms: int, now_mono: float | None = None

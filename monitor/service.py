@@ -535,6 +535,8 @@ class Monitor:
         holding; where its `hang:` rule says release and its grace is over, the holding is released
         as the hard cap releases it (value and expiry re-checked by the script, heartbeat or not)."""
         assert self.holders is not None
+        if self.holders.idle:
+            return
         released = report.released_keys
         judged = [v for v in report.judged if v.holding.key not in released]
         for judged_verdict, found, new in self.holders.pass_findings(judged, now_ms, now_mono):
