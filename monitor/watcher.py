@@ -25,7 +25,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -143,12 +143,15 @@ class Watcher:
         self._stop = threading.Event()
         self._resubscribe = threading.Event()  # set by a pass that found the subscription wanting
         self._complete = threading.Event()  # progress.complete, to wait on
+        self._seed_read = threading.Event()  # this thread has read what its last SCAN seeded
         self._thread: threading.Thread | None = None
         self._reset()
 
     def _reset(self) -> None:
         """Forget what only an unbroken subscription proves."""
         self._seq = 0
+        self._seed: set[bytes] = set()  # keys the SCAN seeded that this thread has not read yet
+        self._seed_read.clear()
         # Every key this subscription's events or reads told something of (indexed or not).
         self._keys: dict[bytes, _Key] = {}
         for key, st in self._index.items():
@@ -340,6 +343,16 @@ class Watcher:
     def _unindex(self, st: _Key) -> None:
         self._index.pop(st.key, None)
         st.index_pos = None
+        self._seeded_read((st.key,))  # out of the index: not to be read
+
+    def _seeded_read(self, keys: Iterable[bytes]) -> None:
+        """These seeded keys need no read any more (under the mutex)."""
+        if self._seed_read.is_set():
+            return
+        self._seed.difference_update(keys)
+        if not self._seed:
+            self._seed = set()
+            self._seed_read.set()
 
     # --- the thread ---------------------------------------------------------------------------
 
@@ -348,8 +361,15 @@ class Watcher:
         self._thread.start()
 
     def wait_complete(self, timeout_s: float) -> bool:
-        """Until the index holds every lock (subscribed and seeded), at most `timeout_s`."""
-        return self._complete.wait(timeout_s)
+        """Until the index holds every lock (subscribed and seeded), and then until this thread has
+        read and judged the locks its SCAN found, at most `timeout_s` in all; whether the index is
+        complete. A first pass that begins then carries what this thread judged rather than read and
+        judge every lock a second time beside it (at 10,000 locks that left some 3 MiB more RSS)."""
+        deadline = time.monotonic() + timeout_s
+        if not self._complete.wait(timeout_s):
+            return False
+        self._seed_read.wait(max(0.0, deadline - time.monotonic()))
+        return True
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
@@ -455,6 +475,8 @@ class Watcher:
                 if key not in self._index:
                     self._take(self._state(key), 0)
                 self._dirty.add(self._index[key].key)
+            self._seed = set(self._dirty)
+            self._seeded_read(())
             self.progress.index_size = len(self._index)
             self.progress.complete = True
             self._complete.set()
@@ -594,6 +616,7 @@ class Watcher:
                 if obs.value is None and obs.invalid is None and st.index_pos is not None and st.index_pos <= sent_seq:
                     self._unindex(st)
                 self._touch(st)
+            self._seeded_read(o.key for o in proven)
             self.progress.index_size = len(self._index)
         for obs in proven:
             self._set_deadline(self._state(obs.key), None)
@@ -664,6 +687,8 @@ class Watcher:
             if not self._dirty:
                 self._dirty = set()  # a set keeps its largest table: let an emptied one go
             keys = [st.key for k in batch if (st := self._index.get(k)) is not None]
+            if len(keys) < len(batch):
+                self._seeded_read(k for k in batch if k not in self._index)
         if not keys:
             return
         n = next(self._marks)
