@@ -47,14 +47,6 @@ class Jobs(Protocol):
     def clear(self) -> None: ...
 
 
-def own_record(raw: bytes | None, value: bytes) -> protocol.HolderRecord | None:
-    """The holder record in `raw` when it is the one of the holding whose lock value is `value`."""
-    if raw is None:
-        return None
-    record = protocol.parse_holder_record(raw)
-    return record if record is not None and protocol.holder_record_matches(record, value) else None
-
-
 def identity(record: protocol.HolderRecord) -> str:
     """Which process of which holding a pid watch is for: the token names the holding, the pid and
     its start time the process (two processes forked from one client object share a token)."""
@@ -130,7 +122,7 @@ class Holders:
             return None
         cached = self._parsed.get(key)
         if cached is None or cached[0] != value:
-            cached = (value, self._shared(own_record(raw, value)))
+            cached = (value, self._shared(protocol.own_record(raw, value)))
             self._parsed[key] = cached
         return cached[1]
 

@@ -10,7 +10,6 @@ lock value that is not UTF-8 must still be compared and released exactly.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -689,10 +688,18 @@ return 0
 )
 
 
-@functools.lru_cache(maxsize=4096)
+def own_record(raw: bytes | None, value: bytes) -> HolderRecord | None:
+    """The holder record in `raw` (as GET returns it) when it is the one of the holding whose lock
+    value is `value`; None for anything else, an earlier holding's record included."""
+    if raw is None:
+        return None
+    record = parse_holder_record(raw)
+    return record if record is not None and holder_record_matches(record, value) else None
+
+
 def promises(raw: bytes, value: bytes) -> bool:
     """True when `raw` is the holder record of the holding whose lock value is `value` and it
     promises heartbeats: its holder wrote the first one with the lock (ACQUIRE_WITH_HOLDER_SCRIPT).
-    Cached: a pass asks it of every lock, and records change only at progress marks."""
-    record = parse_holder_record(raw)
-    return record is not None and record["heartbeats"] and holder_record_matches(record, value)
+    Asked only of a holding whose heartbeat no look has proved yet (holding.promised)."""
+    record = own_record(raw, value)
+    return record is not None and record["heartbeats"]

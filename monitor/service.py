@@ -29,7 +29,7 @@ from monitor.config import Settings
 from monitor.connection import REDIS_DOWN, Client, is_cluster, redis_down
 from monitor.errors import AuditWriteError, ReleaseError
 from monitor.events import Event
-from monitor.evidence import Holders, identity, own_record
+from monitor.evidence import Holders, identity
 from monitor.gpuwatch import GpuWatch
 from monitor.holding import Holding, Record, evolve, shifted
 from monitor.logs import get_logger
@@ -585,7 +585,7 @@ class Monitor:
                 assert obs.value is not None
                 if self.holders is not None:
                     self.holders.seen([obs])
-                record = own_record(obs.holder, obs.value)
+                record = protocol.own_record(obs.holder, obs.value)
                 if record is None or identity(record) != ident:
                     return  # another holding (or process) now: its own is watched in its turn
                 after = max((t for t in (self._complete_ms, self._persisted_ms) if t is not None), default=None)

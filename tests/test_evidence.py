@@ -11,10 +11,11 @@ from fake_pynvml import Device, FakeNvml
 
 from monitor import protocol
 from monitor.config import Settings
-from monitor.evidence import Holders, identity, job_name, own_record
+from monitor.evidence import Holders, identity, job_name
 from monitor.gpu import Nvml
 from monitor.gpuwatch import GpuWatch
 from monitor.hang import HangWatch
+from monitor.protocol import own_record
 from monitor.scanner import Observation
 from monitor.verdict import Verdict, evaluate
 

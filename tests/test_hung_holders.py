@@ -556,3 +556,31 @@ def test_a_finding_is_said_once_per_holding_across_daemon_runs(r, redis_server, 
         assert again.holders is not None
         assert KEY in again.holders.current  # still true, and shown
     assert len(events(settings.audit_path, "holder_stalled")) == 1
+
+
+def test_a_hang_release_never_takes_a_same_value_holding_that_came_since_the_read(r, redis_server, tmp_path):
+    """The rule says release, and between the pass's read and its release the lock is taken again
+    with the same value (a same-token client): a new expiry, a new holding. The script re-checks value
+    and expiry: holder_changed, nothing deleted."""
+    settings = settings_with(redis_server, tmp_path, findings={"holder_stalled": "release"})
+    monitor = monitor_with(settings)
+    value = protocol.lock_value("tts#t")
+    r.set(KEY, value, px=600_000)
+    r.set(HB, "1", px=60_000)
+    r.set(HOLDER, protocol.holder_record(task="tts", token="t", heartbeat_interval_s=30, progress_timeout_s=0.05))
+    real = monitor.reaper.release
+    retaken: list[int] = []
+
+    def retaken_first(key: bytes, holder: bytes, expiry_ms: int, **kw: Any) -> Any:
+        if not retaken:
+            r.set(KEY, value, px=500_000)  # the same value, another expiry: another holding
+            retaken.append(expiry_ms)
+        return real(key, holder, expiry_ms, **kw)
+
+    monitor.reaper.release = retaken_first  # type: ignore[method-assign]
+    wait_for(lambda: monitor.run_pass() and retaken, timeout_s=10)
+    (skipped,) = events(settings.audit_path, "release_skipped")
+    assert skipped["outcome"] == "holder_changed"
+    assert skipped["reason"] == "holder_stalled"
+    assert released(settings) == []
+    assert r.get(KEY) == value
